@@ -1,0 +1,6 @@
+"""Functional ops and the backend choice; see ``backend.py``."""
+
+from .backend import choose_backend
+from .lora_linear import lora_linear
+
+__all__ = ["choose_backend", "lora_linear"]

@@ -1,0 +1,52 @@
+"""The one place that decides which implementation runs an op.
+
+CUDA tensors go to the Triton kernels when triton imports; everything else runs the
+pure-PyTorch reference. ``LORA_TRITON_BACKEND=triton|reference|auto`` overrides;
+with ``TRITON_INTERPRET=1`` and ``LORA_TRITON_BACKEND=triton`` the kernels run on CPU
+tensors through Triton's interpreter (how CI tests them).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when triton is installed; never imports it here (import must stay cheap)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def requested_backend() -> str:
+    value = os.environ.get("LORA_TRITON_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"LORA_TRITON_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def choose_backend(device: torch.device) -> str:
+    """'triton' or 'reference' for tensors living on ``device``."""
+    requested = requested_backend()
+    if requested == "reference":
+        return "reference"
+    runnable = triton_available() and (device.type == "cuda" or interpreter_enabled())
+    if requested == "triton":
+        if not runnable:
+            raise RuntimeError(
+                "LORA_TRITON_BACKEND=triton but the Triton kernels cannot run on "
+                f"{device.type} tensors (triton installed: {triton_available()}, "
+                f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}); "
+                "use CUDA tensors, set TRITON_INTERPRET=1, or LORA_TRITON_BACKEND=reference"
+            )
+        return "triton"
+    return "triton" if runnable and device.type == "cuda" else "reference"

@@ -1,0 +1,57 @@
+"""Input validation shared by the ops: clear errors before any kernel reads memory."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _shape(t) -> str:
+    return "None" if t is None else str(tuple(t.shape))
+
+
+def check_same_device(named: dict) -> None:
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_lora_operands(x, weight, bias, lora_A, lora_B, dropout_p: float) -> None:
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., in_features], got a scalar")
+    k = x.shape[-1]
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must be [r, in_features={k}], got {_shape(lora_A)} (x is {_shape(x)})")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or lora_B.shape[1] != r:
+        raise ValueError(f"lora_B must be [out_features, r={r}], got {_shape(lora_B)} (lora_A is {_shape(lora_A)})")
+    n = lora_B.shape[0]
+    if weight is not None:
+        if weight.shape != (n, k):
+            raise ValueError(f"weight must be [out_features={n}, in_features={k}], got {_shape(weight)}")
+        if weight.dtype != x.dtype:
+            raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    if bias is not None:
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [out_features={n}], got {_shape(bias)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+    if not x.is_floating_point() or not lora_A.is_floating_point() or not lora_B.is_floating_point():
+        raise TypeError(f"x, lora_A, lora_B must be floating point, got {x.dtype}, {lora_A.dtype}, {lora_B.dtype}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
+
+
+def make_seed(seed, device: torch.device) -> torch.Tensor:
+    """An int64 tensor [1] on ``device``; None draws one from torch's generator (no host sync)."""
+    if seed is None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"seed tensor must hold one int64, got dtype {seed.dtype} shape {tuple(seed.shape)}")
+        return seed.reshape(1).to(device)
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return torch.tensor([seed], dtype=torch.int64, device=device)

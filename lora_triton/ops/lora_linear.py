@@ -1,0 +1,93 @@
+"""``lora_linear``: the differentiable single-adapter LoRA op.
+
+Registered with torch.library (forward op, backward op, fake kernels, autograd) so
+``torch.compile(fullgraph=True)`` traces through it. The implementation behind both
+ops is chosen per call by ``backend.choose_backend``: the Triton kernels or their
+pure-PyTorch twin, which share one signature.
+
+Saved for backward: x, U = D(x) A^T [M, r] and the dropout seed. The mask and D(x)
+are regenerated from the seed, never stored.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backend import choose_backend
+from .checks import check_lora_operands, make_seed
+
+
+def _impl(device: torch.device):
+    if choose_backend(device) == "triton":
+        return importlib.import_module("lora_triton.kernels.lora_linear")
+    return importlib.import_module("lora_triton.reference.lora_linear")
+
+
+@torch.library.custom_op("lora_triton::lora_linear_fwd", mutates_args=())
+def _fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+         scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return tuple(_impl(x.device).lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
+
+
+@_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty((x.shape[0], lora_B.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.custom_op("lora_triton::lora_linear_bwd", mutates_args=())
+def _bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, u: Tensor,
+         scaling: float, dropout_p: float, seed: Optional[Tensor], need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dx, d_a, d_b = _impl(x.device).lora_linear_bwd(
+        dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+    # A custom op cannot return None: an empty tensor stands for "not computed".
+    return (x.new_empty(0) if dx is None else dx), d_a, d_b
+
+
+@_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, lora_A.new_empty(lora_A.shape, dtype=torch.float32), lora_B.new_empty(
+        lora_B.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+
+def _backward(ctx, dy, _du):
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dy = dy.contiguous()
+    dx, d_a, d_b = _bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
+    d_w = (dy.t() @ x).to(weight.dtype) if need_w else None
+    d_bias = dy.sum(0) if need_b else None
+    return (dx if need_x else None), d_w, d_bias, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                scaling: float, dropout_p: float = 0.0, seed=None) -> Tensor:
+    """y = x W^T + b + scaling * D(x) A^T B^T, differentiable in x, A, B (and W, b if they require grad).
+
+    x: [..., K]; weight: [N, K] or None (LoRA term only); bias: [N] or None; lora_A: [r, K];
+    lora_B: [N, r]. The adapter may be stored in another dtype than x (fp32 adapters on a bf16
+    model): it is cast to x's dtype, which is tiny, instead of copying every input to fp32.
+    dropout_p applies to the LoRA branch only; seed (int or int64 tensor) fixes its mask, None
+    draws one from torch's generator so ``torch.manual_seed`` makes runs reproducible.
+    """
+    check_lora_operands(x, weight, bias, lora_A, lora_B, dropout_p)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    seed_t = make_seed(seed, x.device) if dropout_p > 0.0 else None
+    a = lora_A.to(x.dtype)
+    b = lora_B.to(x.dtype)
+    y, _ = _fwd(x2, weight, bias, a, b, float(scaling), float(dropout_p), seed_t)
+    return y.reshape(*lead, y.shape[-1])

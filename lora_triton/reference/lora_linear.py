@@ -1,0 +1,48 @@
+"""Pure-PyTorch twin of the fused LoRA training kernels (``kernels/lora_linear.py``).
+
+Shapes (row-major, as PyTorch stores them): x [M, K], weight [N, K] or None (LoRA
+term only), bias [N] or None, lora_A [r, K], lora_B [N, r], all in x's dtype;
+seed is an int64 tensor [1] on x's device, or None when dropout_p == 0.
+Forward returns y [M, N] and U = D(x) A^T [M, r] (unscaled; kept for backward).
+Backward regenerates the dropout mask from the seed; it never needs D(x) saved.
+dA and dB come back in float32; dx in x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .philox import apply_dropout
+
+
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+    xd = apply_dropout(x, seed, dropout_p) if dropout_p > 0.0 else x
+    u = xd @ lora_A.t()
+    if weight is None:
+        y = torch.zeros((x.shape[0], lora_B.shape[0]), dtype=x.dtype, device=x.device)
+        if bias is not None:
+            y += bias
+    elif bias is None:
+        y = x @ weight.t()
+    else:
+        y = torch.addmm(bias, x, weight.t())
+    # The low-rank term lands in place: no second [M, N] buffer.
+    y.addmm_(u, lora_B.t(), alpha=scaling)
+    return y, u
+
+
+def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p: float, seed,
+                    need_dx: bool = True):
+    """Returns (dx or None, dA [r, K] float32, dB [N, r] float32).
+
+    Matmuls run in x's dtype (torch accumulates in fp32 inside them), as the kernels do.
+    """
+    d_b = (dy.t() @ u) * scaling
+    d_u = (dy @ lora_B) * scaling
+    xd = apply_dropout(x, seed, dropout_p) if dropout_p > 0.0 else x
+    d_a = d_u.t() @ xd
+    dx = None
+    if need_dx:
+        lora_dx = apply_dropout(d_u @ lora_A, seed, dropout_p)
+        dx = lora_dx if weight is None else torch.addmm(lora_dx, dy, weight)
+    return dx, d_a.float(), d_b.float()
