@@ -1,0 +1,173 @@
+"""LoraConfig with PEFT's field names and defaults; reads and writes adapter_config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .io.atomic import atomic_write_text
+
+CONFIG_NAME = "adapter_config.json"
+ALL_LINEAR = "all-linear"
+INIT_CHOICES = (True, False, "gaussian")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+# PEFT fields for features we do not implement: accepted at their default, an error otherwise,
+# so a file that needs them is never loaded with them silently ignored.
+_UNSUPPORTED_AT_DEFAULT: dict[str, Any] = {
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+}
+# PEFT fields that carry no meaning for the weights: read and dropped without a word.
+_IGNORED = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "runtime_config",
+            "ensure_weight_tying"}
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    lora_alpha: Union[int, float] = 8
+    lora_dropout: float = 0.0
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    init_lora_weights: Union[bool, str] = True
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    modules_to_save: Optional[list[str]] = None
+    lora_bias: bool = False
+    peft_type: str = "LORA"
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.layers_pattern, str):
+            self.layers_pattern = [self.layers_pattern]
+        self.validate()
+
+    def validate(self) -> None:
+        peft_type = getattr(self.peft_type, "value", self.peft_type)
+        if peft_type != "LORA":
+            raise ValueError(f"peft_type: only 'LORA' adapters are supported, got {peft_type!r}")
+        self.peft_type = peft_type
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if self.use_dora:
+            raise NotImplementedError("use_dora=True: DoRA is not supported yet by lora_triton")
+        if self.init_lora_weights not in INIT_CHOICES or isinstance(self.init_lora_weights, (int, float)) and \
+                not isinstance(self.init_lora_weights, bool):
+            raise NotImplementedError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported (supported: True, False, "
+                "'gaussian'); pissa/olora/corda/loftq/eva initialisations modify the base weights")
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict of regex -> value, got {getattr(self, name)!r}")
+        for key, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern is only used together with layers_to_transform")
+
+    # PEFT semantics: the first pattern key matching `(.*\.)?(key)$` on the module path wins.
+    def rank_for(self, module_path: str) -> int:
+        key = _pattern_key(self.rank_pattern, module_path)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_path: str) -> Union[int, float]:
+        key = _pattern_key(self.alpha_pattern, module_path)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def scaling_for(self, module_path: str) -> float:
+        r = self.rank_for(module_path)
+        alpha = self.alpha_for(module_path)
+        return alpha / r**0.5 if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_peft_dict(self) -> dict:
+        """The dict PEFT writes: our fields, plus PEFT's own fields at their defaults."""
+        out = self.to_dict()
+        for key, default in _UNSUPPORTED_AT_DEFAULT.items():
+            out.setdefault(key, default)
+        out["megatron_core"] = "megatron.core"
+        if isinstance(out["target_modules"], list):
+            out["target_modules"] = sorted(set(out["target_modules"]))
+        return out
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        text = json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoraConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _UNSUPPORTED_AT_DEFAULT:
+                if value not in (_UNSUPPORTED_AT_DEFAULT[key], None, {}, False):
+                    raise NotImplementedError(f"{key}={value!r} is not supported by lora_triton")
+            elif key not in _IGNORED:
+                warnings.warn(f"adapter config key {key!r} is unknown to lora_triton and was ignored",
+                              stacklevel=2)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> LoraConfig:
+        path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def _pattern_key(patterns: dict, module_path: str) -> Optional[str]:
+    import re
+
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return key
+    return None

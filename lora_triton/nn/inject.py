@@ -1,0 +1,199 @@
+"""Model-level API: inject adapters, choose the active ones, disable, merge, unload."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Union
+
+from torch import nn
+
+from ..config import LoraConfig
+from .lora_linear import LoraLinear, is_supported_base
+from .modules_to_save import ModulesToSaveWrapper
+from .targets import candidate_modules, find_targets, resolve_targets
+
+CONFIGS_ATTR = "_lora_triton_configs"
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The configs of the adapters injected into ``model``, by adapter name."""
+    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+
+
+def lora_layers(model: nn.Module):
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLinear)]
+
+
+def _wrappers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSaveWrapper))]
+
+
+def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, module)
+
+
+def _check_name(adapter_name: str) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+    if adapter_name == "__base__":
+        raise ValueError("'__base__' is reserved for 'no adapter' in mixed batches")
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Wrap every targeted Linear / Conv1D of ``model`` in place with a LoraLinear holding ``adapter_name``.
+
+    Freezes everything but LoRA parameters (plus biases per ``config.bias`` and modules_to_save).
+    A second call with another name adds a second adapter to the same layers; the active adapters
+    stay as they were (``set_adapter`` switches), as in PEFT.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
+    _check_name(adapter_name)
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; loaded: {sorted(configs)}")
+    config = resolve_targets(model, config)
+    targets = find_targets(model, config)
+    if not targets:
+        names = [p for p, m in candidate_modules(model) if p and is_supported_base(m)][:8]
+        raise ValueError(f"target_modules={config.target_modules!r} matched no module; "
+                         f"linear modules in this model include {names}")
+    for path, module in targets:
+        if not (is_supported_base(module) or isinstance(module, LoraLinear)):
+            raise TypeError(f"target module {path!r} is a {type(module).__name__}; lora_triton supports "
+                            "nn.Linear and transformers' Conv1D")
+    first = not configs
+    for path, module in targets:
+        r, alpha = config.rank_for(path), config.alpha_for(path)
+        args = (r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, config.lora_bias)
+        if isinstance(module, LoraLinear):
+            module.add_adapter(adapter_name, *args)
+        else:
+            _set_child(model, path, LoraLinear(module, adapter_name, *args))
+    for path, module in list(candidate_modules(model)):
+        if config.modules_to_save and path and any(path == m or path.endswith(f".{m}")
+                                                   for m in config.modules_to_save):
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+            wrapper.add_adapter(adapter_name)
+            if wrapper is not module:
+                _set_child(model, path, wrapper)
+    configs[adapter_name] = config
+    active = [adapter_name] if first else active_adapters(model)
+    set_adapter(model, active)
+    return model
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    for m in _wrappers(model):
+        return list(m.active_adapters)
+    return []
+
+
+def _mark_trainable(model: nn.Module, active: list[str]) -> None:
+    configs = adapter_configs(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _path, layer in lora_layers(model):
+        for name in active:
+            if name in layer.lora_A:
+                layer.lora_A[name].requires_grad_(True)
+                layer.lora_B[name].requires_grad_(True)
+    for m in model.modules():
+        if isinstance(m, ModulesToSaveWrapper):
+            for name in active:
+                if name in m.modules_to_save:
+                    m.modules_to_save[name].requires_grad_(True)
+    biases = {configs[n].bias for n in active if n in configs}
+    if "all" in biases:
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "modules_to_save" not in name and "original_module" not in name:
+                p.requires_grad_(True)
+    elif "lora_only" in biases:
+        for _, layer in lora_layers(model):
+            if layer.base_layer.bias is not None:
+                layer.base_layer.bias.requires_grad_(True)
+
+
+def set_adapter(model: nn.Module, name_or_names: Union[str, list[str]]) -> None:
+    """Make these adapters the active ones (their parameters trainable, the others frozen)."""
+    names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
+    known = adapter_configs(model)
+    for name in names:
+        if name not in known:
+            raise KeyError(f"unknown adapter {name!r}; loaded adapters: {sorted(known)}")
+    for m in _wrappers(model):
+        m.active_adapters = list(names)
+    _mark_trainable(model, names)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model computes as its base (merged adapters are unmerged first)."""
+    wrappers = _wrappers(model)
+    previous = [m.disable_adapters for m in wrappers]
+    for m in wrappers:
+        m.disable_adapters = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(wrappers, previous):
+            m.disable_adapters = was
+
+
+def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    """Fold the adapters (default: the active ones) into the base weights, in fp32, rounding once.
+
+    With safe_merge the merged weights are checked first: a non-finite result raises and no layer
+    of the model is changed.
+    """
+    layers = [m for _, m in lora_layers(model)]
+    if adapter_names is not None:
+        known = adapter_configs(model)
+        missing = [n for n in adapter_names if n not in known]
+        if missing:
+            raise KeyError(f"unknown adapters {missing}; loaded adapters: {sorted(known)}")
+    if safe_merge:
+        for layer in layers:
+            names = [n for n in (adapter_names or layer.active_adapters)
+                     if n in layer.lora_A and n not in layer.merged_adapters]
+            if names:
+                merged = layer.base_layer.weight.detach().float() + sum(layer.delta_weight(n) for n in names)
+                if not merged.isfinite().all():
+                    raise ValueError(f"safe_merge: merging {names} gives non-finite weights; nothing was changed")
+    for layer in layers:
+        names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+        layer.merge(names, safe_merge=safe_merge)
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False):
+    """Merge, then put the plain base layers back; modules_to_save keep the active adapter's copy."""
+    merge_adapter(model, adapter_names, safe_merge)
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraLinear):
+            _set_child(model, path, module.base_layer)
+        elif isinstance(module, ModulesToSaveWrapper):
+            active = [a for a in module.active_adapters if a in module.modules_to_save]
+            _set_child(model, path, module.modules_to_save[active[0]] if active else module.original_module)
+    model.__dict__.pop(CONFIGS_ATTR, None)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise KeyError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(configs)}")
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
+    for m in model.modules():
+        if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
+            del m.modules_to_save[adapter_name]
+            m.active_adapters = [a for a in m.active_adapters if a != adapter_name]
+    del configs[adapter_name]

@@ -1,0 +1,187 @@
+"""LoraLinear: a frozen Linear (or GPT-2 Conv1D) plus any number of named LoRA adapters.
+
+Parameter names mirror PEFT's (``base_layer.weight``, ``lora_A.<name>.weight``,
+``lora_B.<name>.weight``) so state dicts map onto PEFT's format by renaming only.
+The forward calls ``ops.lora_linear``; it never builds dropout(x) or a mask itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops.lora_linear import lora_linear
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """transformers' GPT-2 Conv1D: a Linear whose weight is stored [in, out]."""
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and getattr(layer, "weight", None) is not None
+
+
+def is_supported_base(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = "default", r: int = 8,
+                 lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 init_lora_weights=True, lora_bias: bool = False):
+        super().__init__()
+        if not is_supported_base(base_layer):
+            raise TypeError(f"LoraLinear wraps nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        w = base_layer.weight
+        in_out = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = in_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout_p: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.mixed_batch = None
+        if adapter_name is not None:
+            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias)
+            self.active_adapters = [adapter_name]
+
+    # -- adapters -------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights=True, lora_bias: bool = False) -> None:
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer (have {list(self.lora_A)})")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        device = self.base_layer.weight.device
+        # Adapters stay fp32 on a half-precision base (PEFT's default); the op casts them, not x.
+        dtype = self.base_layer.weight.dtype if self.base_layer.weight.dtype == torch.float64 else torch.float32
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias, device=device, dtype=dtype)
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.use_rslora[name] = use_rslora
+        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout_p[name] = float(lora_dropout)
+        self.reset_adapter(name, init_lora_weights)
+
+    def reset_adapter(self, name: str, init_lora_weights=True) -> None:
+        a, b = self.lora_A[name], self.lora_B[name]
+        with torch.no_grad():
+            if init_lora_weights is True:
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+                nn.init.zeros_(b.weight)
+            elif init_lora_weights == "gaussian":
+                nn.init.normal_(a.weight, std=1.0 / self.r[name])
+                nn.init.zeros_(b.weight)
+            elif init_lora_weights is not False:
+                raise NotImplementedError(f"init_lora_weights={init_lora_weights!r} is not supported")
+            if b.bias is not None:
+                nn.init.zeros_(b.bias)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        for table in (self.lora_A, self.lora_B):
+            del table[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p, self.use_rslora):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    # -- base weights ---------------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as [out, in] (a view for Conv1D's [in, out] storage)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def base_bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.mixed_batch is not None:
+            return self.mixed_batch(self, x)
+        if self.disable_adapters and self.merged_adapters:
+            self.unmerge()
+        active = [] if self.disable_adapters else [a for a in self.active_adapters
+                                                   if a in self.lora_A and a not in self.merged_adapters]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        weight, bias = self.base_weight(), self.base_bias()
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        elif x.dtype != weight.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the base layer's weight dtype {weight.dtype}")
+        y = None
+        for name in active:
+            scale = self.scaling[name]
+            lora_b = self.lora_B[name]
+            term_bias = bias if y is None else None
+            if lora_b.bias is not None:
+                extra = scale * lora_b.bias.to(x.dtype)
+                term_bias = extra if term_bias is None else term_bias + extra
+            p = self.lora_dropout_p[name] if self.training else 0.0
+            out = lora_linear(x, weight if y is None else None, term_bias, self.lora_A[name].weight,
+                              lora_b.weight, scale, p)
+            y = out if y is None else y + out
+        return y
+
+    # -- merging --------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B A in fp32, laid out like the stored base weight."""
+        a = self.lora_A[name].weight.detach().float()
+        b = self.lora_B[name].weight.detach().float()
+        delta = (b @ a) * self.scaling[name]
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> list[str]:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        names = [n for n in names if n not in self.merged_adapters]
+        for name in names:
+            if name not in self.lora_A:
+                raise KeyError(f"unknown adapter {name!r}; this layer has {list(self.lora_A)}")
+        if not names:
+            return []
+        weight = self.base_layer.weight
+        merged_w = weight.detach().float() + sum(self.delta_weight(n) for n in names)
+        merged_b = None
+        lora_biases = [n for n in names if self.lora_B[n].bias is not None]
+        if lora_biases:
+            if self.base_layer.bias is None:
+                raise ValueError("cannot merge lora_bias into a base layer that has no bias")
+            merged_b = self.base_layer.bias.detach().float() + sum(
+                self.scaling[n] * self.lora_B[n].bias.detach().float() for n in lora_biases)
+        if safe_merge and not (torch.isfinite(merged_w).all() and (merged_b is None or torch.isfinite(merged_b).all())):
+            raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights; nothing was changed")
+        with torch.no_grad():
+            weight.copy_(merged_w.to(weight.dtype))  # one rounding, from fp32
+            if merged_b is not None:
+                self.base_layer.bias.copy_(merged_b.to(self.base_layer.bias.dtype))
+        self.merged_adapters.extend(names)
+        return names
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            return
+        names = list(self.merged_adapters)
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            weight.copy_((weight.float() - sum(self.delta_weight(n) for n in names)).to(weight.dtype))
+            lora_biases = [n for n in names if self.lora_B[n].bias is not None]
+            if lora_biases:
+                bias = self.base_layer.bias
+                bias.copy_((bias.float() - sum(self.scaling[n] * self.lora_B[n].bias.float()
+                                               for n in lora_biases)).to(bias.dtype))
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.lora_A)
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}]"

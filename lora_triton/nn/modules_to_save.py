@@ -1,0 +1,34 @@
+"""PEFT's modules_to_save: a trainable copy of a whole module per adapter."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+
+class ModulesToSaveWrapper(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        for p in self.modules_to_save[name].parameters():
+            p.requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        active = [a for a in self.active_adapters if a in self.modules_to_save]
+        if self.disable_adapters or not active:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[active[0]](*args, **kwargs)
+
+    def __getattr__(self, name):
+        # Code around the model reads e.g. `lm_head.weight`: answer with the original's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("original_module"), name)
