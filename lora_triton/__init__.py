@@ -17,11 +17,28 @@ from .nn import (
     unmerge_adapter,
 )
 from .ops.lora_linear import lora_linear
+from .ops.multi_lora import multi_lora_linear
+from .serving import AdapterPool, adapter_batch
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "LoraLinear", "active_adapters", "adapter_state_dict", "delete_adapter", "disable_adapters",
-    "inject_lora", "load_adapter", "lora_linear", "merge_adapter", "merge_and_unload", "read_peft_adapter",
-    "save_adapter", "set_adapter", "unmerge_adapter",
+    "AdapterPool",
+    "LoraConfig",
+    "LoraLinear",
+    "active_adapters",
+    "adapter_batch",
+    "adapter_state_dict",
+    "delete_adapter",
+    "disable_adapters",
+    "inject_lora",
+    "load_adapter",
+    "lora_linear",
+    "merge_adapter",
+    "merge_and_unload",
+    "multi_lora_linear",
+    "read_peft_adapter",
+    "save_adapter",
+    "set_adapter",
+    "unmerge_adapter",
 ]

@@ -2,5 +2,6 @@
 
 from .backend import choose_backend
 from .lora_linear import lora_linear
+from .multi_lora import multi_lora_linear
 
-__all__ = ["choose_backend", "lora_linear"]
+__all__ = ["choose_backend", "lora_linear", "multi_lora_linear"]

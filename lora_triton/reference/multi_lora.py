@@ -1,0 +1,69 @@
+"""Pure-PyTorch twin of ``kernels/multi_lora.py`` (never imports triton).
+
+Same normalized signature: x [T, K]; weight [N, K] or None; bias [N] or None; lora_A [L, R, K];
+lora_B [L, N, R]; scalings fp32 [L]; adapter_ids int [T, k] (-1 = none); ranks int [L];
+adapter_weights fp32 [T, k] or None.
+
+A grouped matmul without a Python loop over adapters: the (token, slot) pairs are sorted by
+adapter, the active adapters ordered by token count (largest first), and their rows laid out
+as a padded [adapters, rows, K] block that goes through two bmm's. Rows are taken in chunks
+whose adapter set shrinks as the small adapters run out, so a skewed batch (one adapter with
+thousands of tokens, many with one) pads at most one chunk per adapter. Ranks are applied by
+zeroing A/B rows beyond r_a (not by slicing), which also makes garbage in the padding harmless.
+The LoRA term is summed over slots in fp32 (fp64 for fp64 inputs) and added once to the
+base output; rows without an adapter are never written, so they equal F.linear bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CHUNK_ELEMS = 1 << 24  # bound on one padded block's elements (64 MiB in fp32)
+
+
+def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights=None, **_):
+    t = x.shape[0]
+    num, r_max, _ = lora_A.shape
+    n = lora_B.shape[1]
+    if weight is None:
+        y = x.new_zeros((t, n)) if bias is None else bias.expand(t, n).clone()
+    else:
+        y = torch.nn.functional.linear(x, weight, bias)
+    k = adapter_ids.shape[1]
+    flat = adapter_ids.reshape(-1).to(torch.int64)
+    sel = torch.nonzero(flat >= 0).flatten()  # slot indices j = token * k + c with an adapter
+    if sel.numel() == 0 or num == 0 or r_max == 0:
+        return y
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ad = flat[sel]
+    order = torch.argsort(ad, stable=True)
+    sel, ad = sel[order], ad[order]
+    counts = torch.bincount(ad, minlength=num)
+    starts = torch.cumsum(counts, 0) - counts
+    active = torch.nonzero(counts).flatten()
+    by_count = torch.argsort(counts[active], descending=True, stable=True)
+    active = active[by_count]
+    act_counts, act_starts = counts[active], starts[active]
+    coef = scalings.to(cdt)[ad]
+    if adapter_weights is not None:
+        coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
+    keep = torch.arange(r_max, device=x.device)[None, :] < ranks.to(x.device)[active][:, None]  # [m, R]
+    a_act = torch.where(keep[:, :, None], lora_A[active].to(cdt), 0)  # [m, R, K]
+    b_act = torch.where(keep[:, None, :], lora_B[active].to(cdt), 0)  # [m, N, R]
+    acc = torch.zeros((t, n), dtype=cdt, device=x.device)
+    xc = x.to(cdt)
+    max_count = int(act_counts[0])
+    rows = max(1, min(max_count, _CHUNK_ELEMS // max(1, len(active) * max(x.shape[1], n, r_max))))
+    for c0 in range(0, max_count, rows):  # chunks of rows, not adapters
+        m = int((act_counts > c0).sum())
+        offs = c0 + torch.arange(rows, device=x.device)
+        ok = offs[None, :] < act_counts[:m, None]  # [m, rows]
+        pos = torch.where(ok, act_starts[:m, None] + offs[None, :], 0)
+        tok = sel[pos] // k
+        u = torch.bmm(xc[tok], a_act[:m].transpose(1, 2))  # [m, rows, R]
+        u = u * torch.where(ok, coef[pos], 0)[:, :, None]
+        delta = torch.bmm(u, b_act[:m].transpose(1, 2))  # [m, rows, N]
+        acc.index_add_(0, tok[ok], delta[ok])
+    touched = torch.nonzero((adapter_ids >= 0).any(1)).flatten()
+    y[touched] = (y[touched].to(cdt) + acc[touched]).to(y.dtype)
+    return y

@@ -1,0 +1,40 @@
+"""What adapter_batch and AdapterPool share: expanding per-sequence ids to tokens, and the layer call."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.multi_lora import multi_lora_linear
+
+BASE = "__base__"
+
+
+def token_ids(seq_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sequence adapter ids [n] -> per-token ids x.shape[:-1] (dim 0 of x is the batch).
+
+    Generation with beam search / num_return_sequences repeats every sequence in place
+    (repeat_interleave), so a batch dim that is a multiple of n repeats each id that many times,
+    as PEFT does with its adapter_names.
+    """
+    n, b = seq_ids.shape[0], (x.shape[0] if x.dim() > 1 else 1)
+    if b != n:
+        if n == 0 or b % n:
+            raise ValueError(f"the batch has {b} sequences but {n} adapter names were given "
+                             "(one per sequence, or a divisor of the batch for beam search / num_return_sequences)")
+        seq_ids = seq_ids.repeat_interleave(b // n)
+    if x.dim() == 1:
+        return seq_ids.reshape(())
+    return seq_ids.view(b, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+
+
+def run_layer(layer, x, lora_A, lora_B, scalings, ranks, seq_ids) -> torch.Tensor:
+    """The mixed-batch forward of one LoraLinear: its frozen base plus the stacked adapters."""
+    weight, bias = layer.base_weight(), layer.base_bias()
+    if x.dtype != weight.dtype:
+        if not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input dtype {x.dtype} does not match the base layer's weight dtype {weight.dtype}")
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    ids = token_ids(seq_ids, x)
+    return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks, validate=False)
