@@ -1,0 +1,188 @@
+"""Ahead-of-time compile report: kernel quality checked without a GPU.
+
+Every LoRA kernel is compiled for a target GPU (sm_80 or sm_90) with its default config
+(the first config of its family in ``autotune.py``), with the argument specialization the
+runtime would apply on contiguous tensors (16-byte aligned pointers, unit inner strides,
+dims divisible by 16). ``ptxas -v`` from the Triton wheel reports registers, spills and static
+shared memory; the compiled metadata gives the dynamic shared memory Triton requests; the
+PTX/SASS tell which MMA family the dots became (wgmma/HGMMA on sm_90, mma.sync/HMMA on sm_80).
+
+CLI: ``lora-triton kernels --arch sm_80|sm_90 [--json]`` -> ``main(argv)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+
+from . import autotune as at
+from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
+from .lora_fwd import _fwd_gemm_kernel, _shrink_kernel
+
+_TL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+_FLOAT_ARGS = {"scaling", "p", "inv_keep"}
+_INT_ARGS = {"M", "N", "K", "R", "M_BUCKET", "SPLIT_K", "SPLIT_M"}
+# Pointers that are fp32 whatever the dtype (dB, dA outputs); the seed is int64.
+_FP32_PTRS = {"db_ptr", "da_ptr"}
+# Strides that are 1 for contiguous row-major operands: the runtime specializes them to constexpr 1.
+_UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_ur", "stride_wk", "stride_br", "stride_yn", "stride_dyn",
+                 "stride_dur", "stride_dbr", "stride_dak", "stride_dxk"}
+
+# name -> (kernel, config family, flags compiled: the heaviest path, dropout on)
+KERNELS = {
+    "shrink": (_shrink_kernel, "shrink", dict(HAS_DROPOUT=True)),
+    "fwd_gemm": (_fwd_gemm_kernel, "gemm", dict(HAS_W=True, HAS_BIAS=True)),
+    "dudb": (_dudb_kernel, "dudb", dict(ATOMIC=True)),
+    "da": (_da_kernel, "da", dict(HAS_DROPOUT=True)),
+    "dx": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True)),
+}
+GEMM_KERNELS = ("fwd_gemm", "dx")
+
+
+def _bin(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+_SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+
+
+def _spec(kernel, family: str, flags: dict, dtype: str, r_pad: int, arch: str = "sm_90"):
+    esize = 4 if dtype == "float32" else 2
+    cfg = at.select_config(family, esize, r_pad, 4096, flags.get("HAS_DROPOUT", False), _SMEM_LIMIT[arch])
+    constexprs = dict(cfg.kwargs, R_PAD=r_pad, IEEE=False, **flags)
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _UNIT_STRIDES:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        elif name.endswith("_ptr"):
+            signature[name] = "*i64" if name == "seed_ptr" else ("*fp32" if name in _FP32_PTRS else f"*{_TL[dtype]}")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
+        elif name.startswith("stride_") or name in _INT_ARGS:
+            signature[name] = "i32"
+            if name.startswith("stride_") or name in ("N", "K"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise ValueError(f"aot_report: no signature rule for {kernel.__name__}.{name}")
+    missing = [k for k in constexprs if k not in kernel.arg_names]
+    if missing:
+        raise ValueError(f"aot_report: {kernel.__name__} has no args {missing}")
+    return signature, constexprs, attrs, cfg
+
+
+def _ptxas(ptx: str, arch: str) -> dict:
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
+    # The ptxas Triton itself uses for this arch (the wheel ships two; the PTX version must match).
+    ptxas = get_ptxas(int(arch.removeprefix("sm_"))).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, f"-arch={target}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    log = out.stdout + out.stderr
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, log)) else 0
+    return dict(regs=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+                spill_loads=num(r"(\d+) bytes spill loads"), static_smem=num(r"(\d+) bytes smem"),
+                # ptxas C7515/C7510-style notes: wgmma pipelines serialized (a performance, not correctness, issue).
+                wgmma_serialized="wgmma.mma_async instructions are serialized" in log)
+
+
+def _sass_mma(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    for op in ("HGMMA", "HMMA"):
+        if op in sass:
+            return op
+    return "-"
+
+
+def compile_one(name: str, arch: str, dtype: str, r_pad: int = 16) -> dict:
+    kernel, family, flags = KERNELS[name]
+    cc = int(arch.removeprefix("sm_"))
+    signature, constexprs, attrs, cfg = _spec(kernel, family, flags, dtype, r_pad, arch)
+    t0 = time.perf_counter()
+    compiled = triton.compile(
+        triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", cc, 32),
+        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+    )
+    ptx = compiled.asm["ptx"]
+    if "wgmma.mma_async" in ptx:
+        mma = "wgmma"
+    elif "mma.sync" in ptx:
+        mma = "mma.sync"
+    else:
+        mma = "none"
+    row = dict(kernel=name, arch=arch, dtype=dtype, r_pad=r_pad, config=dict(cfg.kwargs), num_warps=cfg.num_warps,
+               num_stages=cfg.num_stages, mma=mma, sass_mma=_sass_mma(compiled.asm["cubin"]),
+               smem=int(compiled.metadata.shared), compile_s=round(time.perf_counter() - t0, 2))
+    row.update(_ptxas(ptx, arch))
+    return row
+
+
+def compile_report(arch: str, dtypes=("bfloat16", "float16"), ranks=(16,)) -> list[dict]:
+    """One row per (rank, dtype, kernel): regs, spills, shared memory, MMA family. Needs no GPU.
+    ``ranks`` are LoRA ranks; each compiles with its padded R_PAD (power of two >= 16)."""
+    if arch not in ("sm_80", "sm_90"):
+        raise ValueError(f"arch must be sm_80 or sm_90, got {arch!r}")
+    if at.interpreting():
+        # Under TRITON_INTERPRET=1 @triton.jit gives interpreter functions, which cannot be
+        # compiled: do the work in a fresh interpreter-free process.
+        cmd = [sys.executable, "-m", "lora_triton.kernels.aot_report", "--arch", arch, "--json"]
+        for dt in dtypes:
+            cmd += ["--dtype", dt]
+        for r in ranks:
+            cmd += ["--rank", str(r)]
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"AOT compile subprocess failed:\n{out.stderr[-4000:]}")
+        return json.loads(out.stdout)
+    pads = [max(16, triton.next_power_of_2(int(r))) for r in ranks]
+    return [compile_one(name, arch, dt, rp) for rp in pads for dt in dtypes for name in KERNELS]
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'kernel':<9} {'r_pad':>5} {'dtype':<9} {'tile (BMxBNxBK)':<16} {'w/s':<5} {'regs':>4} {'spills':>6} {'smem':>7} {'mma':<9} sass"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        c = r["config"]
+        tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
+        spills = r["spill_stores"] + r["spill_loads"]
+        lines.append(f"{r['kernel']:<9} {r['r_pad']:>5} {r['dtype']:<9} {tile:<16} {r['num_warps']}/{r['num_stages']:<3} "
+                     f"{r['regs']:>4} {spills:>6} {r['smem']:>7} {r['mma']:<9} {r['sass_mma']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lora-triton kernels", description="AOT-compile the LoRA kernels and report "
+                                 "registers, spills, shared memory and MMA family (no GPU needed).")
+    ap.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_90"])
+    ap.add_argument("--dtype", action="append", choices=["bfloat16", "float16"], help="default: both")
+    ap.add_argument("--rank", action="append", type=int, help="LoRA rank(s) to compile for; default: 16")
+    ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    args = ap.parse_args(argv)
+    rows = compile_report(args.arch, tuple(args.dtype or ("bfloat16", "float16")), tuple(args.rank or (16,)))
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

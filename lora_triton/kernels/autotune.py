@@ -1,0 +1,155 @@
+"""Launch configurations for the LoRA kernels: generated config lists, a shared-memory
+pruner, the M bucketing used as autotune key, and the single small config the CPU
+interpreter runs (autotuning there would only multiply the test time).
+
+Every kernel is a plain ``@triton.jit`` function; ``tuned(kernel, family)`` wraps it with
+``triton.autotune`` on a GPU and the launchers pass ``interp_meta(family)`` explicitly under
+the interpreter. The *first* config of each family is the default the AOT report compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import triton
+
+# Families: "gemm" (base GEMM + expand, dgrad GEMM + LoRA epilogue), "shrink" (U = D(x) A^T),
+# "dudb" (dU and dB from one pass over dy), "da" (dA = dU^T D(x)).
+_INTERP_META = {
+    "gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+    "shrink": dict(BLOCK_M=32, BLOCK_K=32),
+    "dudb": dict(BLOCK_M=32, BLOCK_N=32),
+    "da": dict(BLOCK_M=32, BLOCK_K=32),
+}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    """LORA_TRITON_AUTOTUNE=0 runs every kernel with its default config (quick GPU checks)."""
+    return os.environ.get("LORA_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
+def interp_meta(family: str) -> dict:
+    return dict(_INTERP_META[family])
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: next power of two, capped (tokens vary per batch, tiles do not)."""
+    return min(1 << max(int(m) - 1, 0).bit_length(), 4096)
+
+
+def _gemm_configs():
+    cfgs = []
+    # First = default (AOT report): the classic 128x128x64 tensor-core tile.
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5), (128, 128, 32, 4, 5),
+        (32, 128, 64, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3),
+    ]:
+        cfgs.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+                                  num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _shrink_configs():
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
+            for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (32, 128, 4, 4),
+                                 (16, 256, 4, 3), (128, 128, 8, 3)]]
+
+
+def _dudb_configs():
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(64, 128, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3),
+                                 (16, 128, 4, 3), (128, 64, 4, 3)]]
+
+
+def _da_configs():
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
+            for bm, bk, w, s in [(64, 128, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 4, 3),
+                                 (32, 128, 4, 4), (16, 128, 4, 3)]]
+
+
+CONFIGS = {"gemm": _gemm_configs, "shrink": _shrink_configs, "dudb": _dudb_configs, "da": _da_configs}
+
+
+def default_config(family: str) -> triton.Config:
+    return CONFIGS[family]()[0]
+
+
+@functools.cache
+def _smem_limit() -> int:
+    try:
+        import torch
+
+        dev = torch.cuda.current_device()
+        return int(triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"])
+    except Exception:  # no driver: assume A100's opt-in limit
+        return 166912
+
+
+def smem_bytes(family: str, meta: dict, stages: int, esize: int, r_pad: int) -> int:
+    """Shared memory a config's pipelined operand tiles need (the compiler's own estimate is close)."""
+    bm = meta["BLOCK_M"]
+    r_blk = min(r_pad, 64)  # all but the shrink walk r in chunks of 64
+    if family == "gemm":
+        main = (bm * meta["BLOCK_K"] + meta["BLOCK_K"] * meta["BLOCK_N"]) * stages
+        lora = bm * r_blk + r_blk * meta["BLOCK_N"]
+    elif family == "shrink":
+        main = (bm * meta["BLOCK_K"] + meta["BLOCK_K"] * r_pad) * stages
+        lora = 0
+    elif family == "dudb":
+        main = (bm * meta["BLOCK_N"] + meta["BLOCK_N"] * r_blk) * stages
+        lora = bm * r_blk
+    else:
+        main = (r_blk * bm + bm * meta["BLOCK_K"]) * stages
+        lora = 0
+    return (main + lora) * esize
+
+
+def _tile_elems(family: str, meta: dict) -> int:
+    """Elements of the tile the dropout mask is generated on."""
+    if family == "gemm":
+        return meta["BLOCK_M"] * meta["BLOCK_N"]
+    return meta["BLOCK_M"] * meta.get("BLOCK_K", meta.get("BLOCK_N", 0))
+
+
+def prune(family: str, configs, esize: int, r_pad: int, m: int = 4096, has_dropout: bool = False,
+          smem_limit: int | None = None):
+    """Drop configs over the shared-memory limit, configs whose dropout tile would spill, and
+    tiles much taller than the (bucketed) M; always keeps at least one config."""
+    limit = smem_limit or _smem_limit()
+    fits = [c for c in configs if smem_bytes(family, c.kwargs, c.num_stages, esize, r_pad) <= limit]
+    fits = fits or configs[-1:]
+    if has_dropout:
+        # Philox keeps several words live per element: > 64 masked elements per thread spill.
+        fits = [c for c in fits if _tile_elems(family, c.kwargs) // (32 * c.num_warps) <= 64] or fits[-1:]
+    # Tall tiles on a handful of tokens waste the tensor cores; keep the short ones.
+    return [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m)] or fits[-1:]
+
+
+def select_config(family: str, esize: int, r_pad: int, m: int = 4096, has_dropout: bool = False,
+                  smem_limit: int | None = None) -> triton.Config:
+    """The config used without autotuning (and by the AOT report): first survivor of ``prune``."""
+    return prune(family, CONFIGS[family](), esize, r_pad, m, has_dropout, smem_limit)[0]
+
+
+def _pruner(family: str, tensor_arg: str):
+    def early_config_prune(configs, named_args, **kwargs):
+        get = lambda name, default: named_args.get(name, kwargs.get(name, default))
+        return prune(family, configs, named_args[tensor_arg].element_size(), get("R_PAD", 16),
+                     get("M_BUCKET", 4096), bool(get("HAS_DROPOUT", False)))
+
+    return early_config_prune
+
+
+def tuned(kernel, family: str, key: list, tensor_arg: str, reset_to_zero=None):
+    """Wrap a plain jit kernel with triton.autotune (GPU only)."""
+    return triton.autotune(
+        configs=CONFIGS[family](), key=key,
+        prune_configs_by={"early_config_prune": _pruner(family, tensor_arg)},
+        reset_to_zero=reset_to_zero,
+    )(kernel)

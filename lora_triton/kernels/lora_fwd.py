@@ -1,0 +1,135 @@
+"""Forward kernels of the fused LoRA linear.
+
+1. ``_shrink_kernel``: U = D(x) A^T [M, r], dropout mask generated in-kernel by Philox
+   (keep = tl.rand(seed, row*K + col) > p, int64 offsets), fp32 accumulate, optional split-K
+   over a strided set of K blocks into an fp32 workspace (many programs when M is small).
+2. ``_fwd_gemm_kernel``: y = x W^T + b + s U B^T. The expand is one extra [BM, r] x [r, BN] dot
+   before the epilogue, so the low-rank term never touches HBM as an [M, N] tensor.
+   Program ids are grouped along M for L2 reuse of W tiles.
+
+r is padded to R_PAD (a power of two >= 16, tl.dot's minimum) with masks; absent operands
+(weight, bias, seed) are replaced by constexpr flags so no dead code runs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dropout_scale(seed, rows, cols, K, p, inv_keep):
+    """[BM, BK] fp32 factor: 1/(1-p) where rand(seed, row*K + col) > p, else 0."""
+    offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+    keep = tl.rand(seed, offs) > p
+    return tl.where(keep, inv_keep, 0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 inputs: exact fp32 products (no TF32) to match the reference.
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _lora_dot(u_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
+              BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr):
+    """[BM, BN] fp32 = U[rows, :R] @ Bt[:R, cols], Bt[j, n] at b_ptr + j*stride_br + n*stride_bn.
+    r is walked in chunks of at most 64 so a rank-256 adapter neither spills nor bloats smem."""
+    R_BLOCK: tl.constexpr = R_PAD if R_PAD < 64 else 64
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in tl.static_range(0, R_PAD, R_BLOCK):
+        rr = r0 + tl.arange(0, R_BLOCK)
+        r_ok = rr < R
+        u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :] * stride_ur,
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        b_t = tl.load(b_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn,
+                      mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(u, b_t, acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Consecutive programs sweep GROUP_M row-tiles per column-tile: the W tile stays in L2.
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, u_ptr, seed_ptr,
+    M, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_us, stride_um, stride_ur,
+    p, inv_keep, SPLIT_K,
+    R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, R_PAD)
+    row_ok = rows < M
+    r_ok = rr < R
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)  # on-device seed: no host sync
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    # Split s takes K blocks s, s + SPLIT_K, ...: no K_PER_SPLIT to keep aligned with BLOCK_K.
+    for kb in range(pid_s, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = (x.to(tl.float32) * _dropout_scale(seed, rows, cols, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
+        a_t = tl.load(a_ptr + rr[None, :] * stride_ar + cols[:, None] * stride_ak,
+                      mask=r_ok[None, :] & col_ok[:, None], other=0.0)
+        acc = _dot(x, a_t, acc, IEEE)
+    u_ptrs = u_ptr + pid_s * stride_us + rows[:, None] * stride_um + rr[None, :] * stride_ur
+    tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _fwd_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, u_ptr, lb_ptr, y_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
+    stride_bn, stride_br, stride_ym, stride_yn,
+    scaling,
+    R_PAD: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_W:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                          mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = _dot(x, w_t, acc, IEEE)
+    # Expand: one [BM, r] x [r, BN] dot (in r chunks), scaled, before the epilogue.
+    lora = _lora_dot(u_ptr, lb_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
+                     BLOCK_M, BLOCK_N, R_PAD, IEEE)
+    acc += scaling * lora
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

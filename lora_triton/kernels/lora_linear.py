@@ -1,0 +1,201 @@
+"""Launchers of the fused LoRA training kernels; same signatures as ``reference/lora_linear.py``.
+
+Forward: shrink (U = D(x) A^T) then base GEMM with the expand folded in (2 launches).
+Backward: dU/dB from one pass over dy, dA = dU^T D(x), dx = dy W + D'(dU A) (3 launches,
+dx skipped when not needed). The dropout mask is regenerated from the on-device seed in every
+kernel that needs it; no mask or D(x) is ever stored.
+
+On a GPU each kernel is autotuned (key: bucketed M, N, K, r, dtypes); under TRITON_INTERPRET=1
+one small config runs so CPU tests stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from . import autotune as at
+from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
+from .lora_fwd import _fwd_gemm_kernel, _shrink_kernel
+
+_MAX_R = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _empty(shape, dtype, device):
+    # Single allocation point for outputs: tests patch it to NaN-fill and check every element is written.
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+_TENSOR_ARG = {"shrink": "x_ptr", "fwd": "x_ptr", "dudb": "dy_ptr", "da": "x_ptr", "dx": "dy_ptr"}
+
+
+@functools.cache
+def _tuned(name: str):
+    kernel, family, reset = {
+        "shrink": (_shrink_kernel, "shrink", None),
+        "fwd": (_fwd_gemm_kernel, "gemm", None),
+        "dudb": (_dudb_kernel, "dudb", ["db_ptr"]),
+        "da": (_da_kernel, "da", None),
+        "dx": (_dx_kernel, "gemm", None),
+    }[name]
+    tensor_arg = _TENSOR_ARG[name]
+    key = ["M_BUCKET", "N", "K", "R"] if "N" in kernel.arg_names and "K" in kernel.arg_names else (
+        ["M_BUCKET", "K", "R"] if "K" in kernel.arg_names else ["M_BUCKET", "N", "R"])
+    return at.tuned(kernel, family, key, tensor_arg, reset_to_zero=reset)
+
+
+def _launch(name: str, kernel, family: str, grid, *args, **kwargs):
+    if at.interpreting():
+        kernel[grid](*args, **kwargs, **at.interp_meta(family))
+    elif not at.autotune_enabled():
+        named = dict(zip(kernel.arg_names, args), **kwargs)
+        cfg = at.select_config(family, named[_TENSOR_ARG[name]].element_size(), named["R_PAD"],
+                               named["M_BUCKET"], bool(named.get("HAS_DROPOUT", False)))
+        kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        _tuned(name)[grid](*args, **kwargs)
+
+
+def _r_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+@functools.lru_cache(maxsize=8)
+def _target_programs(device: torch.device) -> int:
+    """Programs wanted to fill the machine (a few per SM); small under the interpreter so
+    the split paths get exercised by CPU tests."""
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _nominal(dim: str) -> int:
+    """Block size used only to size split-K/split-M (the tuned config may differ: the kernels
+    stride over blocks by the split count, so any config stays correct)."""
+    if at.interpreting():
+        return 32
+    return {"M": 64, "K": 128}[dim]
+
+
+def _split(programs: int, blocks: int, device) -> int:
+    want = _target_programs(device)
+    if programs >= want:
+        return 1
+    return max(1, min(blocks, want // max(programs, 1), 16))
+
+
+def _check(x, weight, bias, lora_A, lora_B, dropout_p, seed):
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"unsupported dtype {x.dtype}; expected one of {_DTYPES}")
+    m, k = x.shape
+    r = lora_A.shape[0]
+    n = lora_B.shape[0]
+    if lora_A.shape != (r, k) or lora_B.shape != (n, r):
+        raise ValueError(f"lora_A must be [r, {k}] and lora_B [N, r], got {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+    if not 1 <= r <= _MAX_R:
+        raise ValueError(f"rank must be in [1, {_MAX_R}], got {r}")
+    if weight is not None and weight.shape != (n, k):
+        raise ValueError(f"weight must be [{n}, {k}], got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f"{name} must be {x.dtype} on {x.device}, got {t.dtype} on {t.device}")
+    if dropout_p > 0.0 and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1):
+        raise ValueError("dropout_p > 0 needs seed: an int64 tensor [1] on x's device")
+    return m, k, n, r
+
+
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+    m, k, n, r = _check(x, weight, bias, lora_A, lora_B, dropout_p, seed)
+    dev, dt = x.device, x.dtype
+    y = _empty((m, n), dt, dev)
+    u = _empty((m, r), dt, dev)
+    if m == 0:
+        return y, u
+    r_pad, mb, ieee = _r_pad(r), at.m_bucket(m), dt == torch.float32
+    drop = dropout_p > 0.0
+    p, inv_keep = float(dropout_p), 1.0 / (1.0 - float(dropout_p))
+    seed_arg = seed if drop else x
+
+    # Shrink: split K over a strided set of blocks when M gives too few programs.
+    split = _split(triton.cdiv(m, _nominal("M")), triton.cdiv(k, _nominal("K")), dev)
+    u_out = u if split == 1 else _empty((split, m, r), torch.float32, dev)
+    us = (0, u.stride(0), u.stride(1)) if split == 1 else u_out.stride()
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), split)
+    _launch("shrink", _shrink_kernel, "shrink", grid,
+            x, lora_A, u_out, seed_arg, m, k, r, mb,
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), *us,
+            p, inv_keep, split, R_PAD=r_pad, HAS_DROPOUT=drop, IEEE=ieee)
+    if split > 1:
+        u.copy_(u_out.sum(0))
+
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
+    _launch("fwd", _fwd_gemm_kernel, "gemm", grid,
+            x, w, b, u, lora_B, y, m, n, k, r, mb,
+            x.stride(0), x.stride(1),
+            weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 0,
+            u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+            float(scaling), R_PAD=r_pad, HAS_W=weight is not None, HAS_BIAS=bias is not None, IEEE=ieee)
+    return y, u
+
+
+def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p: float, seed,
+                    need_dx: bool = True):
+    """Returns (dx or None, dA [r, K] float32, dB [N, r] float32)."""
+    m, k, n, r = _check(x, weight, None, lora_A, lora_B, dropout_p, seed)
+    if dy.shape != (m, n) or u.shape != (m, r) or dy.dtype != x.dtype or u.dtype != x.dtype:
+        raise ValueError(f"dy must be [{m}, {n}] and u [{m}, {r}] in {x.dtype}, "
+                         f"got {tuple(dy.shape)} {dy.dtype}, {tuple(u.shape)} {u.dtype}")
+    dev, dt = x.device, x.dtype
+    dx = _empty((m, k), dt, dev) if need_dx else None
+    if m == 0:
+        return dx, torch.zeros((r, k), dtype=torch.float32, device=dev), torch.zeros(
+            (n, r), dtype=torch.float32, device=dev)
+    r_pad, mb, ieee = _r_pad(r), at.m_bucket(m), dt == torch.float32
+    drop = dropout_p > 0.0
+    p, inv_keep = float(dropout_p), 1.0 / (1.0 - float(dropout_p))
+    seed_arg = seed if drop else x
+
+    # dU and dB. Several M tiles => fp32 atomics into dB (16 = the smallest BLOCK_M of any config).
+    min_bm = at.interp_meta("dudb")["BLOCK_M"] if at.interpreting() else 16
+    atomic = m > min_bm
+    d_b = torch.zeros((n, r), dtype=torch.float32, device=dev) if atomic else _empty((n, r), torch.float32, dev)
+    d_u = _empty((m, r), dt, dev)
+    r_chunks = triton.cdiv(r_pad, 64)  # the dU/dB and dA kernels walk r in chunks of 64 over a grid axis
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), r_chunks)
+    _launch("dudb", _dudb_kernel, "dudb", grid,
+            dy, u, lora_B, d_u, d_b, m, n, r, mb,
+            dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
+            d_u.stride(0), d_u.stride(1), d_b.stride(0), d_b.stride(1),
+            float(scaling), R_PAD=r_pad, ATOMIC=atomic, IEEE=ieee)
+
+    # dA: split M into an fp32 workspace when K gives too few programs.
+    split = _split(triton.cdiv(k, _nominal("K")), triton.cdiv(m, _nominal("M")), dev)
+    d_a = _empty((r, k), torch.float32, dev)
+    ws = d_a.unsqueeze(0) if split == 1 else _empty((split, r, k), torch.float32, dev)
+    grid = lambda META: (triton.cdiv(k, META["BLOCK_K"]), split, r_chunks)
+    _launch("da", _da_kernel, "da", grid,
+            d_u, x, seed_arg, ws, m, k, r, mb,
+            d_u.stride(0), d_u.stride(1), x.stride(0), x.stride(1), *ws.stride(),
+            p, inv_keep, split, R_PAD=r_pad, HAS_DROPOUT=drop, IEEE=ieee)
+    if split > 1:
+        torch.sum(ws, 0, out=d_a)
+
+    if need_dx:
+        w = weight if weight is not None else x
+        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)
+        _launch("dx", _dx_kernel, "gemm", grid,
+                dy, w, d_u, lora_A, seed_arg, dx, m, n, k, r, mb,
+                dy.stride(0), dy.stride(1),
+                weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 0,
+                d_u.stride(0), d_u.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+                p, inv_keep, R_PAD=r_pad, HAS_W=weight is not None, HAS_DROPOUT=drop, IEEE=ieee)
+    return dx, d_a, d_b
