@@ -13,7 +13,10 @@ from .io.atomic import atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 ALL_LINEAR = "all-linear"
-INIT_CHOICES = (True, False, "gaussian")
+INIT_CHOICES = (True, False, "gaussian", "orthogonal", "eva")
+# Initialisations that leave the base weights alone and give a plain LoRA adapter: such adapters
+# load and run here, but lora_triton cannot initialise new ones this way.
+LOAD_ONLY_INITS = ("orthogonal", "eva")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 # PEFT fields for features we do not implement: accepted at their default, an error otherwise,
@@ -92,7 +95,8 @@ class LoraConfig:
                 not isinstance(self.init_lora_weights, bool):
             raise NotImplementedError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported (supported: True, False, "
-                "'gaussian'); pissa/olora/corda/loftq/eva initialisations modify the base weights")
+                "'gaussian'; 'orthogonal'/'eva' adapters load); pissa/olora/corda/loftq initialisations modify "
+                "the base weights, mica changes the forward")
         for name in ("rank_pattern", "alpha_pattern"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a dict of regex -> value, got {getattr(self, name)!r}")
@@ -142,6 +146,8 @@ class LoraConfig:
             if key in known:
                 kwargs[key] = value
             elif key in _UNSUPPORTED_AT_DEFAULT:
+                if key == "eva_config" and data.get("init_lora_weights") == "eva":
+                    continue  # EVA only chose the initial values; the adapter is plain LoRA
                 if value not in (_UNSUPPORTED_AT_DEFAULT[key], None, {}, False):
                     raise NotImplementedError(f"{key}={value!r} is not supported by lora_triton")
             elif key not in _IGNORED:

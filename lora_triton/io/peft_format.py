@@ -8,6 +8,7 @@ whole file against the model before it changes anything, so a bad file leaves th
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import torch
@@ -144,10 +145,20 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
     if missing:
         raise ValueError(f"missing adapter weights for targeted modules {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''} (keys {PREFIX}<module>.lora_A.weight)")
+    for rest in list(plain):
+        # bias="all" makes PEFT also write the bias of each modules_to_save copy and original
+        # (`<m>.modules_to_save.bias`, `<m>.original_module.bias`); PEFT's loader ignores them too.
+        if any(re.match(rf"(.*\.)?{re.escape(m)}\.(modules_to_save|original_module)\.", rest)
+               for m in config.modules_to_save or ()):
+            del plain[rest]
     for rest, value in plain.items():
         wrapper, sub = _saved_module_for(model, rest)
         state = (wrapper.original_module if wrapper is not None else model).state_dict(keep_vars=True)
-        target = state.get(sub if wrapper is not None else rest)
+        name = sub if wrapper is not None else rest
+        target = state.get(name)
+        if target is None and ".base_layer." in name:
+            # `<path>.base_layer.bias` (bias="lora_only"/"all") names a module not wrapped yet.
+            target = state.get(name.replace(".base_layer.", ".", 1))
         if target is None:
             raise ValueError(f"unexpected key {PREFIX}{rest}: no such parameter or buffer in the model")
         if tuple(target.shape) != tuple(value.shape):

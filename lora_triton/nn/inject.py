@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 from torch import nn
 
-from ..config import LoraConfig
+from ..config import LOAD_ONLY_INITS, LoraConfig
 from .lora_linear import LoraLinear, is_supported_base
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import candidate_modules, find_targets, resolve_targets
@@ -51,6 +51,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
     _check_name(adapter_name)
+    if config.init_lora_weights in LOAD_ONLY_INITS:
+        raise NotImplementedError(f"init_lora_weights={config.init_lora_weights!r}: lora_triton loads such "
+                                  "adapters but cannot initialise new ones (use True, False or 'gaussian')")
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; loaded: {sorted(configs)}")
@@ -65,6 +68,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             raise TypeError(f"target module {path!r} is a {type(module).__name__}; lora_triton supports "
                             "nn.Linear and transformers' Conv1D")
     first = not configs
+    previous_active = active_adapters(model)  # before new LoraLinears (active = [adapter_name]) exist
     for path, module in targets:
         r, alpha = config.rank_for(path), config.alpha_for(path)
         args = (r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, config.lora_bias)
@@ -73,14 +77,14 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         else:
             _set_child(model, path, LoraLinear(module, adapter_name, *args))
     for path, module in list(candidate_modules(model)):
-        if config.modules_to_save and path and any(path == m or path.endswith(f".{m}")
-                                                   for m in config.modules_to_save):
+        # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
+        if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
             wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
             wrapper.add_adapter(adapter_name)
             if wrapper is not module:
                 _set_child(model, path, wrapper)
     configs[adapter_name] = config
-    active = [adapter_name] if first else active_adapters(model)
+    active = [adapter_name] if first else previous_active
     set_adapter(model, active)
     return model
 
@@ -159,8 +163,8 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
             names = [n for n in (adapter_names or layer.active_adapters)
                      if n in layer.lora_A and n not in layer.merged_adapters]
             if names:
-                merged = layer.base_layer.weight.detach().float() + sum(layer.delta_weight(n) for n in names)
-                if not merged.isfinite().all():
+                merged_w, merged_b = layer._merged_values(names)
+                if not (merged_w.isfinite().all() and (merged_b is None or merged_b.isfinite().all())):
                     raise ValueError(f"safe_merge: merging {names} gives non-finite weights; nothing was changed")
     for layer in layers:
         names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
@@ -189,11 +193,16 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise KeyError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(configs)}")
+    remaining_active = [a for a in active_adapters(model) if a != adapter_name]
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
             layer.delete_adapter(adapter_name)
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
             del m.modules_to_save[adapter_name]
-            m.active_adapters = [a for a in m.active_adapters if a != adapter_name]
     del configs[adapter_name]
+    # Every wrapper (also those that never held this adapter) forgets it; as in PEFT, deleting the
+    # only active adapter activates the first remaining one.
+    if not remaining_active and configs:
+        remaining_active = [next(iter(configs))]
+    set_adapter(model, remaining_active)

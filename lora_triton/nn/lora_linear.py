@@ -142,6 +142,18 @@ class LoraLinear(nn.Module):
         delta = (b @ a) * self.scaling[name]
         return delta.t() if self.fan_in_fan_out else delta
 
+    def _merged_values(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The base weight and bias with these adapters folded in, in fp32 (nothing is written)."""
+        merged_w = self.base_layer.weight.detach().float() + sum(self.delta_weight(n) for n in names)
+        merged_b = None
+        lora_biases = [n for n in names if self.lora_B[n].bias is not None]
+        if lora_biases:
+            if self.base_layer.bias is None:
+                raise ValueError("cannot merge lora_bias into a base layer that has no bias")
+            merged_b = self.base_layer.bias.detach().float() + sum(
+                self.scaling[n] * self.lora_B[n].bias.detach().float() for n in lora_biases)
+        return merged_w, merged_b
+
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> list[str]:
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         names = [n for n in names if n not in self.merged_adapters]
@@ -151,14 +163,7 @@ class LoraLinear(nn.Module):
         if not names:
             return []
         weight = self.base_layer.weight
-        merged_w = weight.detach().float() + sum(self.delta_weight(n) for n in names)
-        merged_b = None
-        lora_biases = [n for n in names if self.lora_B[n].bias is not None]
-        if lora_biases:
-            if self.base_layer.bias is None:
-                raise ValueError("cannot merge lora_bias into a base layer that has no bias")
-            merged_b = self.base_layer.bias.detach().float() + sum(
-                self.scaling[n] * self.lora_B[n].bias.detach().float() for n in lora_biases)
+        merged_w, merged_b = self._merged_values(names)
         if safe_merge and not (torch.isfinite(merged_w).all() and (merged_b is None or torch.isfinite(merged_b).all())):
             raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights; nothing was changed")
         with torch.no_grad():

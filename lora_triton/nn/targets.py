@@ -62,7 +62,9 @@ def is_target(config: LoraConfig, key: str) -> bool:
     targets = config.target_modules
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
-    return _in_list_or_suffix(key, targets) and _layer_index_ok(config, key)
+    if key in targets:  # named exactly: PEFT applies no layer filter
+        return True
+    return any(key.endswith(f".{n}") for n in targets) and _layer_index_ok(config, key)
 
 
 def output_head_path(model: nn.Module) -> Optional[str]:

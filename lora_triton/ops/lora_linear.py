@@ -30,7 +30,8 @@ def _impl(device: torch.device):
 @torch.library.custom_op("lora_triton::lora_linear_fwd", mutates_args=())
 def _fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
          scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return tuple(_impl(x.device).lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
+    a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    return tuple(_impl(x.device).lora_linear_fwd(x, weight, bias, a, b, scaling, dropout_p, seed))
 
 
 @_fwd.register_fake
@@ -42,7 +43,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 def _bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, u: Tensor,
          scaling: float, dropout_p: float, seed: Optional[Tensor], need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     dx, d_a, d_b = _impl(x.device).lora_linear_bwd(
-        dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+        dy, x, weight, lora_A.to(x.dtype), lora_B.to(x.dtype), u, scaling, dropout_p, seed, need_dx)
     # A custom op cannot return None: an empty tensor stands for "not computed".
     return (x.new_empty(0) if dx is None else dx), d_a, d_b
 
@@ -79,7 +80,9 @@ def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lor
 
     x: [..., K]; weight: [N, K] or None (LoRA term only); bias: [N] or None; lora_A: [r, K];
     lora_B: [N, r]. The adapter may be stored in another dtype than x (fp32 adapters on a bf16
-    model): it is cast to x's dtype, which is tiny, instead of copying every input to fp32.
+    model): it is cast to x's dtype, which is tiny, instead of copying every input to fp32; its
+    gradients (fp32 from the kernels) come back in the adapter's dtype without a round trip
+    through x's dtype.
     dropout_p applies to the LoRA branch only; seed (int or int64 tensor) fixes its mask, None
     draws one from torch's generator so ``torch.manual_seed`` makes runs reproducible.
     """
@@ -87,7 +90,5 @@ def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lor
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     seed_t = make_seed(seed, x.device) if dropout_p > 0.0 else None
-    a = lora_A.to(x.dtype)
-    b = lora_B.to(x.dtype)
-    y, _ = _fwd(x2, weight, bias, a, b, float(scaling), float(dropout_p), seed_t)
+    y, _ = _fwd(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed_t)
     return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,109 @@
+"""The PyTorch Philox twin equals Triton's tl.rand / tl.randint bit for bit (under TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lora_triton.reference.philox import apply_dropout, dropout_keep_mask, philox_rand, philox_randint
+
+SEEDS = [0, 1, 12345, 2**31 - 1, 2**32 - 1, 2**32 + 7, 2**40 + 3, 2**62 + 11, 2**63 - 1]
+
+
+def _offsets(start: int, n: int = 300) -> torch.Tensor:
+    base = torch.arange(n, dtype=torch.int64) * 37 + start
+    return torch.cat([base, torch.tensor([start, start + 1, 2**31 - 1, 2**32 - 1])]) if start >= 2**32 else base
+
+
+# -- against tl.rand ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def triton_rand():
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py) or a GPU")
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def rand_kernel(rand_ptr, int_ptr, off_ptr, seed, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        offs = tl.load(off_ptr + i, mask=m, other=0)
+        tl.store(rand_ptr + i, tl.rand(seed, offs), mask=m)
+        tl.store(int_ptr + i, tl.randint(seed, offs).to(tl.int32, bitcast=True), mask=m)
+
+    def call(seed: int, offsets: torch.Tensor):
+        n = offsets.numel()
+        rand = torch.empty(n, dtype=torch.float32)
+        ints = torch.empty(n, dtype=torch.int32)
+        rand_kernel[(triton.cdiv(n, 128),)](rand, ints, offsets, seed, n, BLOCK=128)
+        return rand, ints.to(torch.int64) & 0xFFFFFFFF
+
+    return call
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("start", [0, 1000, 2**32 - 150, 2**32 + 5, 3 * 2**40 + 17])
+def test_bit_exact_vs_tl_rand(triton_rand, seed, start):
+    offsets = _offsets(start)
+    rand, ints = triton_rand(seed, offsets)
+    assert torch.equal(philox_randint(seed, offsets), ints)
+    ours = philox_rand(seed, offsets)
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours.view(torch.int32), rand.view(torch.int32))
+
+
+def test_int32_offsets_same_stream(triton_rand):
+    """Kernels may use int32 offsets when they fit: same numbers as int64."""
+    offsets = torch.arange(0, 2**31 - 1, 2**31 // 257, dtype=torch.int32)
+    rand, _ = triton_rand(77, offsets)
+    assert torch.equal(philox_rand(77, offsets).view(torch.int32), rand.view(torch.int32))
+
+
+def test_seed_tensor_equals_int():
+    offsets = torch.arange(500, dtype=torch.int64)
+    for seed in (5, 2**40 + 1):
+        assert torch.equal(philox_randint(seed, offsets),
+                           philox_randint(torch.tensor([seed], dtype=torch.int64), offsets))
+
+
+# -- statistics and dropout ----------------------------------------------------------------------
+def test_uniform_range_and_moments():
+    u = philox_rand(2024, torch.arange(100_000, dtype=torch.int64))
+    assert u.min().item() >= 0.0 and u.max().item() < 1.0
+    assert abs(u.mean().item() - 0.5) < 0.006
+    assert abs(u.var().item() - 1 / 12) < 0.002
+    # Neighbouring offsets are uncorrelated.
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()) < 0.01
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [3, 2**33 + 1])
+def test_keep_fraction(p, seed):
+    rows, cols = 300, 257
+    keep = dropout_keep_mask(seed, rows, cols, p)
+    assert keep.shape == (rows, cols) and keep.dtype == torch.bool
+    n = rows * cols
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    # Per row too (no row-structured bias).
+    assert (keep.float().mean(1) - (1 - p)).abs().max().item() < 6 * (p * (1 - p) / cols) ** 0.5 + 1e-6
+
+
+def test_mask_is_tiling_independent():
+    """Element (i, j) depends only on (seed, i*cols + j): a row slice equals the full mask's rows."""
+    full = dropout_keep_mask(9, 40, 33, 0.3)
+    part = dropout_keep_mask(9, 10, 33, 0.3, row_offset=17)
+    assert torch.equal(part, full[17:27])
+    assert not torch.equal(dropout_keep_mask(10, 40, 33, 0.3), full)
+
+
+def test_apply_dropout():
+    x = torch.randn(20, 30)
+    y = apply_dropout(x, 11, 0.25)
+    keep = dropout_keep_mask(11, 20, 30, 0.25)
+    torch.testing.assert_close(y, torch.where(keep, x / 0.75, torch.zeros(())), rtol=2e-7, atol=0)
+    assert apply_dropout(x, 11, 0.0) is x
+    xh = x.to(torch.float16)
+    assert apply_dropout(xh, 11, 0.25).dtype == torch.float16
