@@ -26,27 +26,57 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 
 from . import autotune as at
+from . import multi_lora as ml
+from .grouped_kernels import _dx_acc_kernel, _grouped_shrink_kernel
 from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel, _shrink_kernel
 
 _TL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _FLOAT_ARGS = {"scaling", "p", "inv_keep"}
-_INT_ARGS = {"M", "N", "K", "R", "M_BUCKET", "SPLIT_K", "SPLIT_M"}
-# Pointers that are fp32 whatever the dtype (dB, dA outputs); the seed is int64.
-_FP32_PTRS = {"db_ptr", "da_ptr"}
+_INT_ARGS = {"M", "N", "K", "R", "M_BUCKET", "SPLIT_K", "SPLIT_M", "G", "NUM_SLOTS", "tile_offset", "n_per_prog"}
+# Pointers that are fp32 whatever the dtype (dB, dA outputs; grouped dropout p); the seed is int64.
+_FP32_PTRS = {"db_ptr", "da_ptr", "p_ptr"}
+# Per-kernel pointer types where the shared names mean something else (serving: int32 plan
+# tensors, fp32 scalings / slot weights / split-K workspace u).
+_ML_PTRS = dict(perm_ptr="*i32", tile_adapter_ptr="*i32", tile_row0_ptr="*i32", tile_rend_ptr="*i32",
+                ranks_ptr="*i32", scal_ptr="*fp32", w_ptr="*fp32", u_ptr="*fp32")
+_PTR_TYPES = {"ml_shrink": _ML_PTRS, "ml_expand": _ML_PTRS, "ml_fused": _ML_PTRS,
+              "grouped_shrink": dict(roff_ptr="*i32")}
 # Strides that are 1 for contiguous row-major operands: the runtime specializes them to constexpr 1.
 _UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_ur", "stride_wk", "stride_br", "stride_yn", "stride_dyn",
                  "stride_dur", "stride_dbr", "stride_dak", "stride_dxk"}
 
-# name -> (kernel, config family, flags compiled: the heaviest path, dropout on)
+
+
+def _ml_config(kind: str):
+    """The serving kernels' fixed launch configs (``multi_lora.multi_lora_linear``; 8 warps) at a
+    given padded rank: prefill split path (BLOCK_M 64) for shrink/expand, decode tiles for fused."""
+    def make(r_pad: int) -> triton.Config:
+        block_r = 16 if r_pad <= 16 else 32
+        meta = {"ml_shrink": dict(BLOCK_M=64, BLOCK_R=block_r, BLOCK_K=64, SPLIT_K=1),
+                "ml_expand": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=block_r, SPLIT_K=1),
+                "ml_fused": dict(BLOCK_M=16, BLOCK_R=ml._pow2(r_pad), BLOCK_K=64, BLOCK_N=64)}[kind]
+        return triton.Config(dict(meta, DOT_PREC="tf32"), num_warps=ml._NUM_WARPS, num_stages=3)
+    return make
+
+
+# name -> (kernel, config family (or a function r_pad -> fixed triton.Config), flags compiled:
+# the heaviest path, dropout on)
 KERNELS = {
     "shrink": (_shrink_kernel, "shrink", dict(HAS_DROPOUT=True)),
     "fwd_gemm": (_fwd_gemm_kernel, "gemm", dict(HAS_W=True, HAS_BIAS=True)),
     "dudb": (_dudb_kernel, "dudb", dict(ATOMIC=True)),
     "da": (_da_kernel, "da", dict(HAS_DROPOUT=True)),
     "dx": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True)),
+    # grouped projections (q/k/v, gate/up): shrink once over x, dgrad accumulating into dx
+    "grouped_shrink": (_grouped_shrink_kernel, "shrink", dict(HAS_DROPOUT=True)),
+    "dx_acc": (_dx_acc_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=True)),
+    # multi-adapter serving (kernels/multi_lora.py)
+    "ml_shrink": (ml._shrink_kernel, _ml_config("ml_shrink"), {}),
+    "ml_expand": (ml._expand_kernel, _ml_config("ml_expand"), dict(HAS_W=True)),
+    "ml_fused": (ml._fused_kernel, _ml_config("ml_fused"), dict(HAS_W=True)),
 }
-GEMM_KERNELS = ("fwd_gemm", "dx")
+GEMM_KERNELS = ("fwd_gemm", "dx", "dx_acc")
 
 
 def _bin(name: str) -> str:
@@ -56,10 +86,15 @@ def _bin(name: str) -> str:
 _SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448}
 
 
-def _spec(kernel, family: str, flags: dict, dtype: str, r_pad: int, arch: str = "sm_90"):
+def _spec(kernel, family, flags: dict, dtype: str, r_pad: int, arch: str = "sm_90", ptr_types=None):
     esize = 4 if dtype == "float32" else 2
-    cfg = at.select_config(family, esize, r_pad, 4096, flags.get("HAS_DROPOUT", False), _SMEM_LIMIT[arch])
-    constexprs = dict(cfg.kwargs, R_PAD=r_pad, IEEE=False, **flags)
+    if callable(family):
+        cfg = family(r_pad)
+    else:
+        cfg = at.select_config(family, esize, r_pad, 4096, flags.get("HAS_DROPOUT", False), _SMEM_LIMIT[arch])
+    constexprs = dict(cfg.kwargs, **flags)
+    constexprs.update({k: v for k, v in (("R_PAD", r_pad), ("IEEE", False)) if k in kernel.arg_names})
+    ptr_types = ptr_types or {}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -67,6 +102,9 @@ def _spec(kernel, family: str, flags: dict, dtype: str, r_pad: int, arch: str = 
         elif name in _UNIT_STRIDES:
             signature[name] = "constexpr"
             constexprs[name] = 1
+        elif name in ptr_types:
+            signature[name] = ptr_types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             signature[name] = "*i64" if name == "seed_ptr" else ("*fp32" if name in _FP32_PTRS else f"*{_TL[dtype]}")
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -116,7 +154,7 @@ def _sass_mma(cubin: bytes) -> str:
 def compile_one(name: str, arch: str, dtype: str, r_pad: int = 16) -> dict:
     kernel, family, flags = KERNELS[name]
     cc = int(arch.removeprefix("sm_"))
-    signature, constexprs, attrs, cfg = _spec(kernel, family, flags, dtype, r_pad, arch)
+    signature, constexprs, attrs, cfg = _spec(kernel, family, flags, dtype, r_pad, arch, _PTR_TYPES.get(name))
     t0 = time.perf_counter()
     compiled = triton.compile(
         triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -137,9 +175,11 @@ def compile_one(name: str, arch: str, dtype: str, r_pad: int = 16) -> dict:
     return row
 
 
-def compile_report(arch: str, dtypes=("bfloat16", "float16"), ranks=(16,)) -> list[dict]:
+def compile_report(arch: str, dtypes=("bfloat16", "float16"), ranks=(16,), kernels=None) -> list[dict]:
     """One row per (rank, dtype, kernel): regs, spills, shared memory, MMA family. Needs no GPU.
-    ``ranks`` are LoRA ranks; each compiles with its padded R_PAD (power of two >= 16)."""
+    ``ranks`` are LoRA ranks; each compiles with its padded R_PAD (power of two >= 16);
+    ``kernels``: names from KERNELS (default: all)."""
+    kernels = list(KERNELS) if kernels is None else list(kernels)
     if arch not in ("sm_80", "sm_90"):
         raise ValueError(f"arch must be sm_80 or sm_90, got {arch!r}")
     if at.interpreting():
@@ -150,23 +190,25 @@ def compile_report(arch: str, dtypes=("bfloat16", "float16"), ranks=(16,)) -> li
             cmd += ["--dtype", dt]
         for r in ranks:
             cmd += ["--rank", str(r)]
+        for name in kernels:
+            cmd += ["--kernel", name]
         env = dict(os.environ, TRITON_INTERPRET="0")
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise RuntimeError(f"AOT compile subprocess failed:\n{out.stderr[-4000:]}")
         return json.loads(out.stdout)
     pads = [max(16, triton.next_power_of_2(int(r))) for r in ranks]
-    return [compile_one(name, arch, dt, rp) for rp in pads for dt in dtypes for name in KERNELS]
+    return [compile_one(name, arch, dt, rp) for rp in pads for dt in dtypes for name in kernels]
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'kernel':<9} {'r_pad':>5} {'dtype':<9} {'tile (BMxBNxBK)':<16} {'w/s':<5} {'regs':>4} {'spills':>6} {'smem':>7} {'mma':<9} sass"
+    head = f"{'kernel':<14} {'r_pad':>5} {'dtype':<9} {'tile (BMxBNxBK)':<16} {'w/s':<5} {'regs':>4} {'spills':>6} {'smem':>7} {'mma':<9} sass"
     lines = [head, "-" * len(head)]
     for r in rows:
         c = r["config"]
         tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
         spills = r["spill_stores"] + r["spill_loads"]
-        lines.append(f"{r['kernel']:<9} {r['r_pad']:>5} {r['dtype']:<9} {tile:<16} {r['num_warps']}/{r['num_stages']:<3} "
+        lines.append(f"{r['kernel']:<14} {r['r_pad']:>5} {r['dtype']:<9} {tile:<16} {r['num_warps']}/{r['num_stages']:<3} "
                      f"{r['regs']:>4} {spills:>6} {r['smem']:>7} {r['mma']:<9} {r['sass_mma']}")
     return "\n".join(lines)
 
@@ -177,9 +219,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_90"])
     ap.add_argument("--dtype", action="append", choices=["bfloat16", "float16"], help="default: both")
     ap.add_argument("--rank", action="append", type=int, help="LoRA rank(s) to compile for; default: 16")
+    ap.add_argument("--kernel", action="append", choices=list(KERNELS), help="default: all")
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = ap.parse_args(argv)
-    rows = compile_report(args.arch, tuple(args.dtype or ("bfloat16", "float16")), tuple(args.rank or (16,)))
+    rows = compile_report(args.arch, tuple(args.dtype or ("bfloat16", "float16")), tuple(args.rank or (16,)),
+                          args.kernel)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
 

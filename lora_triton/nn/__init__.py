@@ -1,5 +1,6 @@
 """Modules and model-level adapter management."""
 
+from .grouping import group_siblings, ungroup_siblings
 from .inject import (
     active_adapters,
     adapter_configs,
@@ -17,6 +18,6 @@ from .modules_to_save import ModulesToSaveWrapper
 
 __all__ = [
     "LoraLinear", "ModulesToSaveWrapper", "active_adapters", "adapter_configs", "delete_adapter",
-    "disable_adapters", "inject_lora", "lora_layers", "merge_adapter", "merge_and_unload", "set_adapter",
-    "unmerge_adapter",
+    "disable_adapters", "group_siblings", "inject_lora", "lora_layers", "merge_adapter", "merge_and_unload",
+    "set_adapter", "ungroup_siblings", "unmerge_adapter",
 ]

@@ -47,10 +47,15 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     coef = scalings.to(cdt)[ad]
     if adapter_weights is not None:
         coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
-    keep = torch.arange(r_max, device=x.device)[None, :] < ranks.to(x.device)[active][:, None]  # [m, R]
-    a_act = torch.where(keep[:, :, None], lora_A[active].to(cdt), 0)  # [m, R, K]
-    b_act = torch.where(keep[:, None, :], lora_B[active].to(cdt), 0)  # [m, N, R]
-    acc = torch.zeros((t, n), dtype=cdt, device=x.device)
+    a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
+    act_ranks = ranks.to(x.device)[active]
+    if bool((act_ranks < r_max).any()):
+        keep = torch.arange(r_max, device=x.device)[None, :] < act_ranks[:, None]  # [m, R]
+        a_act = torch.where(keep[:, :, None], a_act, 0)  # where, not *: padding may hold NaN
+        b_act = torch.where(keep[:, None, :], b_act, 0)
+    # One output row per (token, slot) pair: every pair is written once, so no scatter-add
+    # (index_add_ is slow on CPU) and k > 1 slots are summed afterwards.
+    acc = torch.zeros((t * k, n), dtype=cdt, device=x.device)
     xc = x.to(cdt)
     max_count = int(act_counts[0])
     rows = max(1, min(max_count, _CHUNK_ELEMS // max(1, len(active) * max(x.shape[1], n, r_max))))
@@ -59,11 +64,12 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
         offs = c0 + torch.arange(rows, device=x.device)
         ok = offs[None, :] < act_counts[:m, None]  # [m, rows]
         pos = torch.where(ok, act_starts[:m, None] + offs[None, :], 0)
-        tok = sel[pos] // k
-        u = torch.bmm(xc[tok], a_act[:m].transpose(1, 2))  # [m, rows, R]
+        slot = sel[pos]
+        u = torch.bmm(xc[slot // k], a_act[:m].transpose(1, 2))  # [m, rows, R]
         u = u * torch.where(ok, coef[pos], 0)[:, :, None]
         delta = torch.bmm(u, b_act[:m].transpose(1, 2))  # [m, rows, N]
-        acc.index_add_(0, tok[ok], delta[ok])
+        acc[slot[ok]] = delta[ok]
+    acc = acc.view(t, k, n).sum(1) if k > 1 else acc
     touched = torch.nonzero((adapter_ids >= 0).any(1)).flatten()
     y[touched] = (y[touched].to(cdt) + acc[touched]).to(y.dtype)
     return y

@@ -1,0 +1,195 @@
+"""Launchers of the grouped LoRA kernels; same signatures as ``reference/grouped.py``.
+
+Forward: one grouped shrink launch for all projections (per-projection dropout masks, see
+``grouped_kernels.py``; without dropout, packed into launches of at most 256 total rank), then
+per projection the single-adapter base GEMM with the expand folded in, reading its U columns
+as a strided view of U_cat (G + 1 launches instead of 2G).
+Backward, per projection: the single-adapter dU/dB and dA kernels on its U columns, and the
+dgrad kernel accumulating into one dx buffer (the first projection stores, the others add).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from ..reference.grouped import rank_offsets
+from . import autotune as at
+from .grouped_kernels import _dx_acc_kernel, _grouped_shrink_kernel
+from .lora_bwd import _da_kernel, _dudb_kernel
+from .lora_fwd import _fwd_gemm_kernel
+from .lora_linear import _check, _empty, _launch, _nominal, _r_pad, _split
+
+_MAX_R_LAUNCH = 256  # total rank one grouped shrink launch accumulates in registers
+
+
+@functools.cache
+def _tuned(name: str):
+    if name == "gshrink":
+        return at.tuned(_grouped_shrink_kernel, "shrink", ["M_BUCKET", "K", "R"], "x_ptr")
+    return at.tuned(_dx_acc_kernel, "gemm", ["M_BUCKET", "N", "K", "R"], "dy_ptr")
+
+
+def _launch_own(name: str, kernel, family: str, tensor_arg: str, grid, *args, **kwargs):
+    if at.interpreting():
+        kernel[grid](*args, **kwargs, **at.interp_meta(family))
+    elif not at.autotune_enabled():
+        named = dict(zip(kernel.arg_names, args), **kwargs)
+        cfg = at.select_config(family, named[tensor_arg].element_size(), named["R_PAD"], named["M_BUCKET"],
+                               bool(named.get("HAS_DROPOUT", False)))
+        kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        _tuned(name)[grid](*args, **kwargs)
+
+
+def _chunks(ranks, drops=None) -> list[tuple[int, int, bool]]:
+    """Launches of the grouped shrink: (first, end, dropout) over runs of consecutive projections
+    with the same dropout flag; runs without dropout are packed so each launch's total rank stays
+    <= 256 (with dropout each program covers one projection, so any run fits one launch)."""
+    drops = [False] * len(ranks) if drops is None else list(drops)
+    out, start, total = [], 0, 0
+    for g, r in enumerate(ranks):
+        if g > start and (drops[g] != drops[start] or (not drops[g] and total + r > _MAX_R_LAUNCH)):
+            out.append((start, g, drops[start]))
+            start, total = g, 0
+        total += r
+    out.append((start, len(ranks), drops[start]))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _meta(ps: tuple, roffs: tuple, device: torch.device):
+    """Per-launch p [G] fp32 and rank offsets [G+1] int32 on the device, built once per combination."""
+    return (torch.tensor(ps, dtype=torch.float32, device=device),
+            torch.tensor(roffs, dtype=torch.int32, device=device))
+
+
+def _seed_g(seeds, g: int, p: float):
+    return seeds[g:g + 1] if p > 0.0 else None
+
+
+def _shrink(x, lora_As, u_cat, offs, dropout_ps, seeds):
+    m, k = x.shape
+    dev, ieee, mb = x.device, x.dtype == torch.float32, at.m_bucket(m)
+    ranks = [a.shape[0] for a in lora_As]
+    split = _split(triton.cdiv(m, _nominal("M")), triton.cdiv(k, _nominal("K")), dev)
+    for g0, g1, drop in _chunks(ranks, [p > 0.0 for p in dropout_ps]):
+        a_cat = lora_As[g0] if g1 - g0 == 1 else torch.cat(lora_As[g0:g1], 0)
+        r = offs[g1] - offs[g0]
+        u = u_cat[:, offs[g0]:offs[g1]]
+        ps = tuple(float(p) for p in dropout_ps[g0:g1])
+        p_t, roff_t = _meta(ps, tuple(o - offs[g0] for o in offs[g0:g1 + 1]), dev)
+        progs = g1 - g0 if drop else 1
+        u_out = u if split == 1 else _empty((split, m, r), torch.float32, dev)
+        us = (0, u.stride(0), u.stride(1)) if split == 1 else u_out.stride()
+        grid = lambda META, progs=progs: (triton.cdiv(m, META["BLOCK_M"]) * progs, split)
+        _launch_own("gshrink", _grouped_shrink_kernel, "shrink", "x_ptr", grid,
+                    x, a_cat, u_out, seeds[g0:g1] if drop else x, p_t, roff_t, m, k, r, g1 - g0, mb,
+                    x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1), *us, split,
+                    R_PAD=_r_pad(max(ranks[g0:g1]) if drop else r), HAS_DROPOUT=drop, IEEE=ieee)
+        if split > 1:
+            u.copy_(u_out.sum(0))
+
+
+def lora_linear_grouped_fwd(x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds):
+    lora_As, lora_Bs = list(lora_As), list(lora_Bs)
+    for g, (w, b, a, lb, p) in enumerate(zip(weights, biases, lora_As, lora_Bs, dropout_ps)):
+        _check(x, w, b, a, lb, p, _seed_g(seeds, g, p))
+    m, k = x.shape
+    dev, dt = x.device, x.dtype
+    offs = rank_offsets(lora_As)
+    u_cat = _empty((m, offs[-1]), dt, dev)
+    ys = [_empty((m, lb.shape[0]), dt, dev) for lb in lora_Bs]
+    if m == 0:
+        return ys, u_cat
+    _shrink(x, lora_As, u_cat, offs, dropout_ps, seeds)
+    ieee, mb = dt == torch.float32, at.m_bucket(m)
+    for g, (w, b, lb, s, y) in enumerate(zip(weights, biases, lora_Bs, scalings, ys)):
+        u = u_cat[:, offs[g]:offs[g + 1]]
+        n, r = lb.shape
+        grid = lambda META, n=n: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
+        _launch("fwd", _fwd_gemm_kernel, "gemm", grid,
+                x, w if w is not None else x, b if b is not None else x, u, lb, y, m, n, k, r, mb,
+                x.stride(0), x.stride(1), w.stride(0) if w is not None else 0, w.stride(1) if w is not None else 0,
+                u.stride(0), u.stride(1), lb.stride(0), lb.stride(1), y.stride(0), y.stride(1),
+                float(s), R_PAD=_r_pad(r), HAS_W=w is not None, HAS_BIAS=b is not None, IEEE=ieee)
+    return ys, u_cat
+
+
+def _dudb_da(dy, x, lora_B, u, scaling, p, seed):
+    """dU = s dy B [M, r] (x dtype), dA fp32 [r, K], dB fp32 [N, r] for one projection."""
+    m, k = x.shape
+    n, r = lora_B.shape
+    dev, dt = x.device, x.dtype
+    r_pad, mb, ieee = _r_pad(r), at.m_bucket(m), dt == torch.float32
+    drop = p > 0.0
+    inv_keep = 1.0 / (1.0 - p)
+    seed_arg = seed if drop else x
+    min_bm = at.interp_meta("dudb")["BLOCK_M"] if at.interpreting() else 16
+    atomic = m > min_bm
+    d_b = torch.zeros((n, r), dtype=torch.float32, device=dev) if atomic else _empty((n, r), torch.float32, dev)
+    d_u = _empty((m, r), dt, dev)
+    r_chunks = triton.cdiv(r_pad, 64)
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), r_chunks)
+    _launch("dudb", _dudb_kernel, "dudb", grid,
+            dy, u, lora_B, d_u, d_b, m, n, r, mb,
+            dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
+            d_u.stride(0), d_u.stride(1), d_b.stride(0), d_b.stride(1),
+            float(scaling), R_PAD=r_pad, ATOMIC=atomic, IEEE=ieee)
+    split = _split(triton.cdiv(k, _nominal("K")), triton.cdiv(m, _nominal("M")), dev)
+    d_a = _empty((r, k), torch.float32, dev)
+    ws = d_a.unsqueeze(0) if split == 1 else _empty((split, r, k), torch.float32, dev)
+    grid = lambda META: (triton.cdiv(k, META["BLOCK_K"]), split, r_chunks)
+    _launch("da", _da_kernel, "da", grid,
+            d_u, x, seed_arg, ws, m, k, r, mb,
+            d_u.stride(0), d_u.stride(1), x.stride(0), x.stride(1), *ws.stride(),
+            float(p), inv_keep, split, R_PAD=r_pad, HAS_DROPOUT=drop, IEEE=ieee)
+    if split > 1:
+        torch.sum(ws, 0, out=d_a)
+    return d_u, d_a, d_b
+
+
+def _dx_acc(dx, dy, w, d_u, lora_A, p, seed, accumulate: bool):
+    m, k = dx.shape
+    n, r = dy.shape[1], lora_A.shape[0]
+    drop = p > 0.0
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)
+    _launch_own("dx_acc", _dx_acc_kernel, "gemm", "dy_ptr", grid,
+                dy, w if w is not None else dy, d_u, lora_A, seed if drop else dy, dx, m, n, k, r,
+                at.m_bucket(m), dy.stride(0), dy.stride(1),
+                w.stride(0) if w is not None else 0, w.stride(1) if w is not None else 0,
+                d_u.stride(0), d_u.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+                float(p), 1.0 / (1.0 - p), R_PAD=_r_pad(r), HAS_W=w is not None, HAS_DROPOUT=drop,
+                ACCUMULATE=accumulate, IEEE=dx.dtype == torch.float32)
+
+
+def lora_linear_grouped_bwd(dys, x, weights, lora_As, lora_Bs, u_cat, scalings, dropout_ps, seeds,
+                            need_dx: bool = True):
+    """Returns (dx or None, [dA_g fp32 [r_g, K]], [dB_g fp32 [N_g, r_g]])."""
+    m, k = x.shape
+    offs = rank_offsets(lora_As)
+    if u_cat.shape != (m, offs[-1]) or u_cat.dtype != x.dtype:
+        raise ValueError(f"u_cat must be [{m}, {offs[-1]}] in {x.dtype}, got {tuple(u_cat.shape)} {u_cat.dtype}")
+    for g, (dy, w, a, lb, p) in enumerate(zip(dys, weights, lora_As, lora_Bs, dropout_ps)):
+        _check(x, w, None, a, lb, p, _seed_g(seeds, g, p))
+        if dy.shape != (m, lb.shape[0]) or dy.dtype != x.dtype:
+            raise ValueError(f"dys[{g}] must be [{m}, {lb.shape[0]}] in {x.dtype}, got {tuple(dy.shape)} {dy.dtype}")
+    dev, dt = x.device, x.dtype
+    dx = _empty((m, k), dt, dev) if need_dx else None
+    if m == 0:
+        d_as = [torch.zeros(a.shape, dtype=torch.float32, device=dev) for a in lora_As]
+        d_bs = [torch.zeros(b.shape, dtype=torch.float32, device=dev) for b in lora_Bs]
+        if dx is not None:
+            dx.zero_()
+        return dx, d_as, d_bs
+    d_as, d_bs = [], []
+    for g, (dy, w, a, lb, s, p) in enumerate(zip(dys, weights, lora_As, lora_Bs, scalings, dropout_ps)):
+        seed = _seed_g(seeds, g, p)
+        d_u, d_a, d_b = _dudb_da(dy, x, lb, u_cat[:, offs[g]:offs[g + 1]], s, float(p), seed)
+        d_as.append(d_a)
+        d_bs.append(d_b)
+        if need_dx:
+            _dx_acc(dx, dy, w, d_u, a, float(p), seed, accumulate=g > 0)
+    return dx, d_as, d_bs

@@ -1,0 +1,154 @@
+"""Opt-in grouping of sibling LoRA projections that read the same input (q/k/v, gate/up).
+
+A ``LoraLinear`` cannot see its siblings, so grouping is installed at model level:
+``group_siblings(model)`` finds sibling ``LoraLinear`` children of one parent whose names form a
+known group and gives each member a grouped forward. The first member called with a tensor x
+runs ``lora_linear_grouped`` for every member that is eligible (see ``_eligible``) and caches
+the others' outputs keyed on x's identity; a member called with *the very same tensor object*
+(same id, same version counter, same data pointer, shape and strides) and unchanged state takes
+its cached output; any other input falls back to the layer's own forward. Correctness therefore
+never depends on the model's structure: outputs are shared only when the inputs provably are.
+The cached outputs are outputs of one autograd node, so gradients flow as usual.
+
+Dropout: the grouped call draws one seed per projection from torch's generator, in one draw for
+the group; masks are as random as the ungrouped path's but not the same draws (seeded runs give
+other masks than without grouping). ``ungroup_siblings(model)`` restores the plain forwards.
+Under ``torch.compile`` the members run their plain forward (the identity cache is eager-only).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops.grouped import lora_linear_grouped
+from .lora_linear import LoraLinear
+
+DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+_ATTR = "_lora_sibling_group"
+
+
+class SiblingGroup:
+    """The members of one group and the cache of outputs computed for the last shared input."""
+
+    def __init__(self, names: Sequence[str], layers: Sequence[LoraLinear]):
+        self.names = list(names)
+        self.layers = list(layers)
+        self._x = None  # the input the cache is for (held, so its id cannot be reused meanwhile)
+        self._key = None
+        self._outputs: dict[int, torch.Tensor] = {}
+        self.grouped_calls = 0  # how many times the grouped op ran (tests, diagnostics)
+        self.cache_hits = 0
+
+    def clear(self) -> None:
+        self._x, self._key, self._outputs = None, None, {}
+
+    @staticmethod
+    def _key_of(x: torch.Tensor, states) -> tuple:
+        return (id(x), x._version, x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device,
+                torch.is_grad_enabled(), tuple(states))
+
+    def forward(self, layer: LoraLinear, x: torch.Tensor, args, kwargs):
+        idx = next(i for i, m in enumerate(self.layers) if m is layer)
+        # Inference tensors have no version counter: an in-place change between the siblings'
+        # calls could not be detected, so they take the plain forward.
+        if args or kwargs or torch.compiler.is_compiling() or x.is_inference():
+            return LoraLinear.forward(layer, x, *args, **kwargs)
+        states = [_state(m, x) for m in self.layers]
+        if states[idx] is None:
+            return LoraLinear.forward(layer, x)
+        key = self._key_of(x, states)
+        if self._x is x and self._key == key and idx in self._outputs:
+            self.cache_hits += 1
+            out = self._outputs.pop(idx)
+            if not self._outputs:
+                self.clear()
+            return out
+        members = [i for i, s in enumerate(states) if s is not None]
+        if len(members) < 2:
+            self.clear()
+            return LoraLinear.forward(layer, x)
+        outs = _grouped_forward([self.layers[i] for i in members], x)
+        self.grouped_calls += 1
+        self._x, self._key = x, key
+        self._outputs = {i: o for i, o in zip(members, outs) if i != idx}
+        return outs[members.index(idx)]
+
+
+def _state(layer: LoraLinear, x: torch.Tensor) -> Optional[tuple]:
+    """What the layer's output depends on besides x and its frozen weight, or None when the layer
+    is not eligible for grouping: a mixed batch, adapters disabled or merged, not exactly one
+    active adapter, autocast, or a dtype / width mismatch (the plain forward handles those)."""
+    if layer.mixed_batch is not None or layer.disable_adapters or layer.merged_adapters:
+        return None
+    if len(layer.active_adapters) != 1 or torch.is_autocast_enabled(x.device.type):
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A:
+        return None
+    weight = layer.base_weight()
+    if x.dtype != weight.dtype or x.device != weight.device or x.shape[-1] != layer.in_features:
+        return None
+    a, b = layer.lora_A[name].weight, layer.lora_B[name]
+    p = layer.lora_dropout_p[name] if layer.training else 0.0
+    return (name, layer.scaling[name], p, a._version, b.weight._version, weight._version)
+
+
+def _grouped_forward(layers: Sequence[LoraLinear], x: torch.Tensor):
+    weights, biases, lora_As, lora_Bs, scalings, ps = [], [], [], [], [], []
+    for layer in layers:
+        name = layer.active_adapters[0]
+        scale = layer.scaling[name]
+        lora_b = layer.lora_B[name]
+        bias = layer.base_bias()
+        if lora_b.bias is not None:
+            extra = scale * lora_b.bias.to(x.dtype)
+            bias = extra if bias is None else bias + extra
+        weights.append(layer.base_weight())
+        biases.append(bias)
+        lora_As.append(layer.lora_A[name].weight)
+        lora_Bs.append(lora_b.weight)
+        scalings.append(scale)
+        ps.append(layer.lora_dropout_p[name] if layer.training else 0.0)
+    return lora_linear_grouped(x, weights, biases, lora_As, lora_Bs, scalings, ps)
+
+
+def _grouped_layer_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs):
+    return getattr(self, _ATTR).forward(self, x, args, kwargs)
+
+
+def group_siblings(model: nn.Module, groups: Optional[Sequence[Sequence[str]]] = None) -> list[SiblingGroup]:
+    """Install grouped forwards on sibling LoraLinear layers named as in ``groups`` (default:
+    q/k/v, gate/up, query/key/value). A group needs at least two members under one parent.
+    Returns the groups created; calling it again first removes the previous grouping."""
+    ungroup_siblings(model)
+    groups = [tuple(g) for g in (DEFAULT_GROUPS if groups is None else groups)]
+    created = []
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in groups:
+            found = [(n, children[n]) for n in names if isinstance(children.get(n), LoraLinear)]
+            if len(found) < 2 or any(hasattr(m, _ATTR) for _, m in found):
+                continue
+            group = SiblingGroup([n for n, _ in found], [m for _, m in found])
+            for _, m in found:
+                setattr(m, _ATTR, group)  # a plain attribute: not a submodule, not in state_dict
+                m.forward = types.MethodType(_grouped_layer_forward, m)
+            created.append(group)
+    return created
+
+
+def ungroup_siblings(model: nn.Module) -> int:
+    """Remove what ``group_siblings`` installed; returns how many layers were restored."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, LoraLinear) and hasattr(m, _ATTR):
+            getattr(m, _ATTR).clear()
+            delattr(m, _ATTR)
+            m.__dict__.pop("forward", None)
+            count += 1
+    return count

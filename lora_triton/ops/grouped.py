@@ -1,0 +1,167 @@
+"""``lora_linear_grouped``: G LoRA projections that read the same x (q, k, v; gate, up).
+
+One custom op for the whole group (forward, backward, fake kernels, autograd), so
+``torch.compile(fullgraph=True)`` traces through it. Compared with G ``lora_linear`` calls:
+
+* the shrink reads x once: U_cat = [D_1(x) A_1^T | ... | D_G(x) A_G^T] [M, sum r_g], with one
+  dropout mask per projection (projection g uses seeds[g], exactly the mask ``lora_linear``
+  draws with that seed, so the masks stay independent as PEFT's are);
+* x is saved for backward once (plus U_cat and the G seeds), not G times;
+* backward accumulates dx = sum_g dy_g W_g + D'_g(dU_g A_g) into one buffer.
+
+The implementation (Triton kernels or the PyTorch twin) is chosen per call by
+``backend.choose_backend``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backend import choose_backend
+from .checks import check_lora_operands
+
+
+def _impl(device: torch.device):
+    if choose_backend(device) == "triton":
+        return importlib.import_module("lora_triton.kernels.grouped")
+    return importlib.import_module("lora_triton.reference.grouped")
+
+
+def _cast(ts, dtype):
+    return [t.to(dtype) for t in ts]
+
+
+# Lists of optional tensors would reach autograd as one opaque leaf (no gradients for their
+# elements), so an absent weight or bias travels as an empty 1-D tensor and is mapped back here.
+def _absent(x: Tensor) -> Tensor:
+    return x.new_empty(0)
+
+
+def _opt(ts) -> list[Optional[Tensor]]:
+    return [None if (t.dim() == 1 and t.numel() == 0) else t for t in ts]
+
+
+@torch.library.custom_op("lora_triton::lora_linear_grouped_fwd", mutates_args=())
+def _fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor], lora_As: list[Tensor],
+         lora_Bs: list[Tensor], scalings: list[float], dropout_ps: list[float],
+         seeds: Optional[Tensor]) -> list[Tensor]:
+    ys, u_cat = _impl(x.device).lora_linear_grouped_fwd(
+        x, _opt(weights), _opt(biases), _cast(lora_As, x.dtype), _cast(lora_Bs, x.dtype), scalings, dropout_ps, seeds)
+    return list(ys) + [u_cat]
+
+
+@_fwd.register_fake
+def _(x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds):
+    r_tot = sum(a.shape[0] for a in lora_As)
+    return [x.new_empty((x.shape[0], b.shape[0])) for b in lora_Bs] + [x.new_empty((x.shape[0], r_tot))]
+
+
+@torch.library.custom_op("lora_triton::lora_linear_grouped_bwd", mutates_args=())
+def _bwd(dys: list[Tensor], x: Tensor, weights: list[Tensor], lora_As: list[Tensor],
+         lora_Bs: list[Tensor], u_cat: Tensor, scalings: list[float], dropout_ps: list[float],
+         seeds: Optional[Tensor], need_dx: bool) -> list[Tensor]:
+    dx, d_as, d_bs = _impl(x.device).lora_linear_grouped_bwd(
+        dys, x, _opt(weights), _cast(lora_As, x.dtype), _cast(lora_Bs, x.dtype), u_cat, scalings, dropout_ps, seeds,
+        need_dx)
+    # A custom op cannot return None: an empty tensor stands for "not computed".
+    return [x.new_empty(0) if dx is None else dx] + list(d_as) + list(d_bs)
+
+
+@_bwd.register_fake
+def _(dys, x, weights, lora_As, lora_Bs, u_cat, scalings, dropout_ps, seeds, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    f32 = lambda t: t.new_empty(t.shape, dtype=torch.float32)
+    return [dx] + [f32(a) for a in lora_As] + [f32(b) for b in lora_Bs]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds = inputs
+    g = len(lora_As)
+    # x once, U_cat, the seeds; weights and adapters are parameters (no new storage).
+    ctx.save_for_backward(x, output[-1], seeds, *weights, *lora_As, *lora_Bs)
+    ctx.g, ctx.scalings, ctx.dropout_ps = g, scalings, dropout_ps
+    # needs_input_grad has one entry per list input: record which elements need a gradient.
+    ctx.w_grad = [w.requires_grad for w in weights]
+    ctx.b_grad = [b.requires_grad for b in biases]
+
+
+def _backward(ctx, grads):
+    g = ctx.g
+    saved = ctx.saved_tensors
+    x, u_cat, seeds = saved[:3]
+    weights, lora_As, lora_Bs = list(saved[3:3 + g]), list(saved[3 + g:3 + 2 * g]), list(saved[3 + 2 * g:])
+    dys = [torch.zeros((x.shape[0], b.shape[0]), dtype=x.dtype, device=x.device) if dy is None else dy.contiguous()
+           for dy, b in zip(grads[:g], lora_Bs)]
+    need_x = ctx.needs_input_grad[0]
+    outs = _bwd(dys, x, weights, lora_As, lora_Bs, u_cat, ctx.scalings, ctx.dropout_ps, seeds, need_x)
+    dx, d_as, d_bs = outs[0], outs[1:1 + g], outs[1 + g:]
+    d_ws = [(dy.t() @ x).to(w.dtype) if need_w else None for dy, w, need_w in zip(dys, weights, ctx.w_grad)]
+    d_biases = [dy.sum(0) if need_b else None for dy, need_b in zip(dys, ctx.b_grad)]
+    d_as = [d.to(a.dtype) for d, a in zip(d_as, lora_As)]
+    d_bs = [d.to(b.dtype) for d, b in zip(d_bs, lora_Bs)]
+    return (dx if need_x else None), d_ws, d_biases, d_as, d_bs, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def make_seeds(seeds, g: int, device: torch.device) -> Tensor:
+    """int64 tensor [G] on ``device``; None draws G seeds from torch's generator (no host sync)."""
+    if seeds is None:
+        return torch.randint(0, 2**62, (g,), dtype=torch.int64, device=device)
+    if isinstance(seeds, Tensor):
+        if seeds.dtype != torch.int64 or seeds.numel() != g:
+            raise ValueError(f"seeds tensor must hold {g} int64 values (one per projection), got dtype "
+                             f"{seeds.dtype} shape {tuple(seeds.shape)}")
+        return seeds.reshape(g).to(device)
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != g:
+        raise ValueError(f"seeds must have one entry per projection ({g}), got {len(seeds)}")
+    for s in seeds:
+        if not 0 <= s < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {s}")
+    return torch.tensor(seeds, dtype=torch.int64, device=device)
+
+
+def _as_list(name: str, values, g: int) -> list:
+    values = list(values)
+    if len(values) != g:
+        raise ValueError(f"{name} must have one entry per projection ({g}), got {len(values)}")
+    return values
+
+
+def lora_linear_grouped(x: Tensor, weights: Sequence[Optional[Tensor]], biases: Sequence[Optional[Tensor]],
+                        lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor], scalings: Sequence[float],
+                        dropout_ps: Sequence[float], seeds=None) -> tuple[Tensor, ...]:
+    """(y_1, ..., y_G), y_g = x W_g^T + b_g + s_g D_g(x) A_g^T B_g^T; differentiable like ``lora_linear``.
+
+    x: [..., K]; weights[g]: [N_g, K] or None; biases[g]: [N_g] or None; lora_As[g]: [r_g, K];
+    lora_Bs[g]: [N_g, r_g]. N_g and r_g may differ per projection (GQA: k, v narrower than q).
+    seeds: None (G seeds drawn from torch's generator), a list of G ints or an int64 tensor [G];
+    projection g's mask equals ``lora_linear(..., seed=seeds[g])``'s.
+    """
+    lora_As = list(lora_As)
+    g = len(lora_As)
+    if g == 0:
+        raise ValueError("lora_linear_grouped needs at least one projection")
+    weights, biases = _as_list("weights", weights, g), _as_list("biases", biases, g)
+    lora_Bs = _as_list("lora_Bs", lora_Bs, g)
+    scalings = [float(s) for s in _as_list("scalings", scalings, g)]
+    dropout_ps = [float(p) for p in _as_list("dropout_ps", dropout_ps, g)]
+    for i in range(g):
+        try:
+            check_lora_operands(x, weights[i], biases[i], lora_As[i], lora_Bs[i], dropout_ps[i])
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"projection {i}: {e}") from None
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    seed_t = make_seeds(seeds, g, x.device) if any(p > 0.0 for p in dropout_ps) else None
+    weights = [_absent(x2) if w is None else w for w in weights]
+    biases = [_absent(x2) if b is None else b for b in biases]
+    outs = _fwd(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
+    return tuple(y.reshape(*lead, y.shape[-1]) for y in outs[:g])
