@@ -40,14 +40,21 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     sel, ad = sel[order], ad[order]
     counts = torch.bincount(ad, minlength=num)
     starts = torch.cumsum(counts, 0) - counts
-    active = torch.nonzero(counts).flatten()
-    by_count = torch.argsort(counts[active], descending=True, stable=True)
-    active = active[by_count]
+    max_count = int(counts.max())
+    by_id = max_count * num <= 2 * sel.numel()
+    if by_id:
+        # Low skew (the serving norm): rows laid out by adapter id, one padded block, and the
+        # adapter stacks used as they are, with no per-call copy of A and B.
+        active = torch.arange(num, device=x.device)
+        a_act, b_act = lora_A.to(cdt), lora_B.to(cdt)
+    else:
+        active = torch.nonzero(counts).flatten()
+        active = active[torch.argsort(counts[active], descending=True, stable=True)]
+        a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
     act_counts, act_starts = counts[active], starts[active]
     coef = scalings.to(cdt)[ad]
     if adapter_weights is not None:
         coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
-    a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
     act_ranks = ranks.to(x.device)[active]
     if bool((act_ranks < r_max).any()):
         keep = torch.arange(r_max, device=x.device)[None, :] < act_ranks[:, None]  # [m, R]
@@ -57,10 +64,10 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     # (index_add_ is slow on CPU) and k > 1 slots are summed afterwards.
     acc = torch.zeros((t * k, n), dtype=cdt, device=x.device)
     xc = x.to(cdt)
-    max_count = int(act_counts[0])
     rows = max(1, min(max_count, _CHUNK_ELEMS // max(1, len(active) * max(x.shape[1], n, r_max))))
     for c0 in range(0, max_count, rows):  # chunks of rows, not adapters
-        m = int((act_counts > c0).sum())
+        # Sorted by count, the adapters still holding rows at c0 form a prefix.
+        m = len(active) if by_id or not c0 else int((act_counts > c0).sum())
         offs = c0 + torch.arange(rows, device=x.device)
         ok = offs[None, :] < act_counts[:m, None]  # [m, rows]
         pos = torch.where(ok, act_starts[:m, None] + offs[None, :], 0)
@@ -70,6 +77,8 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
         delta = torch.bmm(u, b_act[:m].transpose(1, 2))  # [m, rows, N]
         acc[slot[ok]] = delta[ok]
     acc = acc.view(t, k, n).sum(1) if k > 1 else acc
+    if sel.numel() == t * k and y.dtype == cdt:  # every slot used: one in-place add
+        return y.add_(acc)
     touched = torch.nonzero((adapter_ids >= 0).any(1)).flatten()
     y[touched] = (y[touched].to(cdt) + acc[touched]).to(y.dtype)
     return y
