@@ -107,3 +107,36 @@ def test_apply_dropout():
     assert apply_dropout(x, 11, 0.0) is x
     xh = x.to(torch.float16)
     assert apply_dropout(xh, 11, 0.25).dtype == torch.float16
+
+
+# -- the mask stream against the kernels' own helper ----------------------------------------------
+try:  # a module-level kernel: @triton.jit resolves _dropout_scale through this module's globals
+    import triton
+    import triton.language as tl
+
+    from lora_triton.kernels.lora_fwd import _dropout_scale
+
+    @triton.jit
+    def _mask_kernel(seed_ptr, out_ptr, K, row0, p, inv_keep, BR: tl.constexpr, BC: tl.constexpr):
+        rows = row0 + tl.arange(0, BR)
+        cols = tl.arange(0, BC)
+        f = _dropout_scale(tl.load(seed_ptr), rows, cols, K, p, inv_keep)
+        tl.store(out_ptr + tl.arange(0, BR)[:, None] * BC + cols[None, :], f)
+except ImportError:
+    _mask_kernel = None
+
+
+@pytest.mark.parametrize("seed", [0, 123, 2**33 + 5, 2**62 + 12345])
+@pytest.mark.parametrize("p", [0.03, 0.1, 0.5])
+@pytest.mark.parametrize("row0,cols", [(0, 64), (3, 32), (2**27 + 1, 16)])
+def test_mask_stream_bit_exact_vs_kernel_helper(seed, p, row0, cols):
+    """reference dropout_keep_mask == kernels/lora_fwd._dropout_scale, including offsets >= 2**32."""
+    if _mask_kernel is None:
+        pytest.skip("triton is not installed")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py) or a GPU")
+    out = torch.full((16, cols), float("nan"))
+    _mask_kernel[(1,)](torch.tensor([seed], dtype=torch.int64), out, cols, row0, p, 1 / (1 - p), BR=16, BC=cols)
+    keep = dropout_keep_mask(seed, 16, cols, p, row_offset=row0)
+    assert torch.equal(out > 0, keep)
+    assert torch.equal(out[keep], torch.full((int(keep.sum()),), 1 / (1 - p)))

@@ -4,7 +4,7 @@
    launch. Without dropout: one dot of each x tile against the concatenated A's (sum r_g <= 256
    per launch). With dropout: one program per (M tile, projection g), g fastest, so the G
    programs of an M tile run together and share each x tile through L2 (HBM reads x about
-   once); program g regenerates its own mask keep = tl.rand(seeds[g], row*K + col) > p_g, the
+   once); program g regenerates its own mask (the stream of reference/philox.py, seed seeds[g]), the
    single-adapter kernels' mask for that seed, and writes U columns [roff[g], roff[g+1]).
    (A runtime loop over g inside one program, reusing the x tile in registers, spilled badly:
    the int64 Philox state of G seeds does not fit next to the tile.)

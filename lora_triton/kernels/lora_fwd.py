@@ -1,7 +1,8 @@
 """Forward kernels of the fused LoRA linear.
 
 1. ``_shrink_kernel``: U = D(x) A^T [M, r], dropout mask generated in-kernel by Philox
-   (keep = tl.rand(seed, row*K + col) > p, int64 offsets), fp32 accumulate, optional split-K
+   (the mask stream of reference/philox.py: 16 bits of one tl.randint4x per row and group of 8
+   columns), fp32 accumulate, optional split-K
    over a strided set of K blocks into an fp32 workspace (many programs when M is small).
 2. ``_fwd_gemm_kernel``: y = x W^T + b + s U B^T. The expand is one extra [BM, r] x [r, BN] dot
    before the epilogue, so the low-rank term never touches HBM as an [M, N] tensor.
@@ -19,10 +20,30 @@ import triton.language as tl
 
 @triton.jit
 def _dropout_scale(seed, rows, cols, K, p, inv_keep):
-    """[BM, BK] fp32 factor: 1/(1-p) where rand(seed, row*K + col) > p, else 0."""
-    offs = rows[:, None].to(tl.int64) * K + cols[None, :]
-    keep = tl.rand(seed, offs) > p
-    return tl.where(keep, inv_keep, 0.0)
+    """[BM, BK] fp32 factor: 1/(1-p) where the mask stream keeps (row, col), else 0.
+
+    The stream of reference/philox.py: one tl.randint4x per row and group of 8 columns,
+    16 bits per element. ``cols`` must be a block starting at a multiple of 8, so Philox
+    runs on a [BM, BK/8] grid and its words are interleaved back to [BM, BK].
+    """
+    BM: tl.constexpr = rows.shape[0]
+    BK: tl.constexpr = cols.shape[0]
+    gcol = tl.max(tl.reshape(cols, (BK // 8, 8)), axis=1) >> 3
+    ctr = rows[:, None].to(tl.int64) * ((K + 7) // 8) + gcol[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, ctr)
+    thr = tl.cast(p * 65536.0 + 0.5, tl.int32)
+    f0 = tl.join(_keep16(w0, thr, inv_keep, 0), _keep16(w0, thr, inv_keep, 16))  # [BM, BK/8, half]
+    f1 = tl.join(_keep16(w1, thr, inv_keep, 0), _keep16(w1, thr, inv_keep, 16))
+    f2 = tl.join(_keep16(w2, thr, inv_keep, 0), _keep16(w2, thr, inv_keep, 16))
+    f3 = tl.join(_keep16(w3, thr, inv_keep, 0), _keep16(w3, thr, inv_keep, 16))
+    f = tl.join(tl.join(f0, f1), tl.join(f2, f3))  # [BM, BK/8, half, word & 1, word >> 1]
+    return tl.reshape(tl.permute(f, (0, 1, 4, 3, 2)), (BM, BK))
+
+
+@triton.jit
+def _keep16(word, thr, inv_keep, SHIFT: tl.constexpr):
+    bits = ((word >> SHIFT) & 0xFFFF).to(tl.int32)
+    return tl.where(bits >= thr, inv_keep, 0.0)
 
 
 @triton.jit

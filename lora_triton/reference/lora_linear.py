@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .philox import apply_dropout
+from .philox import apply_dropout, dropout_keep_mask
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
@@ -39,10 +39,12 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     """
     d_b = (dy.t() @ u) * scaling
     d_u = (dy @ lora_B) * scaling
-    xd = apply_dropout(x, seed, dropout_p) if dropout_p > 0.0 else x
+    # One mask regeneration serves both D(x) for dA and D'(dU A) for dx.
+    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device) if dropout_p > 0.0 else None
+    xd = apply_dropout(x, seed, dropout_p, keep)
     d_a = d_u.t() @ xd
     dx = None
     if need_dx:
-        lora_dx = apply_dropout(d_u @ lora_A, seed, dropout_p)
+        lora_dx = apply_dropout(d_u @ lora_A, seed, dropout_p, keep)
         dx = lora_dx if weight is None else torch.addmm(lora_dx, dy, weight)
     return dx, d_a.float(), d_b.float()
