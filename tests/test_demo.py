@@ -58,6 +58,11 @@ def test_tiny_demo_trains_saves_and_reloads(tmp_path, capsys):
         assert sorted(config["target_modules"]) == ["query", "value"]
         assert config["modules_to_save"] == ["classifier"]
     assert (tmp_path / "base_model" / "vocab.txt").is_file()
+    # The serving step: both adapters and base rows in one forward, each row checked alone.
+    mixed = re.search(r"mixed batch \(8 rows, 2 adapters \+ base, one forward\): max \|diff\| vs per-adapter "
+                      r"runs (\S+)", out)
+    assert mixed is not None, out
+    assert float(mixed.group(1)) < 1e-5
 
 
 def test_tiny_demo_is_deterministic_and_quiet(capsys):

@@ -142,3 +142,35 @@ def test_mixed_batch_check_restores_active_adapters(models):
     report = mixed_batch_check(ours, ["a2", None, "a3", "a1"], {"input_ids": ids})
     assert report["ok"] and report["max_abs_diff"] < 1e-5
     assert [list(m.active_adapters) for m in layers] == before
+
+
+def test_modules_to_save_heads_per_row_match_peft(tmp_path):
+    """Each row uses its adapter's own modules_to_save copy (here lm_head); base rows the original."""
+    base = tiny_llama(seed=3)
+    ours = copy.deepcopy(base)
+    specs = {"h1": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+             "h2": dict(r=2, lora_alpha=2, target_modules=["v_proj"], modules_to_save=["lm_head"])}
+    pm = None
+    for name, spec in specs.items():
+        cfg = peft.LoraConfig(init_lora_weights=False, **spec)
+        pm = peft.get_peft_model(base, cfg, adapter_name=name) if pm is None else pm
+        if name != "h1":
+            pm.add_adapter(name, cfg)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "modules_to_save" in pname:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    pm.eval()
+    pm.save_pretrained(str(tmp_path), selected_adapters=list(specs))
+    for name in specs:
+        load_adapter(ours, str(tmp_path / name), adapter_name=name)
+    ours.eval()
+    names = ["h2", "__base__", "h1", "h2"]
+    ids = torch.randint(0, 128, (4, 6), generator=gen)
+    with torch.no_grad():
+        ref = pm(ids, adapter_names=names).logits
+        with adapter_batch(ours, names):
+            got = ours(ids).logits
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert mixed_batch_check(ours, names, {"input_ids": ids})["ok"]

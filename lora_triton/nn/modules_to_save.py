@@ -14,6 +14,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disable_adapters = False
+        self.mixed_batch = None  # set by serving.adapter_batch: (wrapper, *args, **kwargs) -> output
 
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
@@ -21,6 +22,8 @@ class ModulesToSaveWrapper(nn.Module):
             p.requires_grad_(True)
 
     def forward(self, *args, **kwargs):
+        if self.mixed_batch is not None:
+            return self.mixed_batch(self, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.modules_to_save]
         if self.disable_adapters or not active:
             return self.original_module(*args, **kwargs)

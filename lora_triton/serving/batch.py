@@ -89,10 +89,6 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
     if unknown:
         raise KeyError(f"unknown adapter(s) {unknown}; loaded: {loaded}")
     used = {n for n in names if n != BASE}
-    for m in model.modules():
-        if isinstance(m, ModulesToSaveWrapper) and used.intersection(m.modules_to_save):
-            raise NotImplementedError("adapters with modules_to_save cannot be mixed in one batch: "
-                                      f"{sorted(used.intersection(m.modules_to_save))}")
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLinear)]
     hooks = []
     for path, layer in layers:
@@ -101,6 +97,11 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
         # Valid by construction (indices into this layer's adapters), so layer calls skip the value check.
         seq = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64, device=layer.base_weight().device)
         hooks.append(_make_hook(seq))
+    # modules_to_save copies (e.g. per-task heads) run once per distinct name on its rows.
+    for m in model.modules():
+        if isinstance(m, ModulesToSaveWrapper):
+            layers.append(("", m))
+            hooks.append(_saved_module_hook(names))
     previous = [layer.mixed_batch for _, layer in layers]
     try:
         for (_, layer), hook in zip(layers, hooks):
@@ -121,6 +122,25 @@ def _make_hook(seq_ids: torch.Tensor):
     return hook
 
 
+def _saved_module_hook(names: list[str]):
+    """Rows of each name through that adapter's copy of the module (the original for base rows)."""
+    def hook(wrapper: ModulesToSaveWrapper, x, *args, **kwargs):
+        b = x.shape[0]
+        if b % len(names):
+            raise ValueError(f"the batch has {b} sequences but {len(names)} adapter names were given")
+        per_row = [n for n in names for _ in range(b // len(names))]
+        out = None
+        for name in dict.fromkeys(per_row):
+            rows = torch.tensor([i for i, n in enumerate(per_row) if n == name], device=x.device)
+            module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+            part = module(x.index_select(0, rows), *args, **kwargs)
+            if out is None:
+                out = part.new_empty((b, *part.shape[1:]))
+            out.index_copy_(0, rows, part)
+        return out
+    return hook
+
+
 def mixed_batch_check(model: nn.Module, names: Sequence[Optional[str]], inputs: dict, atol: float = 1e-4) -> dict:
     """Compare a mixed batch with running each sequence alone under its own adapter (the demo's check).
 
@@ -128,7 +148,7 @@ def mixed_batch_check(model: nn.Module, names: Sequence[Optional[str]], inputs: 
     ``.logits``. The per-sequence runs switch each LoraLinear's ``active_adapters`` directly and restore
     them (no change to which parameters are trainable). Returns {"max_abs_diff": float, "ok": bool}.
     """
-    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSaveWrapper))]
     saved = [(m.active_adapters, m.disable_adapters) for m in layers]
     with torch.no_grad(), adapter_batch(model, names):
         mixed = model(**inputs).logits
@@ -138,7 +158,8 @@ def mixed_batch_check(model: nn.Module, names: Sequence[Optional[str]], inputs: 
             for i, name in enumerate(names):
                 base = name in (None, BASE)
                 for m in layers:
-                    m.active_adapters = [] if base or name not in m.lora_A else [name]
+                    held = m.lora_A if isinstance(m, LoraLinear) else m.modules_to_save
+                    m.active_adapters = [] if base or name not in held else [name]
                     m.disable_adapters = False
                 alone = model(**{k: v[i:i + 1] for k, v in inputs.items()}).logits
                 worst = max(worst, float((alone - mixed[i:i + 1]).abs().max()))
