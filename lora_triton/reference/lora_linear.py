@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import torch
 
-from .philox import apply_dropout, dropout_keep_mask
+from .philox import dropout_keep_mask
+
+
+def _masked(x, seed, dropout_p: float):
+    """(x * keep, 1 / (1 - p)): D(x) with its scale left for the rank-r side, one [M, K] pass."""
+    if dropout_p == 0.0:
+        return x, None
+    return x * dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device), 1.0 / (1.0 - dropout_p)
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
-    xd = apply_dropout(x, seed, dropout_p) if dropout_p > 0.0 else x
-    u = xd @ lora_A.t()
+    xm, inv_keep = _masked(x, seed, dropout_p)
+    u = xm @ lora_A.t()
+    if inv_keep is not None:
+        u *= inv_keep  # on [M, r], not on [M, K]
     if weight is None:
         y = torch.zeros((x.shape[0], lora_B.shape[0]), dtype=x.dtype, device=x.device)
         if bias is not None:
@@ -39,12 +48,15 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     """
     d_b = (dy.t() @ u) * scaling
     d_u = (dy @ lora_B) * scaling
-    # One mask regeneration serves both D(x) for dA and D'(dU A) for dx.
+    # One mask regeneration serves both D(x) for dA and D'(dU A) for dx; the 1/(1-p) scale
+    # goes on the rank-r operand, so each [M, K] tensor takes a single masking pass.
     keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device) if dropout_p > 0.0 else None
-    xd = apply_dropout(x, seed, dropout_p, keep)
-    d_a = d_u.t() @ xd
+    d_us = d_u if keep is None else d_u * (1.0 / (1.0 - dropout_p))
+    d_a = d_us.t() @ (x if keep is None else x * keep)
     dx = None
     if need_dx:
-        lora_dx = apply_dropout(d_u @ lora_A, seed, dropout_p, keep)
+        lora_dx = d_us @ lora_A
+        if keep is not None:
+            lora_dx.mul_(keep)
         dx = lora_dx if weight is None else torch.addmm(lora_dx, dy, weight)
     return dx, d_a.float(), d_b.float()

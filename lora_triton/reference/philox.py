@@ -81,9 +81,9 @@ def dropout_threshold(p: float) -> int:
     return int(p32 * 65536.0 + 0.5)
 
 
-# Philox counters per chunk (about): the int64 temporaries stay in L2, and every op stays under
-# torch's 32K-element parallel grain (thread hand-offs cost more than they give here).
-_CHUNK = 1 << 12
+# Philox counters per chunk (about): large enough that per-op overhead stops dominating (2048 x
+# 4096 mask: 89 ms at 4K counters, 34 ms at 64K on 2 idle cores), small enough for the cache.
+_CHUNK = 1 << 16
 
 
 def _keep_groups(keys, counters: torch.Tensor, thr: int) -> torch.Tensor:
