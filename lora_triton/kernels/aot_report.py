@@ -27,7 +27,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 
 from . import autotune as at
 from . import multi_lora as ml
-from .grouped_kernels import _dx_acc_kernel, _grouped_shrink_kernel
+from .grouped_kernels import _grouped_shrink_kernel
 from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel, _shrink_kernel
 
@@ -67,10 +67,10 @@ KERNELS = {
     "fwd_gemm": (_fwd_gemm_kernel, "gemm", dict(HAS_W=True, HAS_BIAS=True)),
     "dudb": (_dudb_kernel, "dudb", dict(ATOMIC=True)),
     "da": (_da_kernel, "da", dict(HAS_DROPOUT=True)),
-    "dx": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True)),
+    "dx": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=False)),
     # grouped projections (q/k/v, gate/up): shrink once over x, dgrad accumulating into dx
     "grouped_shrink": (_grouped_shrink_kernel, "shrink", dict(HAS_DROPOUT=True)),
-    "dx_acc": (_dx_acc_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=True)),
+    "dx_acc": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=True)),
     # multi-adapter serving (kernels/multi_lora.py)
     "ml_shrink": (ml._shrink_kernel, _ml_config("ml_shrink"), {}),
     "ml_expand": (ml._expand_kernel, _ml_config("ml_expand"), dict(HAS_W=True)),

@@ -17,8 +17,8 @@ import triton
 
 from ..reference.grouped import rank_offsets
 from . import autotune as at
-from .grouped_kernels import _dx_acc_kernel, _grouped_shrink_kernel
-from .lora_bwd import _da_kernel, _dudb_kernel
+from .grouped_kernels import _grouped_shrink_kernel
+from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel
 from .lora_linear import _check, _empty, _launch, _nominal, _r_pad, _split
 
@@ -29,7 +29,7 @@ _MAX_R_LAUNCH = 256  # total rank one grouped shrink launch accumulates in regis
 def _tuned(name: str):
     if name == "gshrink":
         return at.tuned(_grouped_shrink_kernel, "shrink", ["M_BUCKET", "K", "R"], "x_ptr")
-    return at.tuned(_dx_acc_kernel, "gemm", ["M_BUCKET", "N", "K", "R"], "dy_ptr")
+    return at.tuned(_dx_kernel, "gemm", ["M_BUCKET", "N", "K", "R"], "dy_ptr")
 
 
 def _launch_own(name: str, kernel, family: str, tensor_arg: str, grid, *args, **kwargs):
@@ -156,7 +156,7 @@ def _dx_acc(dx, dy, w, d_u, lora_A, p, seed, accumulate: bool):
     n, r = dy.shape[1], lora_A.shape[0]
     drop = p > 0.0
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)
-    _launch_own("dx_acc", _dx_acc_kernel, "gemm", "dy_ptr", grid,
+    _launch_own("dx_acc", _dx_kernel, "gemm", "dy_ptr", grid,
                 dy, w if w is not None else dy, d_u, lora_A, seed if drop else dy, dx, m, n, k, r,
                 at.m_bucket(m), dy.stride(0), dy.stride(1),
                 w.stride(0) if w is not None else 0, w.stride(1) if w is not None else 0,

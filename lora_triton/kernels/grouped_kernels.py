@@ -1,6 +1,6 @@
-"""Triton kernels of the grouped LoRA op (G projections reading the same x).
+"""Triton kernel of the grouped LoRA op (G projections reading the same x).
 
-1. ``_grouped_shrink_kernel``: U_cat = [D_1(x) A_1^T | ... | D_G(x) A_G^T] [M, sum r_g] in one
+``_grouped_shrink_kernel``: U_cat = [D_1(x) A_1^T | ... | D_G(x) A_G^T] [M, sum r_g] in one
    launch. Without dropout: one dot of each x tile against the concatenated A's (sum r_g <= 256
    per launch). With dropout: one program per (M tile, projection g), g fastest, so the G
    programs of an M tile run together and share each x tile through L2 (HBM reads x about
@@ -8,9 +8,10 @@
    single-adapter kernels' mask for that seed, and writes U columns [roff[g], roff[g+1]).
    (A runtime loop over g inside one program, reusing the x tile in registers, spilled badly:
    the int64 Philox state of G seeds does not fit next to the tile.)
-2. ``_dx_acc_kernel``: the single-adapter dgrad kernel (dx = dy W + D'(dU A)) with an
-   ACCUMULATE flag: the fp32 accumulator starts from the dx tile already written by the
-   previous projection, so the G projections sum into one dx buffer without temporaries.
+
+The backward reuses the single-adapter kernels; dx sums the projections with
+``lora_bwd._dx_kernel(ACCUMULATE=True)`` (the fp32 accumulator starts from the dx tile already
+written by the previous projection, so no temporaries).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_bwd import _dx_epilogue
-from .lora_fwd import _dot, _dropout_scale, _grouped_pid
+from .lora_fwd import _dot, _dropout_scale
 
 
 @triton.jit
@@ -66,57 +66,3 @@ def _grouped_shrink_kernel(
         acc = _dot(x, a_t, acc, IEEE)
     u_ptrs = u_ptr + pid_s * stride_us + rows[:, None] * stride_um + rr[None, :] * stride_ur
     tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
-
-
-@triton.jit
-def _dx_acc_kernel(
-    dy_ptr, w_ptr, du_ptr, a_ptr, seed_ptr, dx_ptr,
-    M, N, K, R, M_BUCKET,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dum, stride_dur,
-    stride_ar, stride_ak, stride_dxm, stride_dxk,
-    p, inv_keep,
-    R_PAD: tl.constexpr, HAS_W: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # Same tiling as lora_bwd._dx_kernel: output tile [BLOCK_M, BLOCK_N] of dx [M, K], the
-    # reduction over the projection's N in BLOCK_K steps.
-    pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < K
-    if ACCUMULATE:
-        # Earlier projections' sum; this program alone owns the tile, so no race.
-        acc = tl.load(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
-                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_W:
-        for n0 in range(0, N, BLOCK_K):
-            ns = n0 + tl.arange(0, BLOCK_K)
-            n_ok = ns < N
-            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
-                         mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + ns[:, None] * stride_wn + cols[None, :] * stride_wk,
-                        mask=n_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _dot(dy, w, acc, IEEE)
-    if HAS_DROPOUT:
-        # Masked epilogue on column quarters, as in _dx_kernel (Philox on a full tile spills).
-        seed = tl.load(seed_ptr)
-        QN: tl.constexpr = BLOCK_N // 4
-        c0 = pid_k * BLOCK_N + tl.arange(0, QN)
-        h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2 * QN)), (0, 2, 1)))
-        q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, QN)), (0, 2, 1)))
-        q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, QN)), (0, 2, 1)))
-        _dx_epilogue(q0, du_ptr, a_ptr, dx_ptr, seed, rows, c0, M, K, R, stride_dum, stride_dur,
-                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, True, IEEE)
-        _dx_epilogue(q1, du_ptr, a_ptr, dx_ptr, seed, rows, c0 + QN, M, K, R, stride_dum, stride_dur,
-                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, True, IEEE)
-        _dx_epilogue(q2, du_ptr, a_ptr, dx_ptr, seed, rows, c0 + 2 * QN, M, K, R, stride_dum, stride_dur,
-                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, True, IEEE)
-        _dx_epilogue(q3, du_ptr, a_ptr, dx_ptr, seed, rows, c0 + 3 * QN, M, K, R, stride_dum, stride_dur,
-                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, True, IEEE)
-    else:
-        _dx_epilogue(acc, du_ptr, a_ptr, dx_ptr, 0, rows, cols, M, K, R, stride_dum, stride_dur,
-                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, False, IEEE)

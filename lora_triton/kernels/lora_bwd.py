@@ -116,7 +116,10 @@ def _dx_kernel(
     p, inv_keep,
     R_PAD: tl.constexpr, HAS_W: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ACCUMULATE: tl.constexpr = False,
 ):
+    # ACCUMULATE adds to dx instead of overwriting it (the grouped op sums its projections; each
+    # program alone owns its tile, so there is no race).
     # Output tile [BLOCK_M, BLOCK_N] of dx [M, K]: "N" of this GEMM is K, the reduction runs over
     # the layer's N (called BLOCK_K here so the gemm config family serves both GEMMs).
     pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
@@ -124,7 +127,11 @@ def _dx_kernel(
     cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ACCUMULATE:
+        acc = tl.load(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
+                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_W:
         for n0 in range(0, N, BLOCK_K):
             ns = n0 + tl.arange(0, BLOCK_K)
@@ -135,8 +142,9 @@ def _dx_kernel(
                         mask=n_ok[:, None] & col_ok[None, :], other=0.0)
             acc = _dot(dy, w, acc, IEEE)
     if HAS_DROPOUT:
-        # Philox on a whole 128x128 tile spills registers: run the masked epilogue on column
-        # quarters (the main loop keeps the full tile for the MMA).
+        # The masked epilogue runs on column quarters (the main loop keeps the full tile for the
+        # MMA): on the whole 128x128 tile it needs 230-255 registers (sm_80/sm_90, r 16-64), on
+        # quarters 183, which leaves headroom for larger autotune tiles.
         seed = tl.load(seed_ptr)
         QN: tl.constexpr = BLOCK_N // 4
         c0 = pid_k * BLOCK_N + tl.arange(0, QN)
