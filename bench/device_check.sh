@@ -6,7 +6,7 @@
 #
 #   bench/device_check.sh [--dry-run] [OUTDIR]     (DRY_RUN=1 works too; PYTHON=... picks python)
 #
-# Writes OUTDIR/{kernels.log,bench.json,bench.png,bench.log,device_check.log} and prints a short
+# Writes OUTDIR/{kernels.log,serving.log,bench.json,bench.png,bench.log,device_check.log} and prints a short
 # table last. Exit status: 0 when every step passed, else the first failing step's status.
 set -uo pipefail
 
@@ -30,9 +30,10 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 outdir="${outdir:-$repo/bench/results/gpu-$(date -u +%Y-%m-%d)}"
 py="${PYTHON:-python}"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-# Budgets (seconds) keep the whole script under 8 minutes: 150 + 300 + ~20 for the rest.
-kernels_timeout="${KERNELS_TIMEOUT:-150}"
-bench_timeout="${BENCH_TIMEOUT:-300}"
+# Budgets (seconds) keep the whole script under 8 minutes: 140 + 60 + 260 + ~20 for the rest.
+kernels_timeout="${KERNELS_TIMEOUT:-140}"
+serving_timeout="${SERVING_TIMEOUT:-60}"
+bench_timeout="${BENCH_TIMEOUT:-260}"
 bench_budget=$((bench_timeout - 60))  # the harness stops starting cases after this; the rest is slack
 
 status=0
@@ -79,6 +80,11 @@ if [ -f "$repo/bench/device_check_kernels.py" ]; then
   run "$kernels_timeout" "${outdir}/kernels.log" "$py" "$repo/bench/device_check_kernels.py" "$outdir"
 else
   echo "skip: bench/device_check_kernels.py not found (kernel correctness check)" | tee -a "${log:-/dev/null}"
+fi
+if [ -f "$repo/bench/device_check_serving.py" ]; then
+  run "$serving_timeout" "${outdir}/serving.log" "$py" "$repo/bench/device_check_serving.py" "$outdir"
+else
+  echo "skip: bench/device_check_serving.py not found (multi-adapter kernel check)" | tee -a "${log:-/dev/null}"
 fi
 
 # 3. Benchmarks: all suites on CUDA, capped by a time budget.
