@@ -10,7 +10,9 @@ import os
 
 import pytest
 import torch
+from models import tiny_llama
 
+import lora_triton
 from lora_triton.nn import LoraLinear, group_siblings, ungroup_siblings
 from lora_triton.ops.grouped import lora_linear_grouped
 from lora_triton.ops.lora_linear import lora_linear
@@ -224,6 +226,7 @@ def _lora_llama(p=0.0):
 
     model = tiny_llama()
     inject_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=TARGETS))
+    assert ungroup_siblings(model) == 10  # inject_lora groups q/k/v and gate/up; start plain
     torch.manual_seed(1)
     with torch.no_grad():  # non-zero B so every LoRA gradient is non-trivial
         for n, prm in model.named_parameters():
@@ -259,6 +262,34 @@ def test_llama_grouped_equals_ungrouped(monkeypatch):
     torch.testing.assert_close(again_out, want_out)
 
 
+def test_group_stands_down_when_siblings_read_different_inputs(monkeypatch):
+    """Cross-attention: q reads one tensor, k and v another. Grouped calls whose outputs nobody
+    takes are waste; after MAX_WASTED of them the members run their plain forwards."""
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "reference")
+    attn = _Attn(0.0)
+    (group,) = group_siblings(attn)
+    plain = lambda m, x: LoraLinear.forward(m, x)
+    for _ in range(4):
+        dec, enc = torch.randn(3, 16), torch.randn(5, 16)
+        q, k, v = attn.q_proj(dec), attn.k_proj(enc), attn.v_proj(enc)
+        torch.testing.assert_close(q, plain(attn.q_proj, dec))
+        torch.testing.assert_close(k, plain(attn.k_proj, enc))
+        torch.testing.assert_close(v, plain(attn.v_proj, enc))
+    assert not group.enabled and group.wasted == group.MAX_WASTED
+    calls = group.grouped_calls
+    attn.q_proj(dec), attn.k_proj(dec)
+    assert group.grouped_calls == calls  # stood down for good
+
+
+def test_inject_lora_groups_siblings_and_merge_and_unload_ungroups():
+    model = tiny_llama(seed=0)
+    lora_triton.inject_lora(model, lora_triton.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
+    attn = model.model.layers[0].self_attn
+    assert hasattr(attn.q_proj, "_lora_sibling_group")
+    lora_triton.merge_and_unload(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
 class _Attn(torch.nn.Module):
     def __init__(self, p):
         super().__init__()
@@ -290,6 +321,7 @@ def test_grouping_only_shares_provably_equal_inputs(monkeypatch):
     monkeypatch.setenv("LORA_TRITON_BACKEND", "reference")
     attn = _Attn(0.0)
     (group,) = group_siblings(attn)
+    group.MAX_WASTED = 10**9  # this test wastes cached outputs on purpose: keep the group on
     plain = lambda m, x: LoraLinear.forward(m, x)
     x = torch.randn(4, 16)
     q = attn.q_proj(x)

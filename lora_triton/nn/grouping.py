@@ -1,4 +1,6 @@
-"""Opt-in grouping of sibling LoRA projections that read the same input (q/k/v, gate/up).
+"""Grouping of sibling LoRA projections that read the same input (q/k/v, gate/up).
+
+``inject_lora`` installs it on every model it touches; ``ungroup_siblings(model)`` removes it.
 
 A ``LoraLinear`` cannot see its siblings, so grouping is installed at model level:
 ``group_siblings(model)`` finds sibling ``LoraLinear`` children of one parent whose names form a
@@ -43,6 +45,13 @@ class SiblingGroup:
         self._outputs: dict[int, torch.Tensor] = {}
         self.grouped_calls = 0  # how many times the grouped op ran (tests, diagnostics)
         self.cache_hits = 0
+        # Siblings that do not share their input (cross-attention: q reads the decoder, k/v the
+        # encoder) would make every grouped call compute outputs nobody takes. After
+        # MAX_WASTED such calls the group stands down and its members run their plain forwards.
+        self.wasted = 0
+        self.enabled = True
+
+    MAX_WASTED = 2
 
     def clear(self) -> None:
         self._x, self._key, self._outputs = None, None, {}
@@ -56,7 +65,7 @@ class SiblingGroup:
         idx = next(i for i, m in enumerate(self.layers) if m is layer)
         # Inference tensors have no version counter: an in-place change between the siblings'
         # calls could not be detected, so they take the plain forward.
-        if args or kwargs or torch.compiler.is_compiling() or x.is_inference():
+        if not self.enabled or args or kwargs or torch.compiler.is_compiling() or x.is_inference():
             return LoraLinear.forward(layer, x, *args, **kwargs)
         states = [_state(m, x) for m in self.layers]
         if states[idx] is None:
@@ -69,7 +78,11 @@ class SiblingGroup:
                 self.clear()
             return out
         members = [i for i, s in enumerate(states) if s is not None]
-        if len(members) < 2:
+        if self._outputs:  # the previous grouped call's outputs were never taken
+            self.wasted += 1
+            if self.wasted >= self.MAX_WASTED:
+                self.enabled = False
+        if len(members) < 2 or not self.enabled:
             self.clear()
             return LoraLinear.forward(layer, x)
         outs = _grouped_forward([self.layers[i] for i in members], x)

@@ -8,6 +8,7 @@ from typing import Optional, Union
 from torch import nn
 
 from ..config import LOAD_ONLY_INITS, LoraConfig
+from .grouping import group_siblings, ungroup_siblings
 from .lora_linear import LoraLinear, is_supported_base
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import candidate_modules, find_targets, resolve_targets
@@ -46,7 +47,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
 
     Freezes everything but LoRA parameters (plus biases per ``config.bias`` and modules_to_save).
     A second call with another name adds a second adapter to the same layers; the active adapters
-    stay as they were (``set_adapter`` switches), as in PEFT.
+    stay as they were (``set_adapter`` switches), as in PEFT. Sibling projections that read the
+    same tensor (q/k/v, gate/up) are grouped (``nn.grouping``; ``ungroup_siblings`` undoes it).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
@@ -86,6 +88,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     configs[adapter_name] = config
     active = [adapter_name] if first else previous_active
     set_adapter(model, active)
+    # Sibling projections (q/k/v, gate/up) share one shrink when they are provably called on
+    # the same tensor (nn/grouping.py); anything else runs each layer's own forward.
+    group_siblings(model)
     return model
 
 
@@ -179,6 +184,7 @@ def unmerge_adapter(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False):
     """Merge, then put the plain base layers back; modules_to_save keep the active adapter's copy."""
     merge_adapter(model, adapter_names, safe_merge)
+    ungroup_siblings(model)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
             _set_child(model, path, module.base_layer)
