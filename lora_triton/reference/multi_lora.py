@@ -75,7 +75,10 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
         u = torch.bmm(xc[slot // k], a_act[:m].transpose(1, 2))  # [m, rows, R]
         u = u * torch.where(ok, coef[pos], 0)[:, :, None]
         delta = torch.bmm(u, b_act[:m].transpose(1, 2))  # [m, rows, N]
-        acc[slot[ok]] = delta[ok]
+        if bool(ok.all()):  # no padding rows (even counts): skip the masked copy of delta
+            acc[slot.reshape(-1)] = delta.reshape(-1, n)
+        else:
+            acc[slot[ok]] = delta[ok]
     acc = acc.view(t, k, n).sum(1) if k > 1 else acc
     if sel.numel() == t * k and y.dtype == cdt:  # every slot used: one in-place add
         return y.add_(acc)
