@@ -181,3 +181,14 @@ def test_through_op_with_leading_dims(monkeypatch, p, dtype):
     for name, got, want in zip(("y", "dx", "dA", "dB"), results["triton"], results["reference"]):
         assert got.shape == want.shape and got.dtype == want.dtype, name
         torch.testing.assert_close(got.float(), want.float(), **tol, msg=name)
+
+
+def test_offsets_beyond_int32_are_refused_before_any_launch():
+    """32-bit row offsets would wrap: the launcher refuses, naming the limit (no memory is read)."""
+    kern = pytest.importorskip("lora_triton.kernels.lora_linear")
+    x = torch.randn(1, 16).expand(2**27 + 1, 16)  # no memory behind it; y would pass 2**31 elements
+    a, b = torch.randn(2, 16), torch.randn(16, 2)
+    with pytest.raises(ValueError, match=r"32-bit element offsets; \['y / dy \[M, N\]'\].*split the batch"):
+        kern.lora_linear_fwd(x, None, None, a, b, 1.0, 0.0, None)
+    with pytest.raises(ValueError, match="32-bit element offsets"):
+        kern.lora_linear_bwd(x, x, None, a, b, torch.randn(1, 2).expand(2**27 + 1, 2), 1.0, 0.0, None, True)

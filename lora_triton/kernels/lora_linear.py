@@ -108,7 +108,24 @@ def _check(x, weight, bias, lora_A, lora_B, dropout_p, seed):
             raise TypeError(f"{name} must be {x.dtype} on {x.device}, got {t.dtype} on {t.device}")
     if dropout_p > 0.0 and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1):
         raise ValueError("dropout_p > 0 needs seed: an int64 tensor [1] on x's device")
+    # The kernels address rows with 32-bit offsets (row * stride); refuse what would wrap.
+    reach = {"x": _last_offset(x), "weight": _last_offset(weight), "y / dy [M, N]": m * n - 1}
+    big = {name: v for name, v in reach.items() if v >= _INT32_LIMIT}
+    if big:
+        raise ValueError(f"lora_triton's kernels use 32-bit element offsets; {sorted(big)} reach "
+                         f"{max(big.values()) + 1} elements (limit 2**31): split the batch into chunks of "
+                         f"fewer tokens (M={m}, K={k}, N={n})")
     return m, k, n, r
+
+
+_INT32_LIMIT = 2**31
+
+
+def _last_offset(t) -> int:
+    """Offset of t's last element from its first (0 for None or empty tensors)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
