@@ -18,9 +18,9 @@ import triton
 from ..reference.grouped import rank_offsets
 from . import autotune as at
 from .grouped_kernels import _grouped_shrink_kernel
-from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
+from .lora_bwd import _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel
-from .lora_linear import _check, _empty, _launch, _nominal, _r_pad, _split
+from .lora_linear import _check, _empty, _launch, _nominal, _r_pad, _split, dudb_da
 
 _MAX_R_LAUNCH = 256  # total rank one grouped shrink launch accumulates in registers
 
@@ -118,39 +118,6 @@ def lora_linear_grouped_fwd(x, weights, biases, lora_As, lora_Bs, scalings, drop
     return ys, u_cat
 
 
-def _dudb_da(dy, x, lora_B, u, scaling, p, seed):
-    """dU = s dy B [M, r] (x dtype), dA fp32 [r, K], dB fp32 [N, r] for one projection."""
-    m, k = x.shape
-    n, r = lora_B.shape
-    dev, dt = x.device, x.dtype
-    r_pad, mb, ieee = _r_pad(r), at.m_bucket(m), dt == torch.float32
-    drop = p > 0.0
-    inv_keep = 1.0 / (1.0 - p)
-    seed_arg = seed if drop else x
-    min_bm = at.interp_meta("dudb")["BLOCK_M"] if at.interpreting() else 16
-    atomic = m > min_bm
-    d_b = torch.zeros((n, r), dtype=torch.float32, device=dev) if atomic else _empty((n, r), torch.float32, dev)
-    d_u = _empty((m, r), dt, dev)
-    r_chunks = triton.cdiv(r_pad, 64)
-    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), r_chunks)
-    _launch("dudb", _dudb_kernel, "dudb", grid,
-            dy, u, lora_B, d_u, d_b, m, n, r, mb,
-            dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
-            d_u.stride(0), d_u.stride(1), d_b.stride(0), d_b.stride(1),
-            float(scaling), R_PAD=r_pad, ATOMIC=atomic, IEEE=ieee)
-    split = _split(triton.cdiv(k, _nominal("K")), triton.cdiv(m, _nominal("M")), dev)
-    d_a = _empty((r, k), torch.float32, dev)
-    ws = d_a.unsqueeze(0) if split == 1 else _empty((split, r, k), torch.float32, dev)
-    grid = lambda META: (triton.cdiv(k, META["BLOCK_K"]), split, r_chunks)
-    _launch("da", _da_kernel, "da", grid,
-            d_u, x, seed_arg, ws, m, k, r, mb,
-            d_u.stride(0), d_u.stride(1), x.stride(0), x.stride(1), *ws.stride(),
-            float(p), inv_keep, split, R_PAD=r_pad, HAS_DROPOUT=drop, IEEE=ieee)
-    if split > 1:
-        torch.sum(ws, 0, out=d_a)
-    return d_u, d_a, d_b
-
-
 def _dx_acc(dx, dy, w, d_u, lora_A, p, seed, accumulate: bool):
     m, k = dx.shape
     n, r = dy.shape[1], lora_A.shape[0]
@@ -187,7 +154,7 @@ def lora_linear_grouped_bwd(dys, x, weights, lora_As, lora_Bs, u_cat, scalings, 
     d_as, d_bs = [], []
     for g, (dy, w, a, lb, s, p) in enumerate(zip(dys, weights, lora_As, lora_Bs, scalings, dropout_ps)):
         seed = _seed_g(seeds, g, p)
-        d_u, d_a, d_b = _dudb_da(dy, x, lb, u_cat[:, offs[g]:offs[g + 1]], s, float(p), seed)
+        d_u, d_a, d_b = dudb_da(dy, x, lb, u_cat[:, offs[g]:offs[g + 1]], s, float(p), seed)
         d_as.append(d_a)
         d_bs.append(d_b)
         if need_dx:

@@ -181,6 +181,29 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     p, inv_keep = float(dropout_p), 1.0 / (1.0 - float(dropout_p))
     seed_arg = seed if drop else x
 
+    d_u, d_a, d_b = dudb_da(dy, x, lora_B, u, scaling, dropout_p, seed)
+
+    if need_dx:
+        w = weight if weight is not None else x
+        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)
+        _launch("dx", _dx_kernel, "gemm", grid,
+                dy, w, d_u, lora_A, seed_arg, dx, m, n, k, r, mb,
+                dy.stride(0), dy.stride(1),
+                weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 0,
+                d_u.stride(0), d_u.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+                p, inv_keep, R_PAD=r_pad, HAS_W=weight is not None, HAS_DROPOUT=drop, IEEE=ieee)
+    return dx, d_a, d_b
+
+
+def dudb_da(dy, x, lora_B, u, scaling: float, p: float, seed):
+    """dU = s dy B [M, r] (x's dtype), dA fp32 [r, K], dB fp32 [N, r]: the two backward launches
+    before dgrad, shared by the single-adapter and the grouped op."""
+    m, k = x.shape
+    n, r = lora_B.shape
+    dev, dt = x.device, x.dtype
+    r_pad, mb, ieee = _r_pad(r), at.m_bucket(m), dt == torch.float32
+    drop = p > 0.0
+    seed_arg = seed if drop else x
     # dU and dB. Several M tiles => fp32 atomics into dB (16 = the smallest BLOCK_M of any config).
     min_bm = at.interp_meta("dudb")["BLOCK_M"] if at.interpreting() else 16
     atomic = m > min_bm
@@ -193,7 +216,6 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
             dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
             d_u.stride(0), d_u.stride(1), d_b.stride(0), d_b.stride(1),
             float(scaling), R_PAD=r_pad, ATOMIC=atomic, IEEE=ieee)
-
     # dA: split M into an fp32 workspace when K gives too few programs.
     split = _split(triton.cdiv(k, _nominal("K")), triton.cdiv(m, _nominal("M")), dev)
     d_a = _empty((r, k), torch.float32, dev)
@@ -202,17 +224,7 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     _launch("da", _da_kernel, "da", grid,
             d_u, x, seed_arg, ws, m, k, r, mb,
             d_u.stride(0), d_u.stride(1), x.stride(0), x.stride(1), *ws.stride(),
-            p, inv_keep, split, R_PAD=r_pad, HAS_DROPOUT=drop, IEEE=ieee)
+            float(p), 1.0 / (1.0 - p), split, R_PAD=r_pad, HAS_DROPOUT=drop, IEEE=ieee)
     if split > 1:
         torch.sum(ws, 0, out=d_a)
-
-    if need_dx:
-        w = weight if weight is not None else x
-        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)
-        _launch("dx", _dx_kernel, "gemm", grid,
-                dy, w, d_u, lora_A, seed_arg, dx, m, n, k, r, mb,
-                dy.stride(0), dy.stride(1),
-                weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 0,
-                d_u.stride(0), d_u.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-                p, inv_keep, R_PAD=r_pad, HAS_W=weight is not None, HAS_DROPOUT=drop, IEEE=ieee)
-    return dx, d_a, d_b
+    return d_u, d_a, d_b

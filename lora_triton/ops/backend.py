@@ -9,6 +9,7 @@ tensors through Triton's interpreter (how CI tests them).
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 
@@ -50,3 +51,10 @@ def choose_backend(device: torch.device) -> str:
             )
         return "triton"
     return "triton" if runnable and device.type == "cuda" else "reference"
+
+
+def implementation(device: torch.device, family: str):
+    """The module running op ``family`` on ``device``: ``kernels/<family>.py`` (Triton) or its twin
+    ``reference/<family>.py`` (same function names and signatures), imported on first use."""
+    package = "kernels" if choose_backend(device) == "triton" else "reference"
+    return importlib.import_module(f"lora_triton.{package}.{family}")

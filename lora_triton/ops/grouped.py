@@ -15,21 +15,18 @@ The implementation (Triton kernels or the PyTorch twin) is chosen per call by
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .backend import choose_backend
+from .backend import implementation
 from .checks import check_lora_operands
 
 
 def _impl(device: torch.device):
-    if choose_backend(device) == "triton":
-        return importlib.import_module("lora_triton.kernels.grouped")
-    return importlib.import_module("lora_triton.reference.grouped")
+    return implementation(device, "grouped")
 
 
 def _cast(ts, dtype):

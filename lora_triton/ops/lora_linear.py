@@ -11,20 +11,17 @@ are regenerated from the seed, never stored.
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .backend import choose_backend
+from .backend import implementation
 from .checks import check_lora_operands, make_seed
 
 
 def _impl(device: torch.device):
-    if choose_backend(device) == "triton":
-        return importlib.import_module("lora_triton.kernels.lora_linear")
-    return importlib.import_module("lora_triton.reference.lora_linear")
+    return implementation(device, "lora_linear")
 
 
 @torch.library.custom_op("lora_triton::lora_linear_fwd", mutates_args=())

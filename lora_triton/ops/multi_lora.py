@@ -14,21 +14,18 @@ steps whose ids were checked once with ``check_adapter_ids`` (e.g. at adapter ac
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .backend import choose_backend
+from .backend import implementation
 from .checks import _shape, check_same_device
 
 
 def _impl(device: torch.device):
-    if choose_backend(device) == "triton":
-        return importlib.import_module("lora_triton.kernels.multi_lora")
-    return importlib.import_module("lora_triton.reference.multi_lora")
+    return implementation(device, "multi_lora")
 
 
 @torch.library.custom_op("lora_triton::multi_lora_linear", mutates_args=())
