@@ -36,19 +36,8 @@ def lora_linear_grouped_fwd(x, weights, biases, lora_As, lora_Bs, scalings, drop
     else:
         u_cat = torch.cat([(apply_dropout(x, seeds[g:g + 1], p) if p > 0.0 else x) @ a.t()
                            for g, (a, p) in enumerate(zip(lora_As, dropout_ps))], 1)
-    ys = []
-    for g, (w, b, lb, s) in enumerate(zip(weights, biases, lora_Bs, scalings)):
-        u = u_cat[:, offs[g]:offs[g + 1]]
-        if w is None:
-            y = torch.zeros((x.shape[0], lb.shape[0]), dtype=x.dtype, device=x.device)
-            if b is not None:
-                y += b
-        elif b is None:
-            y = x @ w.t()
-        else:
-            y = torch.addmm(b, x, w.t())
-        y.addmm_(u, lb.t(), alpha=s)
-        ys.append(y)
+    ys = [single.base_plus_expand(x, w, b, u_cat[:, offs[g]:offs[g + 1]], lb, s)
+          for g, (w, b, lb, s) in enumerate(zip(weights, biases, lora_Bs, scalings))]
     return ys, u_cat
 
 

@@ -27,6 +27,11 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
     u = xm @ lora_A.t()
     if inv_keep is not None:
         u *= inv_keep  # on [M, r], not on [M, K]
+    return base_plus_expand(x, weight, bias, u, lora_B, scaling), u
+
+
+def base_plus_expand(x, weight, bias, u, lora_B, scaling: float):
+    """y = x W^T + b + s U B^T, the low-rank term added in place (no second [M, N] buffer)."""
     if weight is None:
         y = torch.zeros((x.shape[0], lora_B.shape[0]), dtype=x.dtype, device=x.device)
         if bias is not None:
@@ -35,9 +40,7 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
         y = x @ weight.t()
     else:
         y = torch.addmm(bias, x, weight.t())
-    # The low-rank term lands in place: no second [M, N] buffer.
-    y.addmm_(u, lora_B.t(), alpha=scaling)
-    return y, u
+    return y.addmm_(u, lora_B.t(), alpha=scaling)
 
 
 def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p: float, seed,
