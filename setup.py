@@ -23,6 +23,11 @@ setup(
             "triton>=3.2",
             "matplotlib",
             "ruff",
+            # oracles for the variant issues: NF4 (bitsandbytes), UNet (diffusers), trainers (trl, accelerate)
+            "bitsandbytes",
+            "diffusers",
+            "trl",
+            "accelerate",
         ],
     },
     entry_points={"console_scripts": ["lora-triton=lora_triton.cli:main"]},
