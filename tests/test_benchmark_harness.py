@@ -118,9 +118,12 @@ def test_model_shapes_and_parsing():
 def test_suites_hold_the_reference_cases():
     llama = parse_models("llama-8b")
     cpu_train = suite_cases("train", llama, cuda=False)
-    assert {(c.mode, c.tokens, c.in_features, c.out_features, c.rank, c.dropout_p, c.dtype) for c in cpu_train} == {
-        ("fwd+bwd", 2048, 4096, 4096, 16, 0.0, "float32"), ("fwd+bwd", 2048, 4096, 4096, 16, 0.1, "float32"),
+    # Three square widths (the mask's share of the step shrinks with width) and the MLP's up_proj.
+    train_keys = {(c.mode, c.tokens, c.in_features, c.out_features, c.rank, c.dropout_p, c.dtype) for c in cpu_train}
+    assert train_keys == {("fwd+bwd", 2048, w, n, 16, p, "float32") for w, n in
+                          ((1024, 1024), (2048, 2048), (4096, 4096), (4096, 14336)) for p in (0.0, 0.1)} | {
         ("fwd", 2048, 4096, 4096, 16, 0.0, "float32")}
+    assert len({c.name for c in cpu_train}) == len(cpu_train)
     cpu_serve = suite_cases("serve", llama, cuda=False)
     assert {(c.batch, c.seq_len, c.adapters) for c in cpu_serve} == {(64, 1, 16), (256, 1, 16)}
     gpu = suite_cases("all", llama, cuda=True)
