@@ -52,6 +52,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
+    config.validate()  # fields may have been changed since construction
     _check_name(adapter_name)
     if config.init_lora_weights in LOAD_ONLY_INITS:
         raise NotImplementedError(f"init_lora_weights={config.init_lora_weights!r}: lora_triton loads such "
