@@ -12,6 +12,7 @@ from .grouping import group_siblings, ungroup_siblings
 from .lora_linear import LoraLinear, is_supported_base
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import candidate_modules, find_targets, resolve_targets
+from .transaction import transactional
 
 CONFIGS_ATTR = "_lora_triton_configs"
 
@@ -42,6 +43,7 @@ def _check_name(adapter_name: str) -> None:
         raise ValueError("'__base__' is reserved for 'no adapter' in mixed batches")
 
 
+@transactional  # all of it or none: a failure half-way leaves the model as it was
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Wrap every targeted Linear / Conv1D of ``model`` in place with a LoraLinear holding ``adapter_name``.
 
