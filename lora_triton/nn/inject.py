@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import LOAD_ONLY_INITS, LoraConfig
 from .grouping import group_siblings, ungroup_siblings
-from .lora_linear import LoraLinear, is_supported_base
+from .lora_linear import LoraLinear, is_supported_base, merge_is_finite
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import candidate_modules, find_targets, resolve_targets
 from .transaction import transactional
@@ -166,16 +166,16 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
         missing = [n for n in adapter_names if n not in known]
         if missing:
             raise KeyError(f"unknown adapters {missing}; loaded adapters: {sorted(known)}")
+    # adapter_names=[] merges nothing, as in PEFT; only None means "the active adapters".
     if safe_merge:
         for layer in layers:
-            names = [n for n in (adapter_names or layer.active_adapters)
+            names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
                      if n in layer.lora_A and n not in layer.merged_adapters]
-            if names:
-                merged_w, merged_b = layer._merged_values(names)
-                if not (merged_w.isfinite().all() and (merged_b is None or merged_b.isfinite().all())):
-                    raise ValueError(f"safe_merge: merging {names} gives non-finite weights; nothing was changed")
+            if names and not merge_is_finite(*layer.merged_as_stored(names)):
+                raise ValueError(f"safe_merge: merging {names} gives non-finite weights in "
+                                 f"{layer.base_layer.weight.dtype}; nothing was changed")
     for layer in layers:
-        names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names) if n in layer.lora_A]
         layer.merge(names, safe_merge=safe_merge)
 
 

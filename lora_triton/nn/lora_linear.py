@@ -25,6 +25,10 @@ def is_supported_base(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
 
+def merge_is_finite(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    return bool(weight.isfinite().all()) and (bias is None or bool(bias.isfinite().all()))
+
+
 class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = "default", r: int = 8,
                  lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
@@ -154,6 +158,13 @@ class LoraLinear(nn.Module):
                 self.scaling[n] * self.lora_B[n].bias.detach().float() for n in lora_biases)
         return merged_w, merged_b
 
+    def merged_as_stored(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What a merge would write: the fp32 merged values rounded once to the base's dtypes. safe_merge
+        checks these, not the fp32 values, since an fp16 / bf16 base can overflow in the cast."""
+        merged_w, merged_b = self._merged_values(names)
+        merged_w = merged_w.to(self.base_layer.weight.dtype)
+        return merged_w, None if merged_b is None else merged_b.to(self.base_layer.bias.dtype)
+
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> list[str]:
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         names = [n for n in names if n not in self.merged_adapters]
@@ -163,13 +174,14 @@ class LoraLinear(nn.Module):
         if not names:
             return []
         weight = self.base_layer.weight
-        merged_w, merged_b = self._merged_values(names)
-        if safe_merge and not (torch.isfinite(merged_w).all() and (merged_b is None or torch.isfinite(merged_b).all())):
-            raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights; nothing was changed")
+        merged_w, merged_b = self.merged_as_stored(names)
+        if safe_merge and not merge_is_finite(merged_w, merged_b):
+            raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights in "
+                             f"{weight.dtype}; nothing was changed")
         with torch.no_grad():
-            weight.copy_(merged_w.to(weight.dtype))  # one rounding, from fp32
+            weight.copy_(merged_w)
             if merged_b is not None:
-                self.base_layer.bias.copy_(merged_b.to(self.base_layer.bias.dtype))
+                self.base_layer.bias.copy_(merged_b)
         self.merged_adapters.extend(names)
         return names
 
