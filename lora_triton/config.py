@@ -170,10 +170,13 @@ class LoraConfig:
             out["target_modules"] = sorted(set(out["target_modules"]))
         return out
 
+    def to_json_string(self) -> str:
+        """The text of adapter_config.json."""
+        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
+
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        text = json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
 
     @classmethod
     def from_dict(cls, data: dict) -> LoraConfig:
@@ -197,16 +200,21 @@ class LoraConfig:
         path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path} is not UTF-8 text (a JSON file was expected): {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(path))
+
+
+def read_config_json(path: str) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is not UTF-8 JSON holding an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (a JSON file was expected): {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _pattern_key(patterns: dict, module_path: str, field: str = "rank_pattern / alpha_pattern") -> Optional[str]:

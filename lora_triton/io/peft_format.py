@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from typing import Optional
 
 import torch
@@ -23,19 +24,18 @@ from ..nn.lora_linear import LoraLinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from ..nn.targets import candidate_modules, find_targets, resolve_targets
 from ..nn.transaction import model_transaction
-from .atomic import atomic_path
+from .adapter_files import WEIGHTS_NAME, torn_config, write_pair
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
 def _adapter_dir(directory: str, adapter_name: str) -> str:
     """PEFT saves non-default adapters to <dir>/<name>/; accept both layouts."""
-    if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-        return directory
+    for folder in (directory, os.path.join(directory, adapter_name)):
+        # A first save into an empty folder, killed after its commit point, has no config file yet.
+        if os.path.isfile(os.path.join(folder, CONFIG_NAME)) or torn_config(folder) is not None:
+            return folder
     nested = os.path.join(directory, adapter_name)
-    if os.path.isfile(os.path.join(nested, CONFIG_NAME)):
-        return nested
     raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r} (nor in {nested!r})")
 
 
@@ -51,7 +51,13 @@ def read_peft_adapter(directory: str, adapter_name: str = "default") -> tuple[Lo
     """The config and the raw tensors (PEFT keys) of an adapter directory; pickle files are refused."""
     check_adapter_name(adapter_name)
     folder = _adapter_dir(directory, adapter_name)
-    config = LoraConfig.from_pretrained(folder)
+    recorded = torn_config(folder)
+    if recorded is not None:
+        warnings.warn(f"{folder}: an interrupted save left {CONFIG_NAME} older than {WEIGHTS_NAME}; using the "
+                      "config saved with the weights (the next save_adapter completes the pair)", stacklevel=2)
+        config = LoraConfig.from_dict(recorded)
+    else:
+        config = LoraConfig.from_pretrained(folder)
     path = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
@@ -99,17 +105,13 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> None:
-    """Write one adapter to ``directory`` in PEFT's format; each file replaced atomically."""
+    """Write one adapter to ``directory`` in PEFT's format, as one atomic save (``io/adapter_files.py``):
+    after a crash at any point the directory loads as the old adapter or the new one, never a mix."""
     tensors = adapter_state_dict(model, adapter_name)
     config = adapter_configs(model)[adapter_name]
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or config.base_model_name_or_path
     config = LoraConfig(**{**config.to_dict(), "base_model_name_or_path": name_or_path or None})
-    os.makedirs(directory, exist_ok=True)
-    # Weights first, then the config that describes them: a crash in between leaves the old
-    # config, whose shapes the loader checks, never a config pointing at missing weights.
-    with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    config.save_pretrained(directory)
+    write_pair(directory, lambda tmp, metadata: save_file(tensors, tmp, metadata=metadata), config.to_json_string())
 
 
 def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], adapter_name: str):
