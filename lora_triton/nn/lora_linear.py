@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops.lora_linear import lora_linear
+from .batch_slot import mixed_batch_slot
 
 
 def is_conv1d(layer: nn.Module) -> bool:
@@ -30,6 +31,8 @@ def merge_is_finite(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
 
 
 class LoraLinear(nn.Module):
+    mixed_batch = mixed_batch_slot()  # per thread: other threads never run a batch's adapters
+
     def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = "default", r: int = 8,
                  lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
                  init_lora_weights=True, lora_bias: bool = False):
