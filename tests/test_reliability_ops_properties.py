@@ -43,7 +43,11 @@ def _close(name, got, ref, truth, dtype):
     if not got.numel():
         return
     got, ref, truth = got.double(), ref.double(), truth.double()
-    assert torch.isfinite(got).all() == torch.isfinite(ref).all(), name
+    assert torch.equal(got.isfinite(), ref.isfinite()), f"{name}: non-finite in other places"
+    keep = ref.isfinite() & truth.isfinite()  # garbage in (validate=False, NaN scaling): NaN in the same places
+    if not keep.any():
+        return
+    got, ref, truth = got[keep], ref[keep], truth[keep]
     err, ref_err = (got - truth).abs().max().item(), (ref - truth).abs().max().item()
     atol = ATOL[dtype] * (1.0 + truth.abs().max().item())
     assert err <= 2 * ref_err + atol, f"{name}: kernel err {err:.3g} vs reference err {ref_err:.3g}"
