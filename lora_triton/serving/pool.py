@@ -175,6 +175,9 @@ class AdapterPool:
             tensors = source
             if config is None:
                 raise ValueError("loading from a state dict needs its LoraConfig (config=...)")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
+        config.validate()  # fields may have been changed since construction (e.g. a NaN lora_alpha)
         layers = self._parse(name, config, tensors)
         digest = _digest(layers)
         # A failed load changes nothing: the slot is chosen (or "no slot" raised) before any write.
