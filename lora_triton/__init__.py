@@ -16,6 +16,7 @@ from .nn import (
     set_adapter,
     unmerge_adapter,
 )
+from .nn.loraplus import create_loraplus_optimizer
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .serving import AdapterPool, adapter_batch
@@ -28,6 +29,7 @@ __all__ = [
     "LoraLinear",
     "active_adapters",
     "adapter_batch",
+    "create_loraplus_optimizer",
     "adapter_state_dict",
     "delete_adapter",
     "disable_adapters",
