@@ -16,6 +16,8 @@ from .nn import (
     set_adapter,
     unmerge_adapter,
 )
+from .nn.loraplus import create_loraplus_optimizer
+from .nn.weighted_merge import add_weighted_adapter
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .serving import AdapterPool, adapter_batch
@@ -28,6 +30,8 @@ __all__ = [
     "LoraLinear",
     "active_adapters",
     "adapter_batch",
+    "add_weighted_adapter",
+    "create_loraplus_optimizer",
     "adapter_state_dict",
     "delete_adapter",
     "disable_adapters",
