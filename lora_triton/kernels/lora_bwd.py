@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_fwd import _dot, _dropout_scale, _grouped_pid, _lora_dot
+from .lora_fwd import _dot, _dropout_scale, _grouped_pid, _lora_acc, _lora_dot
 
 
 @triton.jit
@@ -160,5 +160,8 @@ def _dx_kernel(
         _dx_epilogue(q3, du_ptr, a_ptr, dx_ptr, seed, rows, c0 + 3 * QN, M, K, R, stride_dum, stride_dur,
                      stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, True, IEEE)
     else:
-        _dx_epilogue(acc, du_ptr, a_ptr, dx_ptr, 0, rows, cols, M, K, R, stride_dum, stride_dur,
-                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, False, IEEE)
+        # No mask: dU A (dU already scaled) accumulates straight into the dgrad accumulator.
+        acc = _lora_acc(acc, du_ptr, a_ptr, rows, cols, row_ok, col_ok, R, stride_dum, stride_dur,
+                        stride_ar, stride_ak, 1.0, R_PAD, IEEE, False)
+        tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
+                 acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
