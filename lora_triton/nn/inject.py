@@ -11,6 +11,7 @@ from ..config import LOAD_ONLY_INITS, LoraConfig
 from .grouping import group_siblings, ungroup_siblings
 from .lora_linear import LoraLinear, is_supported_base, merge_is_finite
 from .modules_to_save import ModulesToSaveWrapper
+from .qlora import unloaded_base
 from .targets import candidate_modules, find_targets, resolve_targets
 from .transaction import transactional
 
@@ -171,9 +172,10 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
         for layer in layers:
             names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
                      if n in layer.lora_A and n not in layer.merged_adapters]
-            if names and not merge_is_finite(*layer.merged_as_stored(names)):
+            merged = layer.merged_as_stored(names) if names else None
+            if merged is not None and not merge_is_finite(*merged):
                 raise ValueError(f"safe_merge: merging {names} gives non-finite weights in "
-                                 f"{layer.base_layer.weight.dtype}; nothing was changed")
+                                 f"{merged[0].dtype}; nothing was changed")
     for layer in layers:
         names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names) if n in layer.lora_A]
         layer.merge(names, safe_merge=safe_merge)
@@ -184,13 +186,17 @@ def unmerge_adapter(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False):
-    """Merge, then put the plain base layers back; modules_to_save keep the active adapter's copy."""
+def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
+                     requantize: bool = False):
+    """Merge, then put the plain base layers back; modules_to_save keep the active adapter's copy.
+
+    4-bit bases come back as full-precision Linears in their compute dtype (W_deq + s B A, one rounding);
+    ``requantize=True`` quantizes them again, with a warning (``nn.qlora``)."""
     merge_adapter(model, adapter_names, safe_merge)
     ungroup_siblings(model)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
-            _set_child(model, path, module.base_layer)
+            _set_child(model, path, unloaded_base(module, requantize))
         elif isinstance(module, ModulesToSaveWrapper):
             active = [a for a in module.active_adapters if a in module.modules_to_save]
             _set_child(model, path, module.modules_to_save[active[0]] if active else module.original_module)
