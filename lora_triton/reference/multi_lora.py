@@ -34,7 +34,7 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
         y = torch.nn.functional.linear(x, weight, bias)
     k = adapter_ids.shape[1]
     flat = adapter_ids.reshape(-1).to(torch.int64)
-    sel = torch.nonzero(flat >= 0).flatten()  # slot indices j = token * k + c with an adapter
+    sel = torch.nonzero((flat >= 0) & (flat < num)).flatten()  # slots j = token * k + c with an adapter
     if sel.numel() == 0 or num == 0 or r_max == 0:
         return y
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -55,7 +55,7 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
         active = active[torch.argsort(counts[active], descending=True, stable=True)]
         a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
     act_counts, act_starts = counts[active], starts[active]
-    coef = scalings.to(cdt)[ad]
+    coef = torch.where(ranks.to(x.device)[ad] > 0, scalings.to(cdt)[ad], 0)  # rank <= 0 adds nothing, as in the kernels
     if adapter_weights is not None:
         coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
     act_ranks = ranks.to(x.device)[active]
