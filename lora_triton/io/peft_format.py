@@ -25,6 +25,7 @@ from .atomic import atomic_path
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def _adapter_dir(directory: str, adapter_name: str) -> str:
@@ -78,6 +79,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if layer.lora_B[adapter_name].bias is not None:
             out[f"{PREFIX}{path}.lora_B.bias"] = layer.lora_B[adapter_name].bias
+        if adapter_name in layer.lora_magnitude_vector:  # DoRA: PEFT's key has no ".weight"
+            out[f"{PREFIX}{path}.{MAGNITUDE}"] = layer.lora_magnitude_vector[adapter_name].weight
     for path, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for k, v in module.modules_to_save[adapter_name].state_dict().items():
@@ -113,13 +116,13 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         if not key.startswith(PREFIX):
             raise ValueError(f"unexpected key {key!r}: PEFT keys start with {PREFIX!r}")
         rest = key[len(PREFIX):]
-        for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias"):
+        for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias", MAGNITUDE):
             if rest.endswith("." + suffix):
                 lora.setdefault(rest[: -len(suffix) - 1], {})[suffix] = value
                 break
         else:
-            if ".lora_magnitude_vector" in rest or "lora_embedding" in rest:
-                raise NotImplementedError(f"key {key!r}: DoRA / embedding adapters are not supported yet")
+            if "lora_embedding" in rest:
+                raise NotImplementedError(f"key {key!r}: embedding adapters are not supported yet")
             plain[rest] = value
     for path, parts in lora.items():
         if path not in targets:
@@ -139,6 +142,7 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
                 hint = " (rank disagrees with the config's r / rank_pattern)" if got[:1] != shape[:1] or \
                     got[1:] != shape[1:] else ""
                 raise ValueError(f"{PREFIX}{path}.{suffix}: shape {got} in the file, expected {shape}{hint}")
+        _check_magnitude(path, parts, out_f, resolved.use_dora)
         if ("lora_B.bias" in parts) != bool(resolved.lora_bias):
             raise ValueError(f"{PREFIX}{path}.lora_B.bias presence disagrees with lora_bias={resolved.lora_bias}")
     missing = sorted(set(targets) - set(lora))
@@ -164,6 +168,16 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         if tuple(target.shape) != tuple(value.shape):
             raise ValueError(f"{PREFIX}{rest}: shape {tuple(value.shape)} in the file, model has {tuple(target.shape)}")
     return resolved, lora, plain
+
+
+def _check_magnitude(path: str, parts: dict, out_features: int, use_dora: bool) -> None:
+    """DoRA's ``lora_magnitude_vector`` [out]: present exactly when the config says use_dora."""
+    if (MAGNITUDE in parts) != bool(use_dora):
+        state = "missing" if use_dora else "present"
+        raise ValueError(f"{PREFIX}{path}.{MAGNITUDE} is {state} but the config has use_dora={use_dora}")
+    if use_dora and tuple(parts[MAGNITUDE].shape) != (out_features,):
+        raise ValueError(f"{PREFIX}{path}.{MAGNITUDE}: shape {tuple(parts[MAGNITUDE].shape)} in the file, "
+                         f"expected ({out_features},)")
 
 
 def _saved_module_for(model: nn.Module, key: str):
@@ -195,6 +209,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
             layer.lora_B[adapter_name].weight.copy_(parts["lora_B.weight"])
             if "lora_B.bias" in parts:
                 layer.lora_B[adapter_name].bias.copy_(parts["lora_B.bias"])
+            if MAGNITUDE in parts:
+                layer.lora_magnitude_vector[adapter_name].weight.copy_(parts[MAGNITUDE])
         for rest, value in plain.items():
             wrapper, sub = _saved_module_for(model, rest)
             if wrapper is not None:
@@ -206,6 +222,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
             if adapter_name in layer.lora_A:
                 layer.lora_A[adapter_name].requires_grad_(False)
                 layer.lora_B[adapter_name].requires_grad_(False)
+                if adapter_name in layer.lora_magnitude_vector:
+                    layer.lora_magnitude_vector[adapter_name].requires_grad_(False)
     else:
         set_adapter(model, adapter_name)
     return model
