@@ -106,6 +106,8 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, weight_norm, output[1], output[2], seed)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    # u and y_pre are internal outputs nobody differentiates: no [M, N] zero gradient for y_pre.
+    ctx.set_materialize_grads(False)
 
 
 def _weight_grad(dy, x, magnitude, weight_norm, dropout_p, seed):
@@ -122,6 +124,8 @@ def _weight_grad(dy, x, magnitude, weight_norm, dropout_p, seed):
 def _backward(ctx, dy, _du, _dy_pre):
     x, weight, lora_A, lora_B, magnitude, weight_norm, u, y_pre, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if dy is None:
+        return (None,) * 10
     dy = dy.contiguous()
     dx, d_a, d_b, d_m = _bwd(dy, x, weight, lora_A, lora_B, magnitude, weight_norm, u, y_pre, ctx.scaling,
                              ctx.dropout_p, seed, need[0])

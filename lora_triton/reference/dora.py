@@ -108,13 +108,13 @@ def dora_linear_bwd(dy, x, weight, lora_A, lora_B, magnitude, weight_norm, u, y_
     """
     g, gm1 = dora_scales(magnitude, weight_norm)
     d_m = torch.mul(dy, y_pre).sum(0, dtype=torch.float32) / weight_norm
-    dyg = dy * g.to(dy.dtype)
-    d_b = (dyg.t() @ u) * scaling
-    d_u = (dyg @ lora_B) * scaling
+    # g scales rows of B and of dB ([N, r]) rather than dy ([M, N]) on the rank-r side.
+    d_b = (dy.t() @ u).float() * (scaling * g)[:, None]
+    d_u = dy @ (lora_B * (scaling * g).to(lora_B.dtype)[:, None])
     if dropout_p == 0.0:
         d_a = d_u.t() @ x
-        dx = torch.addmm(d_u @ lora_A, dyg, weight) if need_dx else None
-        return dx, d_a.float(), d_b.float(), d_m
+        dx = torch.addmm(d_u @ lora_A, dy * g.to(dy.dtype), weight) if need_dx else None
+        return dx, d_a.float(), d_b, d_m
     keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
     inv_keep = 1.0 / (1.0 - dropout_p)
     d_us = d_u * inv_keep
@@ -125,4 +125,4 @@ def dora_linear_bwd(dy, x, weight, lora_A, lora_B, magnitude, weight_norm, u, y_
         dropped = (dy * (gm1 * inv_keep).to(dy.dtype)) @ weight
         dropped.addmm_(d_us, lora_A).mul_(keep)
         dx = dropped.addmm_(dy, weight)
-    return dx, d_a.float(), d_b.float(), d_m
+    return dx, d_a.float(), d_b, d_m
