@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .lora_linear import base_plus_expand
-from .philox import dropout_keep_mask
+from .philox import keep_mask_chunks
 
 # Rows of a half-precision W upcast at a time for the norm terms: bounds the fp32 temporary
 # (never a full [N, K] copy) while keeping each matmul large enough to run at speed.
@@ -88,8 +88,7 @@ def dora_linear_fwd(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, sca
         if bias is not None:
             y += bias
         return y, u, y_pre
-    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
-    xd = x * keep  # D(x) = xd / (1 - p); the scale goes on the rank-r and [M, N] sides
+    xd = _masked_copy(x, seed, dropout_p)  # D(x) = xd / (1 - p); the scale goes on the rank-r and [M, N] sides
     inv_keep = 1.0 / (1.0 - dropout_p)
     u = (xd @ lora_A.t()).mul_(inv_keep)
     # PEFT's form: base(x) + (g - 1) W D(x) + g s U B^T = base(x) + (g - 1) y_pre + s U B^T.
@@ -115,14 +114,27 @@ def dora_linear_bwd(dy, x, weight, lora_A, lora_B, magnitude, weight_norm, u, y_
         d_a = d_u.t() @ x
         dx = torch.addmm(d_u @ lora_A, dy * g.to(dy.dtype), weight) if need_dx else None
         return dx, d_a.float(), d_b, d_m
-    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
     inv_keep = 1.0 / (1.0 - dropout_p)
     d_us = d_u * inv_keep
-    d_a = d_us.t() @ (x * keep)
-    dx = None
+    dropped = None
     if need_dx:
-        # dx = dy W + D'((g - 1) dy W + dU A): one mask pass covers both dropped terms.
+        # dx = dy W + D'((g - 1) dy W + dU A): the mask chunks that rebuild D(x) for dA also mask this.
         dropped = (dy * (gm1 * inv_keep).to(dy.dtype)) @ weight
-        dropped.addmm_(d_us, lora_A).mul_(keep)
-        dx = dropped.addmm_(dy, weight)
+        dropped.addmm_(d_us, lora_A)
+    xd = _masked_copy(x, seed, dropout_p, also=dropped)
+    d_a = d_us.t() @ xd
+    del xd
+    dx = dropped.addmm_(dy, weight) if need_dx else None
     return dx, d_a.float(), d_b, d_m
+
+
+def _masked_copy(x, seed, dropout_p: float, also=None):
+    """x * keep (not yet divided by 1 - p) as a temporary of x's size, built from row chunks of the mask
+    (no [M, K] mask is held); ``also`` [M, K] is multiplied by the same mask in place. Nothing of this is
+    saved for backward: the backward regenerates it from the seed."""
+    out = torch.empty_like(x) if x.shape[1] else torch.zeros_like(x)
+    for r0, r1, keep in keep_mask_chunks(seed, x.shape[0], x.shape[1], dropout_p, device=x.device, dtype=x.dtype):
+        torch.mul(x[r0:r1], keep, out=out[r0:r1])
+        if also is not None:
+            also[r0:r1].mul_(keep)
+    return out
