@@ -12,8 +12,11 @@ import lora_triton
 from lora_triton.nn import lora_layers
 
 
-def _model(dtype, value):
-    model = lora_triton.inject_lora(tiny_mlp(dtype=dtype), lora_triton.LoraConfig(target_modules=["up"], r=2))
+def _model(dtype, value, nf4=False):
+    base = tiny_mlp(dtype=dtype)
+    if nf4:  # 4-bit base: the merge writes a new Linear in the compute dtype
+        lora_triton.quantize(base, compute_dtype=dtype, target_modules=["up"])
+    model = lora_triton.inject_lora(base, lora_triton.LoraConfig(target_modules=["up"], r=2))
     randomize_lora(model)
     layer = model.layers[0].up
     with torch.no_grad():  # s * B A reaches `value` at [0, 0]: finite in fp32, not in the base dtype
@@ -25,12 +28,12 @@ def _model(dtype, value):
 
 
 @pytest.mark.parametrize("dtype, value", [(torch.float16, 1e5), (torch.bfloat16, 3.4e38)])
-@pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload", "layer"])
+@pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload", "layer", "nf4_model", "nf4_layer"])
 def test_safe_merge_refuses_overflow_in_the_base_dtype(dtype, value, how):
-    model = _model(dtype, value)
+    model = _model(dtype, value, nf4=how.startswith("nf4"))
     before = fingerprint(model)
     with pytest.raises(ValueError, match=rf"non-finite weights in {dtype}; nothing was changed"):
-        if how == "merge_adapter":
+        if how in ("merge_adapter", "nf4_model"):
             lora_triton.merge_adapter(model, safe_merge=True)
         elif how == "merge_and_unload":
             lora_triton.merge_and_unload(model, safe_merge=True)

@@ -174,9 +174,10 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
         for layer in layers:
             names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
                      if n in layer.lora_A and n not in layer.merged_adapters]
-            if names and not merge_is_finite(*layer.merged_as_stored(names)):
+            merged = layer.merged_as_stored(names) if names else None
+            if merged is not None and not merge_is_finite(*merged):
                 raise ValueError(f"safe_merge: merging {names} gives non-finite weights in "
-                                 f"{layer.base_layer.weight.dtype}; nothing was changed")
+                                 f"{merged[0].dtype}; nothing was changed")
     for layer in layers:
         names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names) if n in layer.lora_A]
         layer.merge(names, safe_merge=safe_merge)
