@@ -262,3 +262,12 @@ def test_loaded_machine_warns_in_table_and_json():
     assert f"{records[0]['case']} {records[0]['provider']} (31%)" in doc["warnings"][1]
     table = report.format_table(json.loads(json.dumps(doc)))
     assert table.count("WARNING:") == 2 and "1.50/1.00/1.00 at start" in table
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_quick_suite_plots_curves(cuda):
+    """Each quick series (one plot panel) sweeps at least two token counts."""
+    tokens = {}
+    for c in suite_cases("quick", parse_models("llama-8b"), cuda=cuda):
+        tokens.setdefault(c.series, set()).add(c.tokens)
+    assert len(tokens) == 4 and all(len(t) >= 2 for t in tokens.values()), tokens
