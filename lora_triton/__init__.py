@@ -20,6 +20,7 @@ from .nn import (
 )
 from .nn.loraplus import create_loraplus_optimizer
 from .nn.weighted_merge import add_weighted_adapter
+from .ops.dora import dora_linear, dora_weight_norm
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .ops.nf4_linear import nf4_lora_linear
@@ -39,6 +40,8 @@ __all__ = [
     "adapter_state_dict",
     "delete_adapter",
     "disable_adapters",
+    "dora_linear",
+    "dora_weight_norm",
     "inject_lora",
     "load_adapter",
     "lora_linear",

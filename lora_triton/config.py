@@ -104,8 +104,8 @@ class LoraConfig:
                 raise ValueError(f"{name} must be a string or None, got {_show(getattr(self, name))}")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
-        if self.use_dora:
-            raise NotImplementedError("use_dora=True: DoRA is not supported yet by lora_triton")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("use_dora=True with lora_bias=True is not supported (PEFT refuses it too)")
         if self.init_lora_weights not in INIT_CHOICES or isinstance(self.init_lora_weights, (int, float)) and \
                 not isinstance(self.init_lora_weights, bool):
             raise NotImplementedError(

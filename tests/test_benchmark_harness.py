@@ -117,7 +117,7 @@ def test_model_shapes_and_parsing():
 
 def test_suites_hold_the_reference_cases():
     llama = parse_models("llama-8b")
-    cpu_train = suite_cases("train", llama, cuda=False)
+    cpu_train = [c for c in suite_cases("train", llama, cuda=False) if c.op == "lora_linear"]  # DoRA: test_dora_bench
     # Three square widths (the mask's share of the step shrinks with width) and the MLP's up_proj.
     train_keys = {(c.mode, c.tokens, c.in_features, c.out_features, c.rank, c.dropout_p, c.dtype) for c in cpu_train}
     assert train_keys == {("fwd+bwd", 2048, w, n, 16, p, "float32") for w, n in
@@ -262,3 +262,12 @@ def test_loaded_machine_warns_in_table_and_json():
     assert f"{records[0]['case']} {records[0]['provider']} (31%)" in doc["warnings"][1]
     table = report.format_table(json.loads(json.dumps(doc)))
     assert table.count("WARNING:") == 2 and "1.50/1.00/1.00 at start" in table
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_quick_suite_plots_curves(cuda):
+    """Each quick series (one plot panel) sweeps at least two token counts."""
+    tokens = {}
+    for c in suite_cases("quick", parse_models("llama-8b"), cuda=cuda):
+        tokens.setdefault(c.series, set()).add(c.tokens)
+    assert len(tokens) == 4 and all(len(t) >= 2 for t in tokens.values()), tokens

@@ -80,9 +80,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         r, alpha = config.rank_for(path), config.alpha_for(path)
         args = (r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, config.lora_bias)
         if isinstance(module, LoraLinear):
-            module.add_adapter(adapter_name, *args)
+            module.add_adapter(adapter_name, *args, use_dora=config.use_dora)
         else:
-            _set_child(model, path, LoraLinear(module, adapter_name, *args))
+            _set_child(model, path, LoraLinear(module, adapter_name, *args, use_dora=config.use_dora))
     for path, module in list(candidate_modules(model)):
         # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
         if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
@@ -114,6 +114,8 @@ def _mark_trainable(model: nn.Module, active: list[str]) -> None:
             if name in layer.lora_A:
                 layer.lora_A[name].requires_grad_(True)
                 layer.lora_B[name].requires_grad_(True)
+            if name in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[name].requires_grad_(True)
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper):
             for name in active:
