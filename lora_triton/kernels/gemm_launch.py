@@ -3,8 +3,8 @@ grouped ops: ``fwd_gemm`` (y = x W^T + b + s U B^T) and ``dgrad`` (dx (+)= dy W 
 
 Each picks between the persistent tensor-descriptor kernels (``lora_tma.py``; sm_90+, and the
 interpreter, which runs descriptors on CPU tensors) and the pointer kernels (``lora_fwd.py`` /
-``lora_bwd.py``; sm_80, and operands a descriptor cannot address: inner stride != 1, rows or
-bases not 16-byte aligned, no weight). Both compute the same thing; the choice is per call.
+``lora_bwd.py``; sm_80, ranks above 64, and operands a descriptor cannot address: inner
+stride != 1, rows or bases not 16-byte aligned, no weight). Both compute the same thing; the choice is per call.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from .lora_bwd import _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel
 from .lora_tma import _dx_tma_kernel, _fwd_gemm_tma_kernel
 
+# Above this padded rank the persistent kernels' U/B chunks no longer fit beside a 128-wide tile
+# (r_pad 256: spills and serialized wgmma in the AOT report); the pointer kernels stay clean there.
+MAX_TMA_R_PAD = 64
 # Programs of a persistent launch under the interpreter: fewer than the tiles of most test
 # shapes, so each program walks several tiles as on a GPU.
 _INTERP_PROGRAMS = 3
@@ -58,7 +61,7 @@ def _set_blocks(nargs):
     else:
         nargs["dy_desc"].block_shape = [bm, bk]
         nargs["w_desc"].block_shape = [bn, bk] if nargs["W_KN"] else [bk, bn]
-        nargs["dx_desc"].block_shape = [bm, bn // (4 if nargs["HAS_DROPOUT"] else nargs["EPI_SPLIT"])]
+        nargs["dx_desc"].block_shape = [bm, bn // nargs["EPI_SPLIT"]]
 
 
 @functools.cache
@@ -117,7 +120,7 @@ def fwd_gemm(x, weight, bias, u, lora_B, y, scaling: float, r_pad: int, m_bucket
     ieee = x.dtype == torch.float32
     wd = _weight_desc(weight) if weight is not None else None
     b = bias if bias is not None else x
-    if wd is not None and tma_device(x.device) and _desc_ok(x) and _desc_ok(y):
+    if wd is not None and r_pad <= MAX_TMA_R_PAD and tma_device(x.device) and _desc_ok(x) and _desc_ok(y):
         w_t, w_kn = wd
         _launch("fwd_tma", _fwd_gemm_tma_kernel, "gemm_tma", _persistent_grid(m, n, x.device), x.element_size(),
                 _desc(x), _desc(w_t), _desc(y), b, u, lora_B, m, n, k, r, m_bucket,
@@ -146,7 +149,7 @@ def dgrad(dy, weight, d_u, lora_A, seed, dx, p: float, r_pad: int, m_bucket: int
     inv_keep = 1.0 / (1.0 - p)
     ieee = dx.dtype == torch.float32
     wd = _weight_desc(weight) if weight is not None else None
-    if wd is not None and tma_device(dy.device) and _desc_ok(dy) and _desc_ok(dx):
+    if wd is not None and r_pad <= MAX_TMA_R_PAD and tma_device(dy.device) and _desc_ok(dy) and _desc_ok(dx):
         w_t, w_kn = wd
         _launch("dx_tma", _dx_tma_kernel, "gemm_tma", _persistent_grid(m, k, dy.device), dy.element_size(),
                 _desc(dy), _desc(w_t), _desc(dx), d_u, lora_A, seed_arg, dx, m, n, k, r, m_bucket,
