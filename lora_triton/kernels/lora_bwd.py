@@ -50,7 +50,8 @@ def _dudb_kernel(
         db_ptrs = db_ptr + cols[:, None] * stride_dbn + rr[None, :] * stride_dbr
         db_mask = col_ok[:, None] & r_ok[None, :]
         if ATOMIC:
-            tl.atomic_add(db_ptrs, db, mask=db_mask)
+            # relaxed: the sums need no ordering against other memory (the default acq_rel fences each one)
+            tl.atomic_add(db_ptrs, db, mask=db_mask, sem="relaxed")
         else:
             tl.store(db_ptrs, db, mask=db_mask)
     tl.store(du_ptr + rows[:, None] * stride_dum + rr[None, :] * stride_dur,
