@@ -28,7 +28,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from . import autotune as at
 from . import multi_lora as ml
 from . import sass_stats
-from .gemm_launch import _set_blocks
+from .gemm_launch import _set_blocks, fuse_da_fits
 from .grouped_kernels import _grouped_shrink_kernel
 from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel, _shrink_kernel
@@ -70,15 +70,17 @@ KERNELS = {
     "fwd_gemm": (_fwd_gemm_kernel, "gemm", dict(HAS_W=True, HAS_BIAS=True)),
     "dudb": (_dudb_kernel, "dudb", dict(ATOMIC=True)),
     "da": (_da_kernel, "da", dict(HAS_DROPOUT=True)),
-    "dx": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=False)),
-    "dx_p0": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=False, ACCUMULATE=False)),
+    "dx": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=False, FUSE_DA=True)),
+    "dx_p0": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=False, ACCUMULATE=False, FUSE_DA=False)),
     # persistent tensor-descriptor (TMA) twins of the main GEMMs: sm_90+ only (kernels/lora_tma.py)
     "fwd_gemm_tma": (_fwd_gemm_tma_kernel, "gemm_tma", dict(HAS_BIAS=True, W_KN=False, EPI_SPLIT=2)),
-    "dx_tma": (_dx_tma_kernel, "gemm_tma", dict(HAS_DROPOUT=True, W_KN=False, EPI_SPLIT=2, ACCUMULATE=False)),
-    "dx_tma_p0": (_dx_tma_kernel, "gemm_tma", dict(HAS_DROPOUT=False, W_KN=False, EPI_SPLIT=2, ACCUMULATE=False)),
+    "dx_tma": (_dx_tma_kernel, "gemm_tma", dict(HAS_DROPOUT=True, W_KN=False, EPI_SPLIT=2, ACCUMULATE=False,
+                                                 FUSE_DA=True)),
+    "dx_tma_p0": (_dx_tma_kernel, "gemm_tma", dict(HAS_DROPOUT=False, W_KN=False, EPI_SPLIT=2, ACCUMULATE=False,
+                                                    FUSE_DA=False)),
     # grouped projections (q/k/v, gate/up): shrink once over x, dgrad accumulating into dx
     "grouped_shrink": (_grouped_shrink_kernel, "shrink", dict(HAS_DROPOUT=True)),
-    "dx_acc": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=True)),
+    "dx_acc": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=True, FUSE_DA=True)),
     # multi-adapter serving (kernels/multi_lora.py)
     "ml_shrink": (ml._shrink_kernel, _ml_config("ml_shrink"), {}),
     "ml_expand": (ml._expand_kernel, _ml_config("ml_expand"), dict(HAS_W=True)),
@@ -192,6 +194,8 @@ def ctas_per_sm(regs: int, smem: int, num_warps: int, arch: str) -> int:
 def compile_one(name: str, arch: str, dtype: str, r_pad: int = 16) -> dict:
     kernel, family, flags = KERNELS[name]
     cc = int(arch.removeprefix("sm_"))
+    if flags.get("FUSE_DA") and not fuse_da_fits(cc // 10, r_pad):
+        flags = dict(flags, FUSE_DA=False)  # what the launcher runs there (gemm_launch.fuse_da_fits)
     signature, constexprs, attrs, cfg = _spec(kernel, family, flags, dtype, r_pad, arch, _PTR_TYPES.get(name))
     t0 = time.perf_counter()
     compiled = triton.compile(
@@ -210,6 +214,7 @@ def compile_one(name: str, arch: str, dtype: str, r_pad: int = 16) -> dict:
     row = dict(kernel=name, arch=arch, dtype=dtype, r_pad=r_pad, config=dict(cfg.kwargs), num_warps=cfg.num_warps,
                num_stages=cfg.num_stages, mma=mma, sass_mma=_sass_mma(sass),
                smem=int(compiled.metadata.shared), compile_s=round(time.perf_counter() - t0, 2))
+    row["flags"] = dict(flags)
     row.update(_ptxas(ptx, arch))
     row.update(sass_stats.summary(sass))
     row["ctas_per_sm"] = ctas_per_sm(row["regs"], row["smem"], cfg.num_warps, arch)

@@ -34,6 +34,19 @@ def tma_device(device: torch.device) -> bool:
     return at.interpreting()
 
 
+def fuse_da_fits(cc_major: int, r_pad: int) -> bool:
+    """Whether the masked dgrad epilogue may also compute dA (FUSE_DA) without spilling: sm_90 AOT
+    at r_pad 16-256 shows none (200-255 registers); sm_80 spills 512 bytes from r_pad 64 on."""
+    return cc_major >= 9 or r_pad <= 32
+
+
+def fuse_da_ok(device: torch.device, r_pad: int) -> bool:
+    """FUSE_DA for a dgrad launch on ``device`` (the interpreter checks it on every shape)."""
+    if device.type != "cuda":
+        return True
+    return fuse_da_fits(torch.cuda.get_device_capability(device)[0], r_pad)
+
+
 def _desc_ok(t) -> bool:
     """A 2-D tensor a TMA descriptor can address: unit inner stride, 16-byte aligned rows and base."""
     es = t.element_size()
@@ -138,13 +151,19 @@ def fwd_gemm(x, weight, bias, u, lora_B, y, scaling: float, r_pad: int, m_bucket
     return "pointer"
 
 
-def dgrad(dy, weight, d_u, lora_A, seed, dx, p: float, r_pad: int, m_bucket: int, accumulate: bool = False) -> str:
-    """dx (+)= dy W + D'(dU A) (dU already scaled); ``seed`` is used only when p > 0.
-    Returns the kernel kind that ran."""
+def dgrad(dy, weight, d_u, lora_A, seed, dx, p: float, r_pad: int, m_bucket: int, accumulate: bool = False,
+          x=None, d_a=None) -> str:
+    """dx (+)= dy W + D'(dU A) (dU already scaled); ``seed`` is used only when p > 0. With p > 0,
+    ``x`` and a zeroed fp32 ``d_a`` [r, K], the epilogue also adds dU^T D(x) into d_a from the mask
+    tiles it generates anyway (FUSE_DA). Returns the kernel kind that ran."""
     m, k = dx.shape
     n = dy.shape[1]
     r = lora_A.shape[0]
     drop = p > 0.0
+    fuse_da = drop and d_a is not None
+    xs = (x.stride(0), x.stride(1)) if fuse_da else (0, 0)
+    das = (d_a.stride(0), d_a.stride(1)) if fuse_da else (0, 0)
+    x_arg, da_arg = (x, d_a) if fuse_da else (dy, dy)
     seed_arg = seed if drop else dy
     inv_keep = 1.0 / (1.0 - p)
     ieee = dx.dtype == torch.float32
@@ -152,18 +171,18 @@ def dgrad(dy, weight, d_u, lora_A, seed, dx, p: float, r_pad: int, m_bucket: int
     if wd is not None and r_pad <= MAX_TMA_R_PAD and tma_device(dy.device) and _desc_ok(dy) and _desc_ok(dx):
         w_t, w_kn = wd
         _launch("dx_tma", _dx_tma_kernel, "gemm_tma", _persistent_grid(m, k, dy.device), dy.element_size(),
-                _desc(dy), _desc(w_t), _desc(dx), d_u, lora_A, seed_arg, dx, m, n, k, r, m_bucket,
+                _desc(dy), _desc(w_t), _desc(dx), d_u, lora_A, seed_arg, dx, x_arg, da_arg, m, n, k, r, m_bucket,
                 d_u.stride(0), d_u.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-                float(p), inv_keep, R_PAD=r_pad, W_KN=w_kn, HAS_DROPOUT=drop, IEEE=ieee, EPI_SPLIT=2,
-                ACCUMULATE=accumulate)
+                *xs, *das, float(p), inv_keep, R_PAD=r_pad, W_KN=w_kn, HAS_DROPOUT=drop, IEEE=ieee, EPI_SPLIT=2,
+                ACCUMULATE=accumulate, FUSE_DA=fuse_da)
         return "tma"
     w = weight if weight is not None else dy
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)
     _launch("dx", _dx_kernel, "gemm", grid, dy.element_size(),
-            dy, w, d_u, lora_A, seed_arg, dx, m, n, k, r, m_bucket,
+            dy, w, d_u, lora_A, seed_arg, dx, x_arg, da_arg, m, n, k, r, m_bucket,
             dy.stride(0), dy.stride(1),
             weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 0,
             d_u.stride(0), d_u.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-            float(p), inv_keep, R_PAD=r_pad, HAS_W=weight is not None, HAS_DROPOUT=drop, IEEE=ieee,
-            ACCUMULATE=accumulate)
+            *xs, *das, float(p), inv_keep, R_PAD=r_pad, HAS_W=weight is not None, HAS_DROPOUT=drop, IEEE=ieee,
+            ACCUMULATE=accumulate, FUSE_DA=fuse_da)
     return "pointer"

@@ -198,18 +198,23 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
 
 
 def fused_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p: float, seed, need_dx: bool = True):
-    """dU/dB, dA, then the dgrad GEMM with D'(dU A) in its epilogue (3 launches)."""
+    """dU/dB, then the dgrad GEMM with D'(dU A) in its epilogue; dA in its own launch without
+    dropout (or without dx), else from the dgrad epilogue's mask tiles (2 launches, one mask)."""
     m, k = x.shape
     dx = _empty((m, k), x.dtype, x.device) if need_dx else None
-    d_u, d_a, d_b = dudb_da(dy, x, lora_B, u, scaling, dropout_p, seed)
+    fuse = need_dx and dropout_p > 0.0 and gl.fuse_da_ok(x.device, _r_pad(lora_A.shape[0]))
+    d_u, d_a, d_b = dudb_da(dy, x, lora_B, u, scaling, dropout_p, seed, with_da=not fuse)
+    if fuse:
+        d_a = torch.zeros((lora_A.shape[0], k), dtype=torch.float32, device=x.device)
     if need_dx:
-        gl.dgrad(dy, weight, d_u, lora_A, seed, dx, float(dropout_p), _r_pad(lora_A.shape[0]), at.m_bucket(m))
+        gl.dgrad(dy, weight, d_u, lora_A, seed, dx, float(dropout_p), _r_pad(lora_A.shape[0]), at.m_bucket(m),
+                 x=x if fuse else None, d_a=d_a if fuse else None)
     return dx, d_a, d_b
 
 
-def dudb_da(dy, x, lora_B, u, scaling: float, p: float, seed):
-    """dU = s dy B [M, r] (x's dtype), dA fp32 [r, K], dB fp32 [N, r]: the two backward launches
-    before dgrad, shared by the single-adapter and the grouped op."""
+def dudb_da(dy, x, lora_B, u, scaling: float, p: float, seed, with_da: bool = True):
+    """dU = s dy B [M, r] (x's dtype), dA fp32 [r, K] (None unless ``with_da``), dB fp32 [N, r]:
+    the backward launches before dgrad, shared by the single-adapter and the grouped op."""
     m, k = x.shape
     n, r = lora_B.shape
     dev, dt = x.device, x.dtype
@@ -228,6 +233,8 @@ def dudb_da(dy, x, lora_B, u, scaling: float, p: float, seed):
             dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
             d_u.stride(0), d_u.stride(1), d_b.stride(0), d_b.stride(1),
             float(scaling), R_PAD=r_pad, ATOMIC=atomic, IEEE=ieee)
+    if not with_da:
+        return d_u, None, d_b
     # dA: split M into an fp32 workspace when K gives too few programs.
     split = _split(triton.cdiv(k, _nominal("K")), triton.cdiv(m, _nominal("M")), dev)
     d_a = _empty((r, k), torch.float32, dev)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_bwd import _dx_epilogue
+from .lora_bwd import _dx_quarters
 from .lora_fwd import _dot, _grouped_pid, _lora_acc
 
 
@@ -87,13 +87,15 @@ def _fwd_gemm_tma_kernel(
 
 @triton.jit
 def _dx_tma_kernel(
-    dy_desc, w_desc, dx_desc, du_ptr, a_ptr, seed_ptr, dx_ptr,
+    dy_desc, w_desc, dx_desc, du_ptr, a_ptr, seed_ptr, dx_ptr, x_ptr, da_ptr,
     M, N, K, R, M_BUCKET,
-    stride_dum, stride_dur, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    stride_dum, stride_dur, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_xm, stride_xk,
+    stride_dar, stride_dak,
     p, inv_keep,
     R_PAD: tl.constexpr, W_KN: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPI_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr = False, FLATTEN: tl.constexpr = True,
+    FUSE_DA: tl.constexpr = False,
 ):
     # As _dx_kernel: output tile [BLOCK_M, BLOCK_N] of dx [M, K], reduction over the layer's N in
     # BLOCK_K steps. With dropout the masked epilogue runs on column quarters and stores them with
@@ -124,19 +126,9 @@ def _dx_tma_kernel(
                 w = w_desc.load([nt * BLOCK_K, off_k])
             acc = _dot(dy, w, acc, IEEE)
         if HAS_DROPOUT:
-            QN: tl.constexpr = BLOCK_N // 4
-            h0, h1 = _halves(acc)
-            q0, q1 = _halves(h0)
-            q2, q3 = _halves(h1)
-            c0 = off_k + tl.arange(0, QN)
-            _dx_epilogue(q0, du_ptr, a_ptr, dx_ptr, seed, rows, c0, M, K, R, stride_dum, stride_dur,
-                         stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, IEEE)
-            _dx_epilogue(q1, du_ptr, a_ptr, dx_ptr, seed, rows, c0 + QN, M, K, R, stride_dum, stride_dur,
-                         stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, IEEE)
-            _dx_epilogue(q2, du_ptr, a_ptr, dx_ptr, seed, rows, c0 + 2 * QN, M, K, R, stride_dum, stride_dur,
-                         stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, IEEE)
-            _dx_epilogue(q3, du_ptr, a_ptr, dx_ptr, seed, rows, c0 + 3 * QN, M, K, R, stride_dum, stride_dur,
-                         stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, IEEE)
+            _dx_quarters(acc, du_ptr, a_ptr, dx_ptr, seed, rows, off_k, M, K, R, stride_dum, stride_dur,
+                         stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, x_ptr, da_ptr,
+                         stride_xm, stride_xk, stride_dar, stride_dak, R_PAD, IEEE, FUSE_DA)
         else:
             acc = _lora_acc(acc, du_ptr, a_ptr, rows, cols, row_ok, col_ok, R, stride_dum, stride_dur,
                             stride_ar, stride_ak, 1.0, R_PAD, IEEE, False)
