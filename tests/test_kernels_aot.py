@@ -103,3 +103,9 @@ def test_ctas_per_sm_model():
     assert aot.ctas_per_sm(189, 192536, 8, "sm_90") == 1
     assert aot.ctas_per_sm(32, 30720, 8, "sm_90") == 7  # limited by shared memory, not by threads (8)
     assert aot.ctas_per_sm(255, 8192, 4, "sm_80") == 2
+
+
+def test_serving_stores_are_vectorized(reports):
+    # ml_fused once stored y 16 bits at a time (its column mask was runtime-bounded); ml_expand 128.
+    rows = {r["kernel"]: r for r in reports["sm_90"]}
+    assert rows["ml_fused"]["max_store_bits"] >= 64 and rows["ml_expand"]["max_store_bits"] == 128

@@ -3,6 +3,7 @@
 * ``tma``: the kernel issues TMA bulk tensor loads (UTMALDG);
 * ``tma_store``: ... and TMA stores (UTMASTG);
 * ``cp_async``: it uses cp.async (LDGSTS) loads, the sm_80 pipeline;
+* ``max_store_bits``: the widest plain global store (STG: 16, 32, 64 or 128 bits per thread);
 * ``main_loop_instrs`` / ``main_loop_int_share``: the main loop is the loop (backward branch and
   its target) holding the most tensor-core MMAs (HGMMA / HMMA), innermost on a tie; one iteration of it is
   the cheapest path through its basic blocks from the loop head back to it that passes an MMA (a
@@ -109,10 +110,20 @@ def main_loop(instrs) -> list[str]:
     return best[1] if best else []
 
 
+def _access_bits(text: str) -> int:
+    mods = text.split()[0].split(".")[1:]
+    for mod, bits in (("128", 128), ("64", 64), ("U16", 16), ("S16", 16), ("U8", 8), ("S8", 8)):
+        if mod in mods:
+            return bits
+    return 32
+
+
 def summary(sass: str) -> dict:
     instrs = _instructions(sass)
     ops = [_opcode(t) for _, t, _ in instrs]
     loop = main_loop(instrs)
     n_int = sum(_opcode(t) in _INT_OPS for t in loop)
+    stores = [_access_bits(t) for _, t, _ in instrs if _opcode(t) == "STG"]
     return dict(tma="UTMALDG" in ops, tma_store="UTMASTG" in ops, cp_async="LDGSTS" in ops,
-                main_loop_instrs=len(loop), main_loop_int_share=round(n_int / len(loop), 3) if loop else 0.0)
+                main_loop_instrs=len(loop), main_loop_int_share=round(n_int / len(loop), 3) if loop else 0.0,
+                max_store_bits=max(stores, default=0))
