@@ -28,6 +28,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from . import autotune as at
 from . import multi_lora as ml
 from . import sass_stats
+from .dora import AOT_KERNELS as DORA_AOT_KERNELS
 from .gemm_launch import _set_blocks, fuse_da_fits
 from .grouped_kernels import _grouped_shrink_kernel
 from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
@@ -88,6 +89,9 @@ KERNELS = {
 }
 GEMM_KERNELS = ("fwd_gemm", "dx", "dx_p0", "dx_acc", "fwd_gemm_tma", "dx_tma", "dx_tma_p0")
 TMA_KERNELS = ("fwd_gemm_tma", "dx_tma", "dx_tma_p0")  # compiled for sm_90+ only (never launched on sm_80)
+# DoRA (kernels/dora.py): its own table of kernels, configs and fp32 pointers; tests/test_dora_aot.py.
+KERNELS.update({name: entry[:3] for name, entry in DORA_AOT_KERNELS.items()})
+_PTR_TYPES.update({name: entry[3] for name, entry in DORA_AOT_KERNELS.items()})
 
 
 def _bin(name: str) -> str:
