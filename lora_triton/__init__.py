@@ -5,6 +5,7 @@ Importing the package touches no GPU and does not import triton; kernels load on
 
 from .config import LoraConfig
 from .io.peft_format import adapter_state_dict, load_adapter, read_peft_adapter, save_adapter
+from .io.xlora_format import load_xlora, save_xlora
 from .nn import (
     LoraLinear,
     active_adapters,
@@ -18,6 +19,8 @@ from .nn import (
 )
 from .nn.loraplus import create_loraplus_optimizer
 from .nn.weighted_merge import add_weighted_adapter
+from .nn.xlora import XLoraModel
+from .nn.xlora_config import XLoraConfig
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .serving import AdapterPool, adapter_batch
@@ -45,4 +48,8 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "unmerge_adapter",
+    "XLoraConfig",
+    "XLoraModel",
+    "load_xlora",
+    "save_xlora",
 ]
