@@ -39,14 +39,14 @@ def _base():
     return model
 
 
-def _pair(expert_dirs, **kw):
+def _pair(expert_dirs, weighted_pass="auto", **kw):
     """PEFT's X-LoRA model and ours from the same experts, our classifier a copy of PEFT's."""
     kw = {"hidden_size": 64, "xlora_depth": 2, "xlora_size": 16, "xlora_dropout_p": 0.0, **kw}
     adapters = {str(i): d for i, d in enumerate(expert_dirs)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(_base(), peft.XLoraConfig(task_type="CAUSAL_LM", adapters=adapters, **kw))
-    ours = lora_triton.XLoraModel(_base(), lora_triton.XLoraConfig(adapters=adapters, **kw))
+    ours = lora_triton.XLoraModel(_base(), lora_triton.XLoraConfig(adapters=adapters, **kw), weighted_pass)
     theirs = {k.removeprefix("base_model.internal_xlora_classifier."): v for k, v in pm.state_dict().items()
               if "internal_xlora_classifier" in k}
     ours.internal_xlora_classifier.load_state_dict(theirs)
@@ -62,9 +62,10 @@ ROUTING = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(ROUTING))
-def test_logits_equal_peft(case, expert_dirs):
-    pm, ours = _pair(expert_dirs, **ROUTING[case])
+@pytest.mark.parametrize("case, weighted_pass", [(c, "multi_lora") for c in sorted(ROUTING)] +
+                         [("dense", "concat"), ("top2-softmax-topk", "concat")])
+def test_logits_equal_peft(case, weighted_pass, expert_dirs):
+    pm, ours = _pair(expert_dirs, weighted_pass, **ROUTING[case])
     inputs = model_input("llama")
     with torch.no_grad():
         expected, got = pm(**inputs).logits, ours(**inputs).logits
@@ -94,7 +95,7 @@ def test_weighting_u_equals_peft_input_scaling_fp64(expert_dirs):
     # The differentiable path keeps fp64 throughout (1e-12); multi_lora_linear takes its per-slot weights
     # and scalings in fp32, which bounds the fused path at fp32 rounding of those (1e-6 relative).
     ours = lora_triton.XLoraModel(_base().double(), lora_triton.XLoraConfig(
-        hidden_size=64, adapters={f"e{i}": d for i, d in enumerate(expert_dirs)}, top_k_lora=2))
+        hidden_size=64, adapters={f"e{i}": d for i, d in enumerate(expert_dirs)}, top_k_lora=2), "multi_lora")
     layer_index, layer = next((i, m) for i, m in enumerate(ours._layers) if len(ours._stacks[i].names) >= 2)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, layer.in_features, generator=g, dtype=torch.float64)
@@ -119,7 +120,7 @@ def test_weighting_u_equals_peft_input_scaling_fp64(expert_dirs):
 def test_one_multi_lora_call_per_layer_with_k_slots(expert_dirs, monkeypatch):
     ours = lora_triton.XLoraModel(_base(), lora_triton.XLoraConfig(
         hidden_size=64, adapters={f"e{i}": d for i, d in enumerate(expert_dirs)}, top_k_lora=2,
-        scaling_pass_value=0.5))
+        scaling_pass_value=0.5), weighted_pass="multi_lora")
     import lora_triton.nn.xlora as xlora_module
 
     calls = []

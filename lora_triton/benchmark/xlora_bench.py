@@ -5,8 +5,9 @@
 
 Cases (inference, no_grad, fp32, interleaved in one process; see timing.measure_interleaved):
 * layer: one Linear dim x dim holding n experts of rank r, x [tokens, dim], the same softmax routing
-  weights for both: ours = one ``multi_lora_linear`` call (XLoraModel's layer forward), PEFT =
-  ``XLoraLinearLayer.forward`` (a loop over experts scaling x); also top-2 routing and the base layer;
+  weights for all: ours = XLoraModel's layer forward with weighted_pass "concat" (CPU default: two GEMMs)
+  and "multi_lora" (one ``multi_lora_linear`` call, dense and top-2), PEFT = ``XLoraLinearLayer.forward``
+  (a loop over experts scaling x), and the base layer;
 * model (``--model``): a small Llama (hidden 256, 2 layers) with n experts on every linear, the whole
   two-pass X-LoRA forward, ours vs PEFT's (experts named "0".."n-1", which PEFT needs).
 Needs peft and transformers.
@@ -62,9 +63,11 @@ def layer_case(n: int, tokens: int, dim: int, rank: int, repeats: int, root: str
     import lora_triton
 
     dirs = _expert_dirs(lambda: _OneLayer(dim), ["proj"], n, rank, root)
-    ours = lora_triton.XLoraModel(_OneLayer(dim), lora_triton.XLoraConfig(hidden_size=dim, adapters=dirs)).eval()
-    ours_top2 = lora_triton.XLoraModel(_OneLayer(dim), lora_triton.XLoraConfig(hidden_size=dim, adapters=dirs,
-                                                                                top_k_lora=2)).eval()
+    def xlora(weighted_pass, **kw):
+        config = lora_triton.XLoraConfig(hidden_size=dim, adapters=dirs, **kw)
+        return lora_triton.XLoraModel(_OneLayer(dim), config, weighted_pass=weighted_pass).eval()
+
+    ours, ours_fused, ours_top2 = xlora("concat"), xlora("multi_lora"), xlora("multi_lora", top_k_lora=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(_OneLayer(dim), dirs["0"], adapter_name="0")
@@ -78,12 +81,13 @@ def layer_case(n: int, tokens: int, dim: int, rank: int, repeats: int, root: str
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, tokens, dim, generator=g)
     scal = torch.softmax(torch.randn(1, tokens, 1, n, generator=g), dim=-1)
-    ours._scalings = scal
-    ours_top2._scalings = scal
+    for m in (ours, ours_fused, ours_top2):
+        m._scalings = scal
     base = ours.model.proj.base_layer
     fns = {
         "lora_triton": lambda i: ours.model.proj(x),
-        "lora_triton_top2": lambda i: ours_top2.model.proj(x),
+        "lora_triton_multi_lora": lambda i: ours_fused.model.proj(x),
+        "lora_triton_multi_lora_top2": lambda i: ours_top2.model.proj(x),
         "peft": lambda i: peft_layer.forward(x, scalings=scal),
         "base": lambda i: base(x),
     }
@@ -132,7 +136,7 @@ def model_case(n: int, tokens: int, rank: int, repeats: int, root: str) -> dict:
 
 def _row(rec: dict) -> str:
     med = {k: v["median_s"] for k, v in rec["seconds"].items()}
-    parts = [f"{k} {med[k] * 1e3:8.2f} ms" for k in med]
+    parts = [f"{k} {med[k] * 1e3:.2f} ms" for k in med]
     ratio = med["peft"] / med["lora_triton"]
     return f"{rec['case']:5s} n={rec['experts']:2d}  " + "  ".join(parts) + \
         f"  peft/ours {ratio:5.2f}x  |diff| {rec['max_abs_diff_vs_peft']:.1e}"

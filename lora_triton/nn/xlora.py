@@ -8,10 +8,12 @@ PEFT multiplies each expert's *input* by its weight, y = base(x) + g sum_i s_i B
 expert weight is a per-token scalar, so it commutes with A_i: c_i (x A_i^T) = (c_i x) A_i^T, i.e. weighting
 U = x A_i^T is the same function. We therefore run all experts of a layer in **one**
 ``multi_lora_linear`` call with per-token weights over k slots (k = n dense, k = top_k_lora routed);
-``tests/test_xlora.py`` confirms the equality in fp64. ``multi_lora_linear`` is an inference op, so when a
-gradient is needed (training the classifier, or trainable experts) the same sum is computed with two
-differentiable matmuls over the concatenated experts (A_cat [sum r, in], per-column weights); with
-expert dropout in training each expert gets its own dropout(c_i x), exactly PEFT's loop.
+``tests/test_xlora.py`` confirms the equality in fp64. The other form of the same sum is two GEMMs over
+the concatenated experts (A_cat [sum r, in], per-column weights): it is used when a gradient is needed
+(``multi_lora_linear`` is an inference op: training the classifier, trainable experts), and by default
+on the PyTorch reference backend (CPU), where it is faster than the reference's grouped gathers;
+``weighted_pass="multi_lora"`` / ``"concat"`` force one. With expert dropout in training each expert
+gets its own dropout(c_i x), exactly PEFT's loop.
 
 Expert names are kept as given (PEFT 0.21.2 only works with "0".."n-1").
 """
@@ -91,10 +93,15 @@ class XLoraModel(nn.Module):
     """``XLoraModel(model, config)``: loads the experts (PEFT LoRA directories) into ``model`` under their
     names and wraps it; call it like the model (``generate`` too: the cache is turned off, as in PEFT)."""
 
-    def __init__(self, model: nn.Module, config: XLoraConfig):
+    WEIGHTED_PASSES = ("auto", "multi_lora", "concat")
+
+    def __init__(self, model: nn.Module, config: XLoraConfig, weighted_pass: str = "auto"):
         super().__init__()
         if not isinstance(config, XLoraConfig):
             raise TypeError(f"config must be a lora_triton XLoraConfig, got {type(config).__name__}")
+        if weighted_pass not in self.WEIGHTED_PASSES:
+            raise ValueError(f"weighted_pass must be one of {self.WEIGHTED_PASSES}, got {weighted_pass!r}")
+        self.weighted_pass = weighted_pass
         from ..io.peft_format import load_adapter, read_peft_adapter
 
         names = config.expert_names
@@ -215,13 +222,23 @@ class XLoraModel(nn.Module):
                         for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
         dropout = self.training and any(layer.lora_dropout_p[n] > 0 for n in stack.names)
         slots = self._slots[index].to(ids.device)[ids]  # [T, k] slot in this layer's stack, -1 = absent
-        if torch.is_grad_enabled() and (vals.requires_grad or trainable) or dropout:
+        if torch.is_grad_enabled() and (vals.requires_grad or trainable) or dropout or self._concat(x.device):
             y = self._differentiable(layer, stack.names, x2, weight, bias, slots, vals * g, dropout)
         else:
             a, b, scal, ranks = stack.get()
             y = multi_lora_linear(x2, weight, bias, a, b, scal, slots, ranks, (vals * g).to(torch.float32).detach(),
                                   validate=False)
         return y.reshape(*lead, y.shape[-1])
+
+    def _concat(self, device: torch.device) -> bool:
+        """'auto': the fused Triton kernel where it runs; on the PyTorch reference backend (CPU) the
+        concatenated form, which is two GEMMs instead of the reference's per-slot gathers (measured,
+        docs/variants.md)."""
+        if self.weighted_pass != "auto":
+            return self.weighted_pass == "concat"
+        from ..ops.backend import choose_backend
+
+        return choose_backend(device) == "reference"
 
     @staticmethod
     def _differentiable(layer, names, x2, weight, bias, slots, w, dropout: bool):
