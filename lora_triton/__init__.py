@@ -4,6 +4,7 @@ Importing the package touches no GPU and does not import triton; kernels load on
 """
 
 from .config import LoraConfig
+from .io.adalora_format import load_adalora, save_adalora
 from .io.peft_format import adapter_state_dict, load_adapter, read_peft_adapter, save_adapter
 from .io.xlora_format import load_xlora, save_xlora
 from .nn import (
@@ -16,6 +17,13 @@ from .nn import (
     merge_and_unload,
     set_adapter,
     unmerge_adapter,
+)
+from .nn.adalora import (
+    AdaLoraConfig,
+    adalora_callback,
+    inject_adalora,
+    orth_regularization,
+    update_and_allocate,
 )
 from .nn.loraplus import create_loraplus_optimizer
 from .nn.weighted_merge import add_weighted_adapter
@@ -48,6 +56,13 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "unmerge_adapter",
+    "AdaLoraConfig",
+    "adalora_callback",
+    "inject_adalora",
+    "load_adalora",
+    "orth_regularization",
+    "save_adalora",
+    "update_and_allocate",
     "XLoraConfig",
     "XLoraModel",
     "load_xlora",

@@ -177,6 +177,10 @@ def _saved_module_for(model: nn.Module, key: str):
 def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False,
                  config: Optional[LoraConfig] = None) -> nn.Module:
     """Load a PEFT-format adapter into ``model`` (injecting LoRA layers as needed) under ``adapter_name``."""
+    from .adalora_format import is_adalora_dir, load_adalora
+
+    if config is None and is_adalora_dir(_adapter_dir(directory, adapter_name)):  # peft_type "ADALORA"
+        return load_adalora(model, _adapter_dir(directory, adapter_name), adapter_name, is_trainable=is_trainable)
     file_config, tensors = read_peft_adapter(directory, adapter_name)
     config = config or file_config
     if adapter_name in adapter_configs(model):
