@@ -9,12 +9,14 @@ from .io.peft_format import adapter_state_dict, load_adapter, read_peft_adapter,
 from .io.xlora_format import load_xlora, save_xlora
 from .nn import (
     LoraLinear,
+    NF4Linear,
     active_adapters,
     delete_adapter,
     disable_adapters,
     inject_lora,
     merge_adapter,
     merge_and_unload,
+    quantize,
     set_adapter,
     unmerge_adapter,
 )
@@ -29,8 +31,10 @@ from .nn.loraplus import create_loraplus_optimizer
 from .nn.weighted_merge import add_weighted_adapter
 from .nn.xlora import XLoraModel
 from .nn.xlora_config import XLoraConfig
+from .ops.dora import dora_linear, dora_weight_norm
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora import multi_lora_linear
+from .ops.nf4_linear import nf4_lora_linear
 from .serving import AdapterPool, adapter_batch
 
 __version__ = "0.1.0"
@@ -39,6 +43,7 @@ __all__ = [
     "AdapterPool",
     "LoraConfig",
     "LoraLinear",
+    "NF4Linear",
     "active_adapters",
     "adapter_batch",
     "add_weighted_adapter",
@@ -46,12 +51,16 @@ __all__ = [
     "adapter_state_dict",
     "delete_adapter",
     "disable_adapters",
+    "dora_linear",
+    "dora_weight_norm",
     "inject_lora",
     "load_adapter",
     "lora_linear",
     "merge_adapter",
     "merge_and_unload",
     "multi_lora_linear",
+    "nf4_lora_linear",
+    "quantize",
     "read_peft_adapter",
     "save_adapter",
     "set_adapter",

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.multi_lora import multi_lora_linear
+from .grouping import ungroup_siblings
 from .inject import adapter_configs, delete_adapter, lora_layers, set_adapter
 from .lora_linear import LoraLinear
 from .xlora_config import XLoraConfig
@@ -113,6 +114,9 @@ class XLoraModel(nn.Module):
             if expert_config.modules_to_save:
                 raise ValueError(f"expert {name!r} ({path}) has modules_to_save={expert_config.modules_to_save}; "
                                  "X-LoRA mixes LoRA layers only")
+            if expert_config.use_dora:
+                raise ValueError(f"expert {name!r} ({path}) is a DoRA adapter; X-LoRA mixes plain LoRA experts "
+                                 "(PEFT refuses DoRA experts too)")
         loaded: list[str] = []
         try:
             for name, path in config.adapters.items():
@@ -140,8 +144,11 @@ class XLoraModel(nn.Module):
         self._scalings: Optional[torch.Tensor] = None
         self._in_scaling_pass = False
         self.latest_scalings: Optional[torch.Tensor] = None
+        # The experts of a layer run in one call, so sibling grouping has nothing to share; each layer's
+        # forward is replaced on the instance (seen by every thread, unlike the per-thread mixed_batch hook).
+        ungroup_siblings(model)
         for i, layer in enumerate(self._layers):
-            layer.mixed_batch = self._layer_forward_fn(i)
+            layer.forward = self._layer_forward_fn(i, layer)
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
     # -- the two passes ----------------------------------------------------------------------------
@@ -178,8 +185,8 @@ class XLoraModel(nn.Module):
         return self.model.generate(*args, **kwargs)
 
     # -- one layer ---------------------------------------------------------------------------------
-    def _layer_forward_fn(self, index: int):
-        def forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    def _layer_forward_fn(self, index: int, layer: LoraLinear):
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             return self._layer_forward(index, layer, x)
         return forward
 
@@ -286,7 +293,7 @@ class XLoraModel(nn.Module):
         """Remove the routing (hook, layer forwards) and the experts; returns the plain model."""
         self._hook.remove()
         for layer in self._layers:
-            layer.mixed_batch = None
+            layer.__dict__.pop("forward", None)
         for name in self.config.expert_names:
             delete_adapter(self.model, name)
         return self.model
