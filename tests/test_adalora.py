@@ -184,3 +184,19 @@ def test_update_without_gradients_is_a_clear_error():
     model = lora_triton.inject_adalora(tiny_llama(), lora_triton.AdaLoraConfig(**KW))
     with pytest.raises(RuntimeError, match="after backward"):
         lora_triton.update_and_allocate(model, 0)
+
+
+def test_trainer_callback_runs_the_allocator():
+    pytest.importorskip("transformers", reason="the callback is a transformers TrainerCallback")
+    from types import SimpleNamespace
+
+    from transformers import TrainerCallback
+
+    model = lora_triton.inject_adalora(tiny_llama(), lora_triton.AdaLoraConfig(**{**KW, "tinit": 0}))
+    callback = lora_triton.adalora_callback(model)
+    assert isinstance(callback, TrainerCallback)
+    inputs = model_input("llama")
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    callback.on_optimizer_step(None, SimpleNamespace(global_step=1), None)
+    state = adalora_state(model)
+    assert state.allocator.exp_avg_ipt and state.config.rank_pattern is not None

@@ -194,11 +194,17 @@ def test_bad_configs_are_clear_errors(bad, match):
 
 
 def test_failed_expert_load_leaves_the_model(expert_dirs, tmp_path):
+    # The second expert was trained on another architecture: its load fails after the first one loaded.
+    from models import tiny_gpt2
+
+    other = lora_triton.inject_lora(tiny_gpt2(), lora_triton.LoraConfig(target_modules=["c_attn"], r=2))
+    lora_triton.save_adapter(other, str(tmp_path / "gpt2"))
     model = _base()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError):
         lora_triton.XLoraModel(model, lora_triton.XLoraConfig(
-            hidden_size=64, adapters={"a": expert_dirs[0], "b": str(tmp_path / "missing")}))
-    assert not lora_triton.nn.adapter_configs(model)
+            hidden_size=64, adapters={"a": expert_dirs[0], "b": str(tmp_path / "gpt2")}))
+    assert not lora_triton.nn.adapter_configs(model) and not lora_layers(model)
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before if k in after)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not model._forward_pre_hooks

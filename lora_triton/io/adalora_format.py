@@ -17,6 +17,7 @@ from ..config import CONFIG_NAME
 from ..nn.adalora import STATE_ATTR, AdaLoraConfig, adalora_layers, adalora_state, inject_adalora
 from ..nn.lora_linear import is_conv1d, is_supported_base
 from ..nn.targets import find_targets, resolve_targets
+from ..nn.transaction import model_transaction
 from .atomic import atomic_path
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -87,9 +88,9 @@ def load_adalora(model: nn.Module, directory: str, adapter_name: str = "default"
         if k in tensors and tuple(tensors[k].shape) != v]
     if problems:
         raise ValueError(f"{path} does not match its config / the model: {problems[:6]}")
-    inject_adalora(model, config, adapter_name, init_weights=False)
     name = adapter_name
-    with torch.no_grad():
+    with model_transaction(model), torch.no_grad():
+        inject_adalora(model, config, adapter_name, init_weights=False)
         for p, layer in adalora_layers(model):
             if f"{p}.lora_E" in pattern:
                 layer.resize(name, pattern[f"{p}.lora_E"])

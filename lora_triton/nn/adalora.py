@@ -27,6 +27,7 @@ from ..config import LoraConfig
 from ..ops.lora_linear import lora_linear
 from .lora_linear import is_conv1d, is_supported_base
 from .targets import candidate_modules, find_targets, resolve_targets
+from .transaction import transactional
 
 STATE_ATTR = "_lora_triton_adalora"
 
@@ -232,6 +233,7 @@ def adalora_layers(model: nn.Module) -> list[tuple[str, SVDLinear]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, SVDLinear)]
 
 
+@transactional
 def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
                    init_weights: bool = True) -> nn.Module:
     """Wrap the targeted Linear / Conv1D layers with ``SVDLinear`` at rank init_r (one AdaLoRA adapter per model)."""

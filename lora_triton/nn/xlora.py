@@ -31,6 +31,7 @@ from ..ops.multi_lora import multi_lora_linear
 from .grouping import ungroup_siblings
 from .inject import adapter_configs, delete_adapter, lora_layers, set_adapter
 from .lora_linear import LoraLinear
+from .transaction import model_transaction
 from .xlora_config import XLoraConfig
 
 
@@ -117,15 +118,13 @@ class XLoraModel(nn.Module):
             if expert_config.use_dora:
                 raise ValueError(f"expert {name!r} ({path}) is a DoRA adapter; X-LoRA mixes plain LoRA experts "
                                  "(PEFT refuses DoRA experts too)")
-        loaded: list[str] = []
-        try:
+        # All or nothing: an expert that fails to load (or anything after) leaves the model as it was.
+        with model_transaction(model):
             for name, path in config.adapters.items():
                 load_adapter(model, path, adapter_name=name, is_trainable=config.use_trainable_adapters)
-                loaded.append(name)
-        except BaseException:
-            for name in loaded:
-                delete_adapter(model, name)
-            raise
+            self._install(model, config, names)
+
+    def _install(self, model: nn.Module, config: XLoraConfig, names: list[str]) -> None:
         set_adapter(model, names)
         if not config.use_trainable_adapters:
             for _, layer in lora_layers(model):
