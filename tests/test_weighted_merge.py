@@ -233,3 +233,23 @@ def test_dora_sources_combine_exactly(tmp_path):
 
 def tiny_mlp_double():
     return BUILDERS["mlp"](dtype=torch.float64)
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "svd"])
+def test_pool_merge_equals_the_model_merge(combination_type, tmp_path):
+    # The pool's CPU copies give the same new adapter as add_weighted_adapter on a model.
+    from lora_triton.serving.pool_merge import merge_pool_adapters
+
+    kw = dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4)
+    _, ours = _pair("llama", kw, {**kw, "r": 3}, tmp_path)
+    pool = lora_triton.AdapterPool(BUILDERS["llama"](), num_slots=3, max_rank=8, target_modules=["q_proj", "v_proj"])
+    for name in ("a", "b"):
+        pool.load(name, str(tmp_path / name))
+    merge_pool_adapters(pool, ["a", "b"], [0.7, -0.3], "m", combination_type=combination_type)
+    lora_triton.add_weighted_adapter(ours, ["a", "b"], [0.7, -0.3], "m", combination_type=combination_type)
+    ids = model_input("llama")["input_ids"]
+    with torch.no_grad(), pool.batch(["m", "m"]):
+        got = pool.model(input_ids=ids).logits
+    assert max_diff(got, _logits(ours, "m", "llama")) <= TOL
+    with pytest.raises(ValueError, match="full rank"):
+        merge_pool_adapters(pool, ["a", "b"], [1.0, 1.0], "t", combination_type="ties", density=0.5)
