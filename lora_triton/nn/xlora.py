@@ -138,6 +138,7 @@ class XLoraModel(nn.Module):
         self._stacks = [_ExpertStack(layer, [n for n in names if n in layer.lora_A]) for layer in self._layers]
         # expert index (in config order) -> slot in that layer's stack, -1 where the layer lacks the expert
         self._slots = [torch.tensor([s.names.index(n) if n in s.names else -1 for n in names]) for s in self._stacks]
+        self._present = [torch.tensor([i for i, n in enumerate(names) if n in s.names]) for s in self._stacks]
         ref = next(iter(model.parameters()))
         self.internal_xlora_classifier = XLoraClassifier(config, len(names), len(self._layers), ref.dtype, ref.device)
         self._scalings: Optional[torch.Tensor] = None
@@ -229,7 +230,13 @@ class XLoraModel(nn.Module):
         dropout = self.training and any(layer.lora_dropout_p[n] > 0 for n in stack.names)
         slots = self._slots[index].to(ids.device)[ids]  # [T, k] slot in this layer's stack, -1 = absent
         if torch.is_grad_enabled() and (vals.requires_grad or trainable) or dropout or self._concat(x.device):
-            y = self._differentiable(layer, stack.names, x2, weight, bias, slots, vals * g, dropout)
+            if self.config.top_k_lora is None and self._scalings is not None:  # dense: pick the layer's columns
+                dense = vals[:, self._present[index].to(vals.device)] * g
+            else:
+                dense = torch.zeros(t, len(stack.names) + 1, dtype=vals.dtype, device=vals.device)
+                slot_or_spare = torch.where(slots < 0, len(stack.names), slots)  # the spare column takes absents
+                dense = dense.scatter_add(1, slot_or_spare, vals * g)[:, :-1]
+            y = self._differentiable(layer, stack.names, x2, weight, bias, dense.to(x2.dtype), dropout)
         else:
             a, b, scal, ranks = stack.get()
             y = multi_lora_linear(x2, weight, bias, a, b, scal, slots, ranks, (vals * g).to(torch.float32).detach(),
@@ -247,10 +254,8 @@ class XLoraModel(nn.Module):
         return choose_backend(device) == "reference"
 
     @staticmethod
-    def _differentiable(layer, names, x2, weight, bias, slots, w, dropout: bool):
-        t, n = x2.shape[0], len(names)
-        dense = torch.zeros(t, n + 1, dtype=w.dtype, device=w.device)  # column n collects absent experts
-        dense = dense.scatter_add(1, torch.where(slots < 0, n, slots), w)[:, :n].to(x2.dtype)
+    def _differentiable(layer, names, x2, weight, bias, dense, dropout: bool):
+        """base + sum_i dense[:, i] s_i B_i A_i x (dense [T, experts of this layer], weights already times g)."""
         y = F.linear(x2, weight, bias)
         if dropout:  # each expert its own dropout(c_i x), as PEFT
             for i, name in enumerate(names):
@@ -260,9 +265,14 @@ class XLoraModel(nn.Module):
             return y
         a_cat = torch.cat([layer.lora_A[m].weight for m in names]).to(x2.dtype)
         b_cat = torch.cat([layer.lora_B[m].weight * layer.scaling[m] for m in names], dim=1).to(x2.dtype)
-        column_expert = torch.cat([torch.full((layer.r[m],), i, device=x2.device) for i, m in enumerate(names)])
-        u = (x2 @ a_cat.t()) * dense[:, column_expert]
-        return y + u @ b_cat.t()
+        u = x2 @ a_cat.t()
+        ranks = [layer.r[m] for m in names]
+        if len(set(ranks)) == 1:  # equal ranks: broadcast the weights over each expert's block, no gather
+            u = (u.view(-1, len(names), ranks[0]) * dense[:, :, None]).view(u.shape)
+        else:
+            column_expert = torch.cat([torch.full((r,), i, device=x2.device) for i, r in enumerate(ranks)])
+            u = u * dense[:, column_expert]
+        return torch.addmm(y, u, b_cat.t())
 
     # -- PEFT's helpers ----------------------------------------------------------------------------
     def get_latest_scalings(self) -> Optional[torch.Tensor]:
