@@ -207,3 +207,15 @@ def test_peft_bnb_model_loads_our_adapter_with_same_outputs(tmp_path):
     peft_model.train()
     with torch.no_grad():
         assert max_diff(run(peft_model, inputs), run(ours.eval(), inputs)) < 1e-4
+
+
+def test_qlora_benchmark_module_runs_at_a_tiny_shape():
+    pytest.importorskip("bitsandbytes", reason="the benchmark compares against PEFT + bitsandbytes")
+    from lora_triton.benchmark.qlora import run_shape
+
+    run = run_shape(32, 64, 16, 2, repeats=1, warmup=0, device=torch.device("cpu"))
+    assert set(run["results"]) == {"qlora_lora_triton", "peft_bnb", "frozen_fp32"}
+    ours = run["results"]["qlora_lora_triton"]
+    n = 32 * 64  # packed bytes + one uint8 code per block of 64 + one fp32 per 256 blocks (rounded up)
+    assert ours["weight_bytes_per_param"] == pytest.approx((n / 2 + n / 64 + 4) / n)
+    assert ours["train_s"] > 0 and ours["infer_s"] > 0 and ours["step_peak_bytes"] > 0
