@@ -219,3 +219,29 @@ def test_qlora_benchmark_module_runs_at_a_tiny_shape():
     n = 32 * 64  # packed bytes + one uint8 code per block of 64 + one fp32 per 256 blocks (rounded up)
     assert ours["weight_bytes_per_param"] == pytest.approx((n / 2 + n / 64 + 4) / n)
     assert ours["train_s"] > 0 and ours["infer_s"] > 0 and ours["step_peak_bytes"] > 0
+
+
+def test_adapter_pool_over_4bit_base(tmp_path):
+    model = _quantized_llama()
+    lora_triton.inject_lora(model, lora_triton.LoraConfig(target_modules=["q_proj", "v_proj"], r=2,
+                                                          init_lora_weights=False))
+    randomize_lora(model)
+    lora_triton.save_adapter(model, str(tmp_path / "a"))
+    inputs = model_input("llama", batch=2)
+    with torch.no_grad():
+        want = run(model.eval(), inputs)
+    pool = lora_triton.AdapterPool(_quantized_llama(), num_slots=2, max_rank=4, target_modules=["q_proj", "v_proj"])
+    pool.load("a", str(tmp_path / "a"))
+    with torch.no_grad(), pool.batch(["a", "a"]):
+        got = run(pool.model, inputs)
+    assert max_diff(got, want) < 1e-4
+
+
+def test_compile_fullgraph_through_the_4bit_op():
+    layer = lora_triton.LoraLinear(_layer(64, 24), r=2, lora_dropout=0.1).train()
+    x = torch.randn(5, 64, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    y = compiled(x)
+    y.sum().backward()
+    assert y.shape == (5, 24) and x.grad is not None and layer.lora_A["default"].weight.grad is not None
