@@ -58,11 +58,12 @@ def test_op_matches_fp64_and_dequantized_lora_linear(m, k, n, r, double_quant, p
         assert err_ours <= 2 * err_same + 1e-5, (err_ours, err_same)
 
 
-def test_op_without_adapter_and_fp16_input():
-    layer = _layer(64, 24, dtype=torch.float16)
-    x = torch.randn(3, 5, 64, dtype=torch.float16, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_op_without_adapter(dtype):
+    layer = _layer(64, 24, dtype=dtype)
+    x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
     y = layer(x)
-    assert y.shape == (3, 5, 24) and y.dtype == torch.float16
+    assert y.shape == (3, 5, 24) and y.dtype == dtype
     (dx,) = torch.autograd.grad(y.float().sum(), x)
     w = layer.dequantize(torch.float64)
     torch.testing.assert_close(y.double(), x.double() @ w.t() + layer.bias.double(), rtol=2e-3, atol=2e-2)
