@@ -246,3 +246,10 @@ def test_compile_fullgraph_through_the_4bit_op():
     y = compiled(x)
     y.sum().backward()
     assert y.shape == (5, 24) and x.grad is not None and layer.lora_A["default"].weight.grad is not None
+
+
+def test_demo_qlora_runs_on_the_tiny_model():
+    pytest.importorskip("transformers")
+    from lora_triton.demo.run import main
+
+    assert main(["--qlora", "--model", "tiny", "--epochs", "1", "--quiet"]) == 0

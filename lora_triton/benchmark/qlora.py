@@ -6,8 +6,8 @@
 One process, providers interleaved per round (``timing.measure_interleaved``). Per provider and shape:
 training step (forward + backward, x requires grad) and inference (no grad) seconds (median), bytes
 saved for backward beyond x and the parameters, peak bytes allocated during one training step above
-what was allocated before it (CPU: torch profiler's per-op memory events, outputs and x.grad included;
-CUDA: the allocator's peak), and the weight bytes per parameter.
+what was allocated before it (CPU: bytes held by the tensors aten ops create during the step, tracked
+by a dispatch mode, outputs and x.grad included; CUDA: the allocator's peak), and the weight bytes per parameter.
 PEFT + bnb runs in training mode for the step (bitsandbytes 0.50 repacks the weight for its bf16 CPU
 kernel at the first eval-mode no-grad forward and training fails afterwards) and on its own copy in
 eval mode for inference.
@@ -17,30 +17,60 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
 import sys
+import weakref
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .timing import cuda_peak_bytes, measure_interleaved, saved_tensor_bytes
 
 
-def cpu_peak_bytes(fn, i: int) -> int:
-    """Peak CPU bytes allocated during one call, above what was allocated before it."""
-    from torch.profiler import ProfilerActivity, profile
+class _LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the storages held by tensors that aten ops create while active (views share their
+    storage; a storage is released when the last tensor seen on it dies): peak and current."""
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs: dict[int, list] = {}  # storage ptr -> [tensors alive, bytes]
+
+    def _release(self, ptr: int) -> None:
+        entry = self.refs[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.refs[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr == 0:
+                    continue
+                entry = self.refs.setdefault(ptr, [0, storage.nbytes()])
+                if entry[0] == 0:
+                    self.live += entry[1]
+                    self.peak = max(self.peak, self.live)
+                entry[0] += 1
+                weakref.finalize(t, self._release, ptr)
+        return out
+
+
+def cpu_peak_bytes(fn, i: int) -> int:
+    """Peak bytes held by tensors created during one call (outputs, saved tensors, x.grad, temporaries)."""
+    gc.collect()
+    mode = _LiveTensorBytes()
+    with mode:
         fn(i)
-    # Each op's own allocations minus frees, in start order (per-op granularity, nested ops not double counted).
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    level = peak = 0
-    for e in events:
-        level += e.self_cpu_memory_usage
-        peak = max(peak, level)
-    return peak
+    return mode.peak
 
 
 def _ours(w, b, r, device):
