@@ -18,6 +18,9 @@ from .nn import (
     set_adapter,
     unmerge_adapter,
 )
+from .nn.loraplus import create_loraplus_optimizer
+from .nn.weighted_merge import add_weighted_adapter
+from .ops.dora import dora_linear, dora_weight_norm
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .ops.nf4_linear import nf4_lora_linear
@@ -32,9 +35,13 @@ __all__ = [
     "NF4Linear",
     "active_adapters",
     "adapter_batch",
+    "add_weighted_adapter",
+    "create_loraplus_optimizer",
     "adapter_state_dict",
     "delete_adapter",
     "disable_adapters",
+    "dora_linear",
+    "dora_weight_norm",
     "inject_lora",
     "load_adapter",
     "lora_linear",

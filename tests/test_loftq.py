@@ -83,6 +83,8 @@ def test_bad_loftq_configs_raise():
         lora_triton.LoraConfig(init_lora_weights="loftq")
     with pytest.raises(NotImplementedError, match="4-bit only"):
         lora_triton.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 8})
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        lora_triton.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_iter": 1}, use_dora=True)
     with pytest.raises(ValueError, match="loftq_iter"):
         lora_triton.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_iter": 0})
     model = lora_triton.quantize(tiny_llama())

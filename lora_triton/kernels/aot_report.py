@@ -27,6 +27,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 
 from . import autotune as at
 from . import multi_lora as ml
+from .dora import AOT_KERNELS as DORA_AOT_KERNELS
 from .grouped_kernels import _grouped_shrink_kernel
 from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel, _shrink_kernel
@@ -85,6 +86,9 @@ KERNELS = {
     "nf4_dgrad": (_nf4_dgrad_kernel, "gemm", dict(BLOCKSIZE=64, NESTED=True, K_ALIGNED=True, HAS_LORA=True)),
 }
 GEMM_KERNELS = ("fwd_gemm", "dx", "dx_acc", "nf4_fwd", "nf4_dgrad")
+# DoRA (kernels/dora.py): its own table of kernels, configs and fp32 pointers; tests/test_dora_aot.py.
+KERNELS.update({name: entry[:3] for name, entry in DORA_AOT_KERNELS.items()})
+_PTR_TYPES.update({name: entry[3] for name, entry in DORA_AOT_KERNELS.items()})
 
 
 def _bin(name: str) -> str:

@@ -24,7 +24,9 @@ LOFTQ_KEYS = ("loftq_bits", "loftq_iter", "peft_identical")
 LOFTQ_BLOCKSIZE = 64
 
 
-def check_loftq_config(cfg) -> None:
+def check_loftq_config(cfg, use_dora: bool = False) -> None:
+    if use_dora:
+        raise NotImplementedError("init_lora_weights='loftq' with use_dora=True: DoRA on a 4-bit base is not supported")
     if not isinstance(cfg, dict) or not cfg:
         raise ValueError(f"init_lora_weights='loftq' needs loftq_config={{'loftq_bits': 4, 'loftq_iter': N}}, "
                          f"got {cfg!r}")
