@@ -141,8 +141,10 @@ def decode_absmax(absmax, nested_absmax=None, nested_code=None, offset: float = 
     stop = absmax.numel() if stop is None else min(stop, absmax.numel())
     if nested_absmax is None:
         return absmax[start:stop].float()
-    i = torch.arange(start, stop, device=absmax.device)
-    return nested_code[absmax[start:stop].long()] * nested_absmax[i // nested_blocksize] + offset
+    i0, i1 = start // nested_blocksize, (stop - 1) // nested_blocksize + 1
+    scale = nested_absmax[i0:i1].repeat_interleave(nested_blocksize)[start - i0 * nested_blocksize:
+                                                                     stop - i0 * nested_blocksize]
+    return (nested_code[absmax[start:stop].long()] * scale).add_(offset)
 
 
 def dequantize_range(packed, absmax, code, blocksize: int, start: int, stop: int, dtype,
