@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import LOAD_ONLY_INITS, LoraConfig
 from .grouping import group_siblings, ungroup_siblings
+from .loftq import loftq_layer
 from .lora_linear import LoraLinear, is_supported_base, merge_is_finite
 from .modules_to_save import ModulesToSaveWrapper
 from .nf4_linear import NF4Linear
@@ -79,7 +80,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     for path, module in targets:
         r, alpha = config.rank_for(path), config.alpha_for(path)
         args = (r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, config.lora_bias)
-        if isinstance(module, LoraLinear):
+        if config.init_lora_weights == "loftq":  # quantizes the base itself
+            _set_child(model, path, loftq_layer(module, adapter_name, args, config.loftq_config))
+        elif isinstance(module, LoraLinear):
             module.add_adapter(adapter_name, *args, use_dora=config.use_dora)
         else:
             _set_child(model, path, LoraLinear(module, adapter_name, *args, use_dora=config.use_dora))
