@@ -254,6 +254,9 @@ def test_dora_must_be_the_first_active_adapter():
         a, b = layer.lora_A["plain"].weight, layer.lora_B["plain"].weight
         plain = layer.scaling["plain"] * (x @ a.t()) @ b.t()
         assert max_diff(layer(x), only_d + plain) <= TOL
+    layer.delete_adapter("d")
+    assert "d" not in layer.lora_variant and "d" not in layer.lora_magnitude_vector
+    assert not any("magnitude" in n for n, _ in layer.named_parameters())
 
 
 def test_dora_refusals_are_clear():
