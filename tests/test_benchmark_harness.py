@@ -262,3 +262,24 @@ def test_loaded_machine_warns_in_table_and_json():
     assert f"{records[0]['case']} {records[0]['provider']} (31%)" in doc["warnings"][1]
     table = report.format_table(json.loads(json.dumps(doc)))
     assert table.count("WARNING:") == 2 and "1.50/1.00/1.00 at start" in table
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_quick_suite_plots_curves(cuda):
+    """Each quick series (one plot panel) sweeps at least two token counts."""
+    tokens = {}
+    for c in suite_cases("quick", parse_models("llama-8b"), cuda=cuda):
+        tokens.setdefault(c.series, set()).add(c.tokens)
+    assert len(tokens) == 4 and all(len(t) >= 2 for t in tokens.values()), tokens
+
+
+def test_tiny_llama_step_benchmark_runs(tmp_path, capsys):
+    pytest.importorskip("transformers", reason="the tiny Llama step needs transformers")
+    from lora_triton.benchmark import tiny_llama
+
+    out = tmp_path / "step.json"
+    assert tiny_llama.main(["--hidden", "64", "--layers", "1", "--tokens", "8", "--repeats", "2",
+                            "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {"lora_triton", "base"} <= set(doc["stats"]) and doc["stats"]["lora_triton"]["n"] == 2
+    assert "lora_dropout=0.05" in capsys.readouterr().out

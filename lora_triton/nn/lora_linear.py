@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops.lora_linear import lora_linear
+from .batch_slot import mixed_batch_slot
 from .nf4_linear import NF4Linear, is_bnb_linear4bit
 from .qlora import merge_quantized, qlora_forward, unmerge_quantized
 from .variants import make_variant
@@ -33,6 +34,8 @@ def merge_is_finite(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
 
 
 class LoraLinear(nn.Module):
+    mixed_batch = mixed_batch_slot()  # per thread: other threads never run a batch's adapters
+
     def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = "default", r: int = 8,
                  lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
                  init_lora_weights=True, lora_bias: bool = False, use_dora: bool = False):
@@ -200,8 +203,12 @@ class LoraLinear(nn.Module):
         """What a merge would write: the fp32 merged values rounded once to the base's dtypes. safe_merge
         checks these, not the fp32 values, since an fp16 / bf16 base can overflow in the cast."""
         merged_w, merged_b = self._merged_values(names)
-        merged_w = merged_w.to(self.base_layer.weight.dtype)
-        return merged_w, None if merged_b is None else merged_b.to(self.base_layer.bias.dtype)
+        if isinstance(self.base_layer, NF4Linear):  # merged into a new Linear in the compute dtype
+            w_dtype = b_dtype = self.base_layer.compute_dtype
+        else:
+            w_dtype = self.base_layer.weight.dtype
+            b_dtype = w_dtype if self.base_layer.bias is None else self.base_layer.bias.dtype
+        return merged_w.to(w_dtype), None if merged_b is None else merged_b.to(b_dtype)
 
     def _fold_weights(self, names: list[str]) -> torch.Tensor:
         """The current weight [out, in] in fp32 with ``names`` folded in, in order (variants fold their own way)."""
