@@ -16,6 +16,7 @@ from .nn import (
     set_adapter,
     unmerge_adapter,
 )
+from .nn.peft_patch import PatchSummary, patch_peft, unpatch_peft
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .serving import AdapterPool, adapter_batch
@@ -26,6 +27,7 @@ __all__ = [
     "AdapterPool",
     "LoraConfig",
     "LoraLinear",
+    "PatchSummary",
     "active_adapters",
     "adapter_batch",
     "adapter_state_dict",
@@ -37,8 +39,10 @@ __all__ = [
     "merge_adapter",
     "merge_and_unload",
     "multi_lora_linear",
+    "patch_peft",
     "read_peft_adapter",
     "save_adapter",
     "set_adapter",
     "unmerge_adapter",
+    "unpatch_peft",
 ]
