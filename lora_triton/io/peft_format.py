@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import CONFIG_NAME, LoraConfig
+from ..config import CONFIG_NAME, LoraConfig, as_lora_config
 from ..nn.inject import adapter_configs, inject_lora, lora_layers, set_adapter
 from ..nn.lora_linear import LoraLinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
@@ -87,9 +87,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> None:
-    """Write one adapter to ``directory`` in PEFT's format; each file replaced atomically."""
-    tensors = adapter_state_dict(model, adapter_name)
+def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default",
+                 tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Write one adapter to ``directory`` in PEFT's format; each file replaced atomically.
+
+    ``tensors``: PEFT-keyed values to write instead of the model's own (e.g. gathered from shards)."""
+    tensors = adapter_state_dict(model, adapter_name) if tensors is None else tensors
     config = adapter_configs(model)[adapter_name]
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or config.base_model_name_or_path
     config = LoraConfig(**{**config.to_dict(), "base_model_name_or_path": name_or_path or None})
@@ -178,7 +181,7 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
                  config: Optional[LoraConfig] = None) -> nn.Module:
     """Load a PEFT-format adapter into ``model`` (injecting LoRA layers as needed) under ``adapter_name``."""
     file_config, tensors = read_peft_adapter(directory, adapter_name)
-    config = config or file_config
+    config = file_config if config is None else as_lora_config(config)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; loaded: {sorted(adapter_configs(model))}")
     resolved, lora, plain = _plan_load(model, config, tensors, adapter_name)

@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 from torch import nn
 
-from ..config import LOAD_ONLY_INITS, LoraConfig
+from ..config import LOAD_ONLY_INITS, LoraConfig, as_lora_config
 from .grouping import group_siblings, ungroup_siblings
 from .lora_linear import LoraLinear, is_supported_base
 from .modules_to_save import ModulesToSaveWrapper
@@ -50,8 +50,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     stay as they were (``set_adapter`` switches), as in PEFT. Sibling projections that read the
     same tensor (q/k/v, gate/up) are grouped (``nn.grouping``; ``ungroup_siblings`` undoes it).
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
+    config = as_lora_config(config)
     _check_name(adapter_name)
     if config.init_lora_weights in LOAD_ONLY_INITS:
         raise NotImplementedError(f"init_lora_weights={config.init_lora_weights!r}: lora_triton loads such "
@@ -77,11 +76,13 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         if isinstance(module, LoraLinear):
             module.add_adapter(adapter_name, *args)
         else:
-            _set_child(model, path, LoraLinear(module, adapter_name, *args))
+            # A new module starts in training mode: take the wrapped layer's, or an eval model drops out.
+            _set_child(model, path, LoraLinear(module, adapter_name, *args).train(module.training))
     for path, module in list(candidate_modules(model)):
         # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
         if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
-            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else \
+                ModulesToSaveWrapper(module).train(module.training)
             wrapper.add_adapter(adapter_name)
             if wrapper is not module:
                 _set_child(model, path, wrapper)
@@ -91,6 +92,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     # Sibling projections (q/k/v, gate/up) share one shrink when they are provably called on
     # the same tensor (nn/grouping.py); anything else runs each layer's own forward.
     group_siblings(model)
+    from ..io.hf_integration import install_save_hook  # io imports nn: resolved at call time
+
+    install_save_hook(model)  # transformers models: save_pretrained writes PEFT's adapter format
     return model
 
 
