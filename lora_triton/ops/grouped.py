@@ -162,4 +162,4 @@ def lora_linear_grouped(x: Tensor, weights: Sequence[Optional[Tensor]], biases: 
     weights = [_absent(x2) if w is None else w for w in weights]
     biases = [_absent(x2) if b is None else b for b in biases]
     outs = _fwd(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
-    return tuple(y.reshape(*lead, y.shape[-1]) for y in outs[:g])
+    return tuple(torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1])) for y in outs[:g])  # not views: see lora_linear
