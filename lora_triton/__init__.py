@@ -17,6 +17,7 @@ from .nn import (
     unmerge_adapter,
 )
 from .nn.peft_patch import PatchSummary, patch_peft, unpatch_peft
+from .nn.summary import print_trainable_parameters, trainable_parameters
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .serving import AdapterPool, adapter_batch
@@ -40,9 +41,11 @@ __all__ = [
     "merge_and_unload",
     "multi_lora_linear",
     "patch_peft",
+    "print_trainable_parameters",
     "read_peft_adapter",
     "save_adapter",
     "set_adapter",
+    "trainable_parameters",
     "unmerge_adapter",
     "unpatch_peft",
 ]

@@ -115,3 +115,20 @@ def test_inject_into_an_eval_model_keeps_eval_mode():
     inputs = model_input("llama")
     with torch.no_grad():
         assert torch.equal(run(model, inputs), run(model, inputs))
+
+
+def test_print_trainable_parameters_like_peft(capsys):
+    model = _injected(modules_to_save=["lm_head"])
+    model.print_trainable_parameters()
+    ours = capsys.readouterr().out
+    trainable, total = lt.trainable_parameters(model)
+    assert 0 < trainable < total
+    assert ours.strip() == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                            f"trainable%: {100 * trainable / total:.4f}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pm.print_trainable_parameters()
+    theirs = capsys.readouterr().out
+    lt.print_trainable_parameters(pm)
+    assert capsys.readouterr().out == theirs

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..nn.inject import adapter_configs, lora_layers
 from ..nn.modules_to_save import ModulesToSaveWrapper
+from ..nn.summary import print_trainable_parameters
 from .peft_format import PREFIX, adapter_state_dict, save_adapter
 
 HOOK_ATTR = "_lora_triton_save_hook"
@@ -30,10 +31,12 @@ def is_transformers_model(model: nn.Module) -> bool:
                for c in type(model).__mro__)
 
 
-def install_save_hook(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` write PEFT adapters (transformers models only; idempotent)."""
+def install_peft_methods(model: nn.Module) -> None:
+    """On transformers models (idempotent): ``model.save_pretrained`` writes PEFT adapters, and
+    ``model.print_trainable_parameters()`` exists as on a PeftModel."""
     if is_transformers_model(model) and HOOK_ATTR not in model.__dict__:
         model.save_pretrained = types.MethodType(save_pretrained, model)
+        model.print_trainable_parameters = types.MethodType(print_trainable_parameters, model)
         model.__dict__[HOOK_ATTR] = True
 
 

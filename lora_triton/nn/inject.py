@@ -92,9 +92,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     # Sibling projections (q/k/v, gate/up) share one shrink when they are provably called on
     # the same tensor (nn/grouping.py); anything else runs each layer's own forward.
     group_siblings(model)
-    from ..io.hf_integration import install_save_hook  # io imports nn: resolved at call time
+    from ..io.hf_integration import install_peft_methods  # io imports nn: resolved at call time
 
-    install_save_hook(model)  # transformers models: save_pretrained writes PEFT's adapter format
+    install_peft_methods(model)  # transformers models: save_pretrained writes PEFT's adapter format
     return model
 
 
