@@ -8,6 +8,8 @@ import sys
 COMMANDS = {
     "demo": ("lora_triton.demo.run", "train two adapters on a small model, save, reload, verify (CPU, offline)"),
     "bench": ("lora_triton.benchmark.cli", "benchmark our kernels vs unfused PyTorch, PEFT and the base layer"),
+    "bench-peft": ("lora_triton.benchmark.peft_patch_cases", "a PEFT training step, plain vs patch_peft (tiny Llama, a "
+                   "4096-wide layer)"),
     "kernels": ("lora_triton.kernels.aot_report", "compile every kernel ahead of time for sm_80/sm_90 and report"),
 }
 
