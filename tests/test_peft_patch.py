@@ -86,7 +86,9 @@ def test_patch_keeps_peft_tree_parameters_and_state_dict():
 def test_patched_training_equals_peft_and_calls_the_fused_op(kind):
     base = tiny_llama() if kind == "llama" else tiny_gpt2()
     targets = LLAMA_TARGETS if kind == "llama" else ["c_attn", "c_proj", "c_fc"]
-    pm = _peft_model(base, r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=kind == "gpt2")
+    # GPT-2: Conv1D bases, and bias="lora_only" makes the base biases trainable through the fused op too.
+    pm = _peft_model(base, r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=kind == "gpt2",
+                     bias="lora_only" if kind == "gpt2" else "none")
     randomize_lora(pm)
     twin = copy.deepcopy(pm)
     inputs = model_input(kind)
@@ -102,7 +104,11 @@ def test_patched_training_equals_peft_and_calls_the_fused_op(kind):
     assert losses == pytest.approx(expected, abs=TOL)
     for name, p in _lora_params(pm).items():
         assert p is opt_params[name]
-        assert max_diff(p, dict(twin.named_parameters())[name]) < TOL, name
+    twin_params = dict(twin.named_parameters())
+    trained = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+    assert any("base_layer.bias" in n for n, _ in trained) == (kind == "gpt2")
+    for name, p in trained:
+        assert max_diff(p, twin_params[name]) < TOL, name
 
 
 def test_dropout_uses_our_mask_and_matches_lora_triton_training(tmp_path):
@@ -240,3 +246,29 @@ def test_plain_model_with_injected_peft_layers_is_patched():
             got = run(model, inputs)
     assert len(summary.patched) == 4 and counter.counts[FWD_OP] == 4
     assert max_diff(got, expected) < TOL
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_patched_layers_run_the_triton_kernels_in_the_interpreter(monkeypatch, dropout):
+    """The Triton path (interpreter, fp32, tiny shapes): p=0 equals PEFT; p>0 equals our reference."""
+    pytest.importorskip("triton", reason="the Triton kernels")
+    pm = _peft_model(tiny_mlp(), r=3, lora_dropout=dropout, target_modules=["up", "down"])
+    randomize_lora(pm)
+    pm.train()
+    expected_model = copy.deepcopy(pm)
+    lt.patch_peft(pm)
+    x = model_input("mlp", batch=1, seq=3)["x"]
+    if dropout:
+        lt.patch_peft(expected_model)  # the same mask on the reference backend
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "reference")
+    torch.manual_seed(0)
+    expected_model(x=x).square().sum().backward()
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "triton")
+    torch.manual_seed(0)
+    with CountOps() as counter:
+        pm(x=x).square().sum().backward()
+    assert counter.counts[FWD_OP] == 4
+    expected = dict(expected_model.named_parameters())
+    for name, p in pm.named_parameters():
+        if p.requires_grad:
+            assert _rel_diff(p.grad, expected[name].grad) < 1e-4, name
