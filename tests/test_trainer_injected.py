@@ -132,3 +132,21 @@ def test_print_trainable_parameters_like_peft(capsys):
     theirs = capsys.readouterr().out
     lt.print_trainable_parameters(pm)
     assert capsys.readouterr().out == theirs
+
+
+def test_save_pretrained_takes_adapter_values_from_a_gathered_state_dict(tmp_path):
+    """Trainer passes ``state_dict=`` under FSDP / DeepSpeed: the adapter values come from it."""
+    from safetensors.torch import load_file
+
+    model = _injected(modules_to_save=["lm_head"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = "model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    head = "lm_head.modules_to_save.default.weight"
+    state[key] += 1.0
+    state[head] += 2.0
+    model.save_pretrained(tmp_path, state_dict=state)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"], state[key])
+    assert torch.equal(saved["base_model.model.lm_head.weight"], state[head])
+    assert torch.equal(saved["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"],
+                       model.state_dict()["model.layers.1.self_attn.q_proj.lora_A.default.weight"])

@@ -114,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--llama-tokens", type=int, default=256, help="tokens per tiny-Llama step (batch of 4)")
     p.add_argument("--layer-tokens", type=int, default=None, help="tokens for the 4096 layer (CPU 512, CUDA 8192)")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("lora-triton bench-peft: error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
