@@ -7,19 +7,24 @@ from .config import LoraConfig
 from .io.peft_format import adapter_state_dict, load_adapter, read_peft_adapter, save_adapter
 from .nn import (
     LoraLinear,
+    NF4Linear,
     active_adapters,
     delete_adapter,
     disable_adapters,
     inject_lora,
     merge_adapter,
     merge_and_unload,
+    quantize,
     set_adapter,
     unmerge_adapter,
 )
+from .nn.loraplus import create_loraplus_optimizer
 from .nn.peft_patch import PatchSummary, patch_peft, unpatch_peft
 from .nn.summary import print_trainable_parameters, trainable_parameters
+from .nn.weighted_merge import add_weighted_adapter
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora import multi_lora_linear
+from .ops.nf4_linear import nf4_lora_linear
 from .serving import AdapterPool, adapter_batch
 
 __version__ = "0.1.0"
@@ -28,9 +33,12 @@ __all__ = [
     "AdapterPool",
     "LoraConfig",
     "LoraLinear",
+    "NF4Linear",
     "PatchSummary",
     "active_adapters",
     "adapter_batch",
+    "add_weighted_adapter",
+    "create_loraplus_optimizer",
     "adapter_state_dict",
     "delete_adapter",
     "disable_adapters",
@@ -40,8 +48,10 @@ __all__ = [
     "merge_adapter",
     "merge_and_unload",
     "multi_lora_linear",
+    "nf4_lora_linear",
     "patch_peft",
     "print_trainable_parameters",
+    "quantize",
     "read_peft_adapter",
     "save_adapter",
     "set_adapter",

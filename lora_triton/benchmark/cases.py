@@ -101,13 +101,27 @@ def quick_cases(model: ModelShape, cuda: bool) -> list[Case]:
     return _dedupe(cases)
 
 
+# CPU training widths (square K = N): the dropout mask's cost relative to the GEMMs shrinks with width,
+# so one width hides it; 4096 is the model's q_proj, the MLP's up_proj (4096 -> 14336) comes on top.
+CPU_TRAIN_WIDTHS = (1024, 2048, 4096)
+
+
+def _square(suite, model: ModelShape, width, tokens, rank, dtype, mode, p=0.0, **kw) -> Case:
+    """A square width x width layer, labelled by width (the model's own q_proj when the widths agree)."""
+    if width == model.hidden:
+        return _lora(suite, model, "q_proj", tokens, rank, dtype, mode, p, **kw)
+    return Case(suite, "lora_linear", mode, f"{model.name}.sq{width}", min(tokens, model.max_tokens), width,
+                width, rank, dtype, dropout_p=p, **kw)
+
+
 def train_cases(model: ModelShape, cuda: bool) -> list[Case]:
-    if not cuda:  # REFERENCE.md §4 CPU case: 4096x4096 (q_proj), r=16, 2048 tokens, fp32
-        return _dedupe([
-            _lora("train", model, "q_proj", 2048, 16, "float32", "fwd+bwd", 0.0, repeats=7),
-            _lora("train", model, "q_proj", 2048, 16, "float32", "fwd+bwd", 0.1, repeats=7),
-            _lora("train", model, "q_proj", 2048, 16, "float32", "fwd", repeats=7),
-        ])
+    if not cuda:  # REFERENCE.md §4 CPU case (4096x4096, r=16, 2048 tokens, fp32) at three widths + up_proj
+        widths = sorted({min(w, model.hidden) for w in CPU_TRAIN_WIDTHS} | {model.hidden})
+        cases = [_square("train", model, w, 2048, 16, "float32", "fwd+bwd", p, repeats=7)
+                 for w in widths for p in (0.0, 0.1)]
+        cases += [_lora("train", model, "up_proj", 2048, 16, "float32", "fwd+bwd", p, repeats=5) for p in (0.0, 0.1)]
+        cases.append(_lora("train", model, "q_proj", 2048, 16, "float32", "fwd", repeats=7))
+        return _dedupe(cases)
     bf = "bfloat16"
     return _dedupe([
         _lora("train", model, "q_proj", 8192, 16, bf, "fwd+bwd", 0.1),

@@ -15,6 +15,28 @@ _RESULT_KEYS = {"case": str, "series": str, "suite": str, "op": str, "provider":
                 "model": dict, "tflops": (int, float), "gbps": (int, float)}
 _STATS_KEYS = ("median_s", "p20_s", "p80_s", "mean_s", "min_s", "max_s", "n")
 _NULLABLE = ("ratio_to_base", "ratio_to_unfused", "roofline_fraction", "memory")
+# p20..p80 wider than this fraction of the median: the samples disagree, the median is not to be trusted.
+SPREAD_WARN = 0.10
+
+
+def load_warnings(doc: dict) -> list[str]:
+    """Why this run's numbers may be disturbed: a 1-minute load average above the core count at the start
+    or end (other work competing for the cores), or providers whose p20..p80 spread is wide."""
+    out = []
+    cores = (doc.get("device") or {}).get("cpu_count")
+    for key, when in (("load_average", "start"), ("load_average_end", "end")):
+        load = doc.get(key)
+        if cores and load and load[0] > cores:
+            out.append(f"machine loaded at the {when}: 1-min load average {load[0]:.2f} > {cores} cores")
+    wide = []
+    for r in doc.get("results", []):
+        st = r["stats"]
+        spread = (st["p80_s"] - st["p20_s"]) / st["median_s"] if st["median_s"] > 0 else 0.0
+        if spread > SPREAD_WARN:
+            wide.append(f"{r['case']} {r['provider']} ({100 * spread:.0f}%)")
+    if wide:
+        out.append(f"p20..p80 wider than {100 * SPREAD_WARN:.0f}% of the median: " + ", ".join(wide))
+    return out
 
 
 def build_document(suite: str, meta: dict, ceilings: dict, cases: list, records: list, skipped: list) -> dict:
@@ -22,6 +44,7 @@ def build_document(suite: str, meta: dict, ceilings: dict, cases: list, records:
            "ceilings": {dt: c.to_dict() for dt, c in ceilings.items()},
            "cases": [c.to_dict() for c in cases], "results": records, "skipped": skipped}
     doc["derived"] = derived(records)
+    doc["warnings"] = load_warnings(doc)
     validate_document(doc)
     return doc
 
@@ -109,6 +132,13 @@ def format_table(doc: dict, compact: bool = False) -> str:
     dev = doc["device"]
     lines = [f"device: {dev.get('name')} ({dev.get('type')}) | date {doc['date']} | torch "
              f"{doc['versions'].get('torch')} | git {doc.get('git_revision')}"]
+    load, load_end = doc.get("load_average"), doc.get("load_average_end")
+    if load or load_end:
+        fmt = lambda v: "?" if not v else "/".join(f"{x:.2f}" for x in v)
+        lines.append(f"load average (1/5/15 min): {fmt(load)} at start, {fmt(load_end)} at end, "
+                     f"{dev.get('cpu_count')} cores")
+    for w in doc.get("warnings", load_warnings(doc)):
+        lines.append(f"WARNING: {w}")
     for dt, c in doc["ceilings"].items():
         lines.append(f"ceilings {dt}: {c['flops_per_s'] / 1e12:.2f} TFLOP/s matmul, "
                      f"{c['bytes_per_s'] / 1e9:.1f} GB/s copy")

@@ -9,9 +9,11 @@ from torch import nn
 
 from ..config import LOAD_ONLY_INITS, LoraConfig, as_lora_config
 from .grouping import group_siblings, ungroup_siblings
-from .lora_linear import LoraLinear, is_supported_base
+from .lora_linear import LoraLinear, is_supported_base, merge_is_finite
 from .modules_to_save import ModulesToSaveWrapper
+from .qlora import unloaded_base
 from .targets import candidate_modules, find_targets, resolve_targets
+from .transaction import transactional
 
 CONFIGS_ATTR = "_lora_triton_configs"
 
@@ -42,6 +44,7 @@ def _check_name(adapter_name: str) -> None:
         raise ValueError("'__base__' is reserved for 'no adapter' in mixed batches")
 
 
+@transactional  # all of it or none: a failure half-way leaves the model as it was
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Wrap every targeted Linear / Conv1D of ``model`` in place with a LoraLinear holding ``adapter_name``.
 
@@ -50,7 +53,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     stay as they were (``set_adapter`` switches), as in PEFT. Sibling projections that read the
     same tensor (q/k/v, gate/up) are grouped (``nn.grouping``; ``ungroup_siblings`` undoes it).
     """
-    config = as_lora_config(config)
+    config = as_lora_config(config)  # ours or PEFT's LoraConfig; anything else is a TypeError
+    config.validate()  # fields may have been changed since construction
     _check_name(adapter_name)
     if config.init_lora_weights in LOAD_ONLY_INITS:
         raise NotImplementedError(f"init_lora_weights={config.init_lora_weights!r}: lora_triton loads such "
@@ -167,16 +171,16 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
         missing = [n for n in adapter_names if n not in known]
         if missing:
             raise KeyError(f"unknown adapters {missing}; loaded adapters: {sorted(known)}")
+    # adapter_names=[] merges nothing, as in PEFT; only None means "the active adapters".
     if safe_merge:
         for layer in layers:
-            names = [n for n in (adapter_names or layer.active_adapters)
+            names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
                      if n in layer.lora_A and n not in layer.merged_adapters]
-            if names:
-                merged_w, merged_b = layer._merged_values(names)
-                if not (merged_w.isfinite().all() and (merged_b is None or merged_b.isfinite().all())):
-                    raise ValueError(f"safe_merge: merging {names} gives non-finite weights; nothing was changed")
+            if names and not merge_is_finite(*layer.merged_as_stored(names)):
+                raise ValueError(f"safe_merge: merging {names} gives non-finite weights in "
+                                 f"{layer.base_layer.weight.dtype}; nothing was changed")
     for layer in layers:
-        names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names) if n in layer.lora_A]
         layer.merge(names, safe_merge=safe_merge)
 
 
@@ -185,13 +189,17 @@ def unmerge_adapter(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False):
-    """Merge, then put the plain base layers back; modules_to_save keep the active adapter's copy."""
+def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
+                     requantize: bool = False):
+    """Merge, then put the plain base layers back; modules_to_save keep the active adapter's copy.
+
+    4-bit bases come back as full-precision Linears in their compute dtype (W_deq + s B A, one rounding);
+    ``requantize=True`` quantizes them again, with a warning (``nn.qlora``)."""
     merge_adapter(model, adapter_names, safe_merge)
     ungroup_siblings(model)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
-            _set_child(model, path, module.base_layer)
+            _set_child(model, path, unloaded_base(module, requantize))
         elif isinstance(module, ModulesToSaveWrapper):
             active = [a for a in module.active_adapters if a in module.modules_to_save]
             _set_child(model, path, module.modules_to_save[active[0]] if active else module.original_module)

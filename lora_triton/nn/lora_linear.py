@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ..ops.lora_linear import lora_linear
+from .nf4_linear import NF4Linear, is_bnb_linear4bit
+from .qlora import merge_quantized, qlora_forward, unmerge_quantized
 
 
 def is_conv1d(layer: nn.Module) -> bool:
@@ -22,7 +24,11 @@ def is_conv1d(layer: nn.Module) -> bool:
 
 
 def is_supported_base(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Linear) or is_conv1d(layer)
+    return isinstance(layer, (nn.Linear, NF4Linear)) or is_conv1d(layer)
+
+
+def merge_is_finite(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    return bool(weight.isfinite().all()) and (bias is None or bool(bias.isfinite().all()))
 
 
 class LoraLinear(nn.Module):
@@ -32,10 +38,15 @@ class LoraLinear(nn.Module):
         super().__init__()
         if not is_supported_base(base_layer):
             raise TypeError(f"LoraLinear wraps nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}")
+        if is_bnb_linear4bit(base_layer):
+            raise TypeError("bitsandbytes' Linear4bit is adopted by lora_triton.quantize(model) (no requantization); "
+                            "call it before adding adapters")
         self.base_layer = base_layer
         self.fan_in_fan_out = is_conv1d(base_layer)
         w = base_layer.weight
         in_out = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        if isinstance(base_layer, NF4Linear):  # packed bytes: the shape is not the layer's
+            in_out = (base_layer.in_features, base_layer.out_features)
         self.in_features, self.out_features = in_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -96,7 +107,9 @@ class LoraLinear(nn.Module):
 
     # -- base weights ---------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
-        """The frozen weight as [out, in] (a view for Conv1D's [in, out] storage)."""
+        """The frozen weight as [out, in] (a view for Conv1D's [in, out] storage; dequantized for NF4)."""
+        if isinstance(self.base_layer, NF4Linear):
+            return self.base_layer.dequantize()
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
@@ -113,6 +126,8 @@ class LoraLinear(nn.Module):
                                                    if a in self.lora_A and a not in self.merged_adapters]
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        if isinstance(self.base_layer, NF4Linear):
+            return qlora_forward(self, x, active)
         weight, bias = self.base_weight(), self.base_bias()
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -144,15 +159,25 @@ class LoraLinear(nn.Module):
 
     def _merged_values(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The base weight and bias with these adapters folded in, in fp32 (nothing is written)."""
-        merged_w = self.base_layer.weight.detach().float() + sum(self.delta_weight(n) for n in names)
+        quantized = isinstance(self.base_layer, NF4Linear)  # merged into a new full-precision Linear
+        w0 = self.base_layer.dequantize(torch.float32) if quantized else self.base_layer.weight.detach().float()
+        merged_w = w0 + sum(self.delta_weight(n) for n in names)
         merged_b = None
         lora_biases = [n for n in names if self.lora_B[n].bias is not None]
         if lora_biases:
-            if self.base_layer.bias is None:
+            if self.base_layer.bias is None and not quantized:
                 raise ValueError("cannot merge lora_bias into a base layer that has no bias")
-            merged_b = self.base_layer.bias.detach().float() + sum(
+            b0 = 0.0 if self.base_layer.bias is None else self.base_layer.bias.detach().float()
+            merged_b = b0 + sum(
                 self.scaling[n] * self.lora_B[n].bias.detach().float() for n in lora_biases)
         return merged_w, merged_b
+
+    def merged_as_stored(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What a merge would write: the fp32 merged values rounded once to the base's dtypes. safe_merge
+        checks these, not the fp32 values, since an fp16 / bf16 base can overflow in the cast."""
+        merged_w, merged_b = self._merged_values(names)
+        merged_w = merged_w.to(self.base_layer.weight.dtype)
+        return merged_w, None if merged_b is None else merged_b.to(self.base_layer.bias.dtype)
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> list[str]:
         names = list(self.active_adapters if adapter_names is None else adapter_names)
@@ -162,19 +187,22 @@ class LoraLinear(nn.Module):
                 raise KeyError(f"unknown adapter {name!r}; this layer has {list(self.lora_A)}")
         if not names:
             return []
+        if isinstance(self.base_layer, NF4Linear):
+            return merge_quantized(self, names, safe_merge)
         weight = self.base_layer.weight
-        merged_w, merged_b = self._merged_values(names)
-        if safe_merge and not (torch.isfinite(merged_w).all() and (merged_b is None or torch.isfinite(merged_b).all())):
-            raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights; nothing was changed")
+        merged_w, merged_b = self.merged_as_stored(names)
+        if safe_merge and not merge_is_finite(merged_w, merged_b):
+            raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights in "
+                             f"{weight.dtype}; nothing was changed")
         with torch.no_grad():
-            weight.copy_(merged_w.to(weight.dtype))  # one rounding, from fp32
+            weight.copy_(merged_w)
             if merged_b is not None:
-                self.base_layer.bias.copy_(merged_b.to(self.base_layer.bias.dtype))
+                self.base_layer.bias.copy_(merged_b)
         self.merged_adapters.extend(names)
         return names
 
     def unmerge(self) -> None:
-        if not self.merged_adapters:
+        if not self.merged_adapters or unmerge_quantized(self):
             return
         names = list(self.merged_adapters)
         weight = self.base_layer.weight
