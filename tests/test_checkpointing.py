@@ -123,3 +123,19 @@ def test_rank_offset_rule(monkeypatch):
     rank3 = seeds.draw_seeds(3, torch.device("cpu"))
     assert torch.equal(rank3, (rank0 + 3 * seeds.RANK_STRIDE) % seeds.SEED_LIMIT)
     assert (rank3 >= 0).all() and (rank3 < seeds.SEED_LIMIT).all()
+
+
+def test_patched_peft_model_compiles_fullgraph_with_eager_masks():
+    peft = pytest.importorskip("peft", reason="patch_peft accelerates PEFT models")
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_mlp(), peft.LoraConfig(r=3, lora_dropout=P, init_lora_weights=False,
+                                                             target_modules=["up", "down"]))
+    randomize_lora(pm)
+    lt.patch_peft(pm)
+    pm.train()
+    x = model_input("mlp")["x"]
+    expected = _grads(pm, {"x": x})
+    compiled = torch.compile(pm, fullgraph=True, backend="aot_eager")
+    _assert_same(_grads(compiled, {"x": x}, owner=pm), expected, tol=1e-5)
