@@ -206,3 +206,11 @@ def test_tensor_seed_keys_equal_int_keys():
     keys = philox.tensor_round_keys(torch.tensor([2**33 + 5]))  # what a CUDA seed uses, without a sync
     for a, b in zip(philox4x32(None, offsets, keys), _oracle_words(2**33 + 5, offsets)):
         assert torch.equal(a, b)
+
+
+def test_serial_cpu_restores_thread_count():
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"), philox.serial_cpu("cpu"):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == threads

@@ -63,3 +63,22 @@ def test_uneven_counts_add_into_y(monkeypatch):
     y = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks)
     check(y, x, w, b, a, bb, s, ids, ranks)
     assert calls == []
+
+
+def test_token_plan_reused_for_equal_ids_only(monkeypatch):
+    """Layers of one forward share the sort; other ids, or the same tensor written in place, sort again."""
+    sorts = []
+    real = ref._sort_tokens
+    monkeypatch.setattr(ref, "_sort_tokens", lambda ids, num: sorts.append(1) or real(ids, num))
+    monkeypatch.setattr(ref, "_LAST_PLAN", None)
+    x, w, b, a, bb, s, _, ranks = make(8, ranks=(2, 8, 3), seed=7)
+    ids = torch.tensor([0, 1, 2, 0, 1, 2, -1, 0])
+    for _ in range(3):  # three "layers"
+        check(ops.multi_lora_linear(x, w, b, a, bb, s, ids.clone(), ranks), x, w, b, a, bb, s, ids, ranks)
+    assert len(sorts) == 1
+    ids[6] = 1  # in place: the cache holds its own copy, so this is a new batch
+    check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
+    a2, bb2 = a[:2].contiguous(), bb[:2].contiguous()  # same ids, fewer adapters: not the same plan
+    ids2 = torch.tensor([0, 1, 1, 0, 1, 0, -1, 0])
+    check(ops.multi_lora_linear(x, w, b, a2, bb2, s[:2], ids2, ranks[:2]), x, w, b, a2, bb2, s[:2], ids2, ranks[:2])
+    assert len(sorts) == 3

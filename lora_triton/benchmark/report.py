@@ -4,6 +4,7 @@ the plot of time vs tokens per provider."""
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -191,9 +192,9 @@ def plot(doc: dict, path: str | Path, max_panels: int = 12) -> None:
 
     series = defaultdict(lambda: defaultdict(list))
     for r in doc["results"]:
-        series[r["series"]][r["provider"]].append((r["shape"]["tokens"], r["stats"]))
+        series[r["series"]][r["provider"]].append((r["shape"]["tokens"], r["stats"], r))
     names = list(series)[:max_panels]
-    cols = min(3, max(1, len(names)))
+    cols = min(3, max(1, math.ceil(math.sqrt(len(names)))))  # 4 panels: 2 x 2, no empty cells
     rows = max(1, -(-len(names) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
@@ -204,16 +205,21 @@ def plot(doc: dict, path: str | Path, max_panels: int = 12) -> None:
             err = [[m - p[1]["p20_s"] * 1e3 for m, p in zip(med, pts)],
                    [p[1]["p80_s"] * 1e3 - m for m, p in zip(med, pts)]]
             ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=provider)
-        ax.set_title(name, fontsize=8)
+        first = next(iter(series[name].values()))[0][2]
+        shape = first["shape"]
+        ax.set_title(f"{name}\n[{first['dtype']}, K={shape['in_features']} N={shape['out_features']}]", fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("ms (median)")
+        ax.set_xlabel("tokens per call (M)")
+        ax.set_ylabel("time per call, ms (median; bars p20..p80)")
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle(f"{doc['suite']} on {doc['device'].get('name')} ({doc['date'][:10]})", fontsize=10)
+    load = doc.get("load_average")
+    fig.suptitle(f"{doc['suite']} on {doc['device'].get('name')} ({doc['device'].get('type')}, "
+                 f"{doc['device'].get('threads')} threads), {doc['date'][:16]}"
+                 + (f", load {load[0]:.1f}" if load else ""), fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -27,6 +27,7 @@ from ..nn.transaction import model_transaction
 from .adapter_files import WEIGHTS_NAME, torn_config, write_pair
 
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def _adapter_dir(directory: str, adapter_name: str) -> str:
@@ -95,6 +96,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if layer.lora_B[adapter_name].bias is not None:
             out[f"{PREFIX}{path}.lora_B.bias"] = layer.lora_B[adapter_name].bias
+        if adapter_name in layer.lora_magnitude_vector:  # DoRA: PEFT's key has no ".weight"
+            out[f"{PREFIX}{path}.{MAGNITUDE}"] = layer.lora_magnitude_vector[adapter_name].weight
     for path, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for k, v in module.modules_to_save[adapter_name].state_dict().items():
@@ -133,13 +136,13 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         if not key.startswith(PREFIX):
             raise ValueError(f"unexpected key {key!r}: PEFT keys start with {PREFIX!r}")
         rest = key[len(PREFIX):]
-        for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias"):
+        for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias", MAGNITUDE):
             if rest.endswith("." + suffix):
                 lora.setdefault(rest[: -len(suffix) - 1], {})[suffix] = value
                 break
         else:
-            if ".lora_magnitude_vector" in rest or "lora_embedding" in rest:
-                raise NotImplementedError(f"key {key!r}: DoRA / embedding adapters are not supported yet")
+            if "lora_embedding" in rest:
+                raise NotImplementedError(f"key {key!r}: embedding adapters are not supported yet")
             plain[rest] = value
     for path, parts in lora.items():
         if path not in targets:
@@ -161,6 +164,7 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
                     continue
                 raise ValueError(f"missing key {PREFIX}{path}.{suffix} (expected shape {shape})")
             _check_tensor(f"{PREFIX}{path}.{suffix}", parts[suffix], named)
+        _check_magnitude(path, parts, out_f, resolved.use_dora)
         if ("lora_B.bias" in parts) != bool(resolved.lora_bias):
             raise ValueError(f"{PREFIX}{path}.lora_B.bias presence disagrees with lora_bias={resolved.lora_bias}")
     missing = sorted(set(targets) - set(lora))
@@ -185,6 +189,15 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
             raise ValueError(f"{PREFIX}{rest}: dtype {value.dtype} in the file, model has {target.dtype}")
         steps.append((locator, value))
     return resolved, lora, steps
+
+
+def _check_magnitude(path: str, parts: dict, out_features: int, use_dora: bool) -> None:
+    """DoRA's ``lora_magnitude_vector`` [out]: present exactly when the config says use_dora."""
+    if (MAGNITUDE in parts) != bool(use_dora):
+        state = "missing" if use_dora else "present"
+        raise ValueError(f"{PREFIX}{path}.{MAGNITUDE} is {state} but the config has use_dora={use_dora}")
+    if use_dora:
+        _check_tensor(f"{PREFIX}{path}.{MAGNITUDE}", parts[MAGNITUDE], (("out_features", out_features),))
 
 
 def _check_tensor(key: str, value: torch.Tensor, named) -> None:
@@ -237,8 +250,13 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
 
     Transactional: every key, shape and dtype is checked first, and any exception after that (even
     KeyboardInterrupt) rolls the model back, so a failed load leaves it bit-identical.
+    Folders with peft_type "ADALORA" go to ``io.adalora_format.load_adalora``.
     """
     check_adapter_name(adapter_name)
+    from .adalora_format import is_adalora_dir, load_adalora
+
+    if config is None and is_adalora_dir(_adapter_dir(directory, adapter_name)):
+        return load_adalora(model, _adapter_dir(directory, adapter_name), adapter_name, is_trainable=is_trainable)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; loaded: {sorted(adapter_configs(model))}")
     if config is not None:
@@ -258,6 +276,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
             layer.lora_B[adapter_name].weight.copy_(parts["lora_B.weight"])
             if "lora_B.bias" in parts:
                 layer.lora_B[adapter_name].bias.copy_(parts["lora_B.bias"])
+            if MAGNITUDE in parts:
+                layer.lora_magnitude_vector[adapter_name].weight.copy_(parts[MAGNITUDE])
         for locator, value in steps:
             if isinstance(locator, tuple):  # the adapter's new modules_to_save copy
                 _, path, sub = locator
@@ -269,6 +289,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
                 if adapter_name in layer.lora_A:
                     layer.lora_A[adapter_name].requires_grad_(False)
                     layer.lora_B[adapter_name].requires_grad_(False)
+                    if adapter_name in layer.lora_magnitude_vector:
+                        layer.lora_magnitude_vector[adapter_name].requires_grad_(False)
         else:
             set_adapter(model, adapter_name)
     return model

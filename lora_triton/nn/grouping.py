@@ -104,7 +104,7 @@ def _state(layer: LoraLinear, x: torch.Tensor) -> Optional[tuple]:
     if len(layer.active_adapters) != 1 or torch.is_autocast_enabled(x.device.type):
         return None
     name = layer.active_adapters[0]
-    if name not in layer.lora_A:
+    if name not in layer.lora_A or name in layer.lora_variant:  # variants (DoRA) run their own forward
         return None
     weight = layer.base_weight()
     if x.dtype != weight.dtype or x.device != weight.device or x.shape[-1] != layer.in_features:

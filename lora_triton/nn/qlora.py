@@ -45,17 +45,19 @@ def qlora_forward(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor:
 
 def merge_quantized(layer, names: list[str], safe_merge: bool) -> list[str]:
     base: NF4Linear = layer.base_layer
-    merged_w, merged_b = layer._merged_values(names)
+    # Rounded once from fp32 to the compute dtype; safe_merge checks these rounded values (issue 8).
+    merged_w, merged_b = layer.merged_as_stored(names)
     if safe_merge and not (merged_w.isfinite().all() and (merged_b is None or merged_b.isfinite().all())):
-        raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights; nothing was changed")
+        raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights in {merged_w.dtype}; "
+                         "nothing was changed")
     dtype, dev = base.compute_dtype, base.weight.device
     if merged_b is None and base.bias is not None:
-        merged_b = base.bias.detach().float()
+        merged_b = base.bias.detach().to(dtype)
     full = nn.Linear(base.in_features, base.out_features, bias=merged_b is not None, device=dev, dtype=dtype)
     with torch.no_grad():
-        full.weight.copy_(merged_w.to(dtype))  # one rounding, from fp32
+        full.weight.copy_(merged_w)
         if merged_b is not None:
-            full.bias.copy_(merged_b.to(dtype))
+            full.bias.copy_(merged_b)
     full.requires_grad_(False)
     full.train(base.training)
     layer.__dict__[_KEPT] = base  # not a submodule: it must not show up in state_dict / parameters

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .philox import keep_mask_chunks
+from .philox import keep_mask_chunks, serial_cpu
 
 
 def _mask_chunks(x, seed, dropout_p: float):
@@ -27,11 +27,12 @@ def shrink_dropout(x, lora_A, dropout_p: float, seed):
     u = alloc((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
     a_t = lora_A.t()
     buf = None
-    for r0, r1, keep in _mask_chunks(x, seed, dropout_p):
-        if buf is None:
-            buf = torch.empty((r1 - r0, x.shape[1]), dtype=x.dtype, device=x.device)
-        xm = torch.mul(x[r0:r1], keep, out=buf[:r1 - r0])
-        torch.mm(xm, a_t, out=u[r0:r1])
+    with serial_cpu(x.device):
+        for r0, r1, keep in _mask_chunks(x, seed, dropout_p):
+            if buf is None:
+                buf = torch.empty((r1 - r0, x.shape[1]), dtype=x.dtype, device=x.device)
+            xm = torch.mul(x[r0:r1], keep, out=buf[:r1 - r0])
+            torch.mm(xm, a_t, out=u[r0:r1])
     return u.mul_(1.0 / (1.0 - dropout_p))  # on [M, r], not on [M, K]
 
 
@@ -77,20 +78,21 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     d_a = torch.zeros((lora_A.shape[0], x.shape[1]), dtype=acc, device=x.device)
     same = x.dtype == acc
     xbuf = dbuf = None
-    for r0, r1, keep in _mask_chunks(x, seed, dropout_p):
-        n = r1 - r0
-        if xbuf is None:
-            xbuf = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device)
-            dbuf = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device) if need_dx else None
-        xm = torch.mul(x[r0:r1], keep, out=xbuf[:n])
-        if same:
-            d_a.addmm_(d_us[r0:r1].t(), xm)
-        else:  # accumulate the chunks in fp32, not in x's dtype
-            d_a += (d_us[r0:r1].t() @ xm).to(acc)
-        if need_dx:
-            lora_dx = torch.mm(d_us[r0:r1], lora_A, out=dbuf[:n])
-            if weight is None:
-                torch.mul(lora_dx, keep, out=dx[r0:r1])
-            else:
-                dx[r0:r1].addcmul_(lora_dx, keep)
+    with serial_cpu(x.device):
+        for r0, r1, keep in _mask_chunks(x, seed, dropout_p):
+            n = r1 - r0
+            if xbuf is None:
+                xbuf = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device)
+                dbuf = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device) if need_dx else None
+            xm = torch.mul(x[r0:r1], keep, out=xbuf[:n])
+            if same:
+                d_a.addmm_(d_us[r0:r1].t(), xm)
+            else:  # accumulate the chunks in fp32, not in x's dtype
+                d_a += (d_us[r0:r1].t() @ xm).to(acc)
+            if need_dx:
+                lora_dx = torch.mm(d_us[r0:r1], lora_A, out=dbuf[:n])
+                if weight is None:
+                    torch.mul(lora_dx, keep, out=dx[r0:r1])
+                else:
+                    dx[r0:r1].addcmul_(lora_dx, keep)
     return dx, d_a.float(), d_b.float()

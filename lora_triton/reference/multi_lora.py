@@ -15,6 +15,7 @@ decode batch) the sorted rows are one [adapters, count, K] block with no padding
 With one slot per token and x in the compute dtype (fp32, fp64) the LoRA term goes into y with
 ``index_add_``; otherwise it is summed over slots in fp32 and added once. Rows without an
 adapter are never written, so they equal F.linear bit for bit.
+The sort ("plan") of the last call is kept and reused for equal ids (``token_plan``).
 """
 
 from __future__ import annotations
@@ -33,29 +34,18 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     else:
         y = torch.nn.functional.linear(x, weight, bias)
     k = adapter_ids.shape[1]
-    flat = adapter_ids.reshape(-1).to(torch.int64)
-    sel = torch.nonzero(flat >= 0).flatten()  # slot indices j = token * k + c with an adapter
-    if sel.numel() == 0 or num == 0 or r_max == 0:
-        return y
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ad = flat[sel]
-    order = torch.argsort(ad, stable=True)
-    sel, ad = sel[order], ad[order]
-    counts = torch.bincount(ad, minlength=num)
-    starts = torch.cumsum(counts, 0) - counts
-    max_count = int(counts.max())
-    by_id = max_count * num <= 2 * sel.numel()
+    plan = token_plan(adapter_ids, num)
+    if plan is None or r_max == 0:
+        return y
+    sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts = plan
     if by_id:
         # Low skew (the serving norm): rows laid out by adapter id, one padded block, and the
         # adapter stacks used as they are, with no per-call copy of A and B.
-        active = torch.arange(num, device=x.device)
         a_act, b_act = lora_A.to(cdt), lora_B.to(cdt)
     else:
-        active = torch.nonzero(counts).flatten()
-        active = active[torch.argsort(counts[active], descending=True, stable=True)]
         a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
-    act_counts, act_starts = counts[active], starts[active]
-    coef = scalings.to(cdt)[ad]
+    coef = torch.where(ranks.to(x.device)[ad] > 0, scalings.to(cdt)[ad], 0)  # rank <= 0 adds nothing, as in the kernels
     if adapter_weights is not None:
         coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
     act_ranks = ranks.to(x.device)[active]
@@ -90,6 +80,49 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     if direct:
         return y
     return _add_slots(y, acc, adapter_ids, sel, t, k, n, cdt)
+
+
+# The last plan: every layer of one forward (and every decode step of one batch) sees the same ids.
+_LAST_PLAN: tuple | None = None
+
+
+def token_plan(adapter_ids, num: int):
+    """The (token, slot) pairs sorted by adapter and the adapters' row layout, or None when no slot has
+    an adapter: (sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts).
+
+    On CPU the last plan is kept and reused when the ids are equal (a T-element compare instead of the
+    sort), so a model's layers sort the batch once per forward. The entry holds its own copy of the ids
+    and is replaced in one assignment, so concurrent callers at worst recompute.
+    """
+    global _LAST_PLAN
+    cpu = adapter_ids.device.type == "cpu"
+    hit = _LAST_PLAN if cpu else None
+    if hit is not None and hit[1] == num and hit[0].shape == adapter_ids.shape and torch.equal(hit[0], adapter_ids):
+        return hit[2]
+    plan = _sort_tokens(adapter_ids, num)
+    if cpu:
+        _LAST_PLAN = (adapter_ids.clone(), num, plan)
+    return plan
+
+
+def _sort_tokens(adapter_ids, num: int):
+    flat = adapter_ids.reshape(-1).to(torch.int64)
+    sel = torch.nonzero((flat >= 0) & (flat < num)).flatten()  # slots j = token * k + c with an adapter
+    if sel.numel() == 0 or num == 0:
+        return None
+    ad = flat[sel]
+    order = torch.argsort(ad, stable=True)
+    sel, ad = sel[order], ad[order]
+    counts = torch.bincount(ad, minlength=num)
+    starts = torch.cumsum(counts, 0) - counts
+    max_count = int(counts.max())
+    by_id = max_count * num <= 2 * sel.numel()
+    if by_id:
+        active = torch.arange(num, device=adapter_ids.device)
+    else:
+        active = torch.nonzero(counts).flatten()
+        active = active[torch.argsort(counts[active], descending=True, stable=True)]
+    return sel, ad, counts, starts, max_count, by_id, active, counts[active], starts[active]
 
 
 def _rank_limited(a_act, b_act, act_ranks, r_max: int):
