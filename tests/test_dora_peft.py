@@ -259,11 +259,25 @@ def test_dora_must_be_the_first_active_adapter():
 def test_dora_refusals_are_clear():
     with pytest.raises(ValueError, match="use_dora=True with lora_bias"):
         LoraLinear(torch.nn.Linear(8, 6), "d", r=2, use_dora=True, lora_bias=True)
-    model = lora_triton.inject_lora(BUILDERS["mlp"](), lora_triton.LoraConfig(target_modules=["up"], r=2,
-                                                                                use_dora=True))
-    with pytest.raises(NotImplementedError, match="DoRA adapters, which mixed batches do not support"):
-        with lora_triton.adapter_batch(model, ["default", None]):
-            run(model, model_input("mlp"))
+
+
+@pytest.mark.parametrize("kind, targets", [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["c_attn"])])
+def test_mixed_batch_with_per_row_magnitudes(kind, targets):
+    """PEFT refuses DoRA in adapter_names batches; here each row gets its own adapter's m / n, and the
+    mixed batch equals running every sequence alone (two DoRA adapters, a plain one, the base)."""
+    from lora_triton.serving.batch import mixed_batch_check
+
+    model = BUILDERS[kind]()
+    for i, (name, dora) in enumerate((("d1", True), ("plain", False), ("d2", True))):
+        lora_triton.inject_lora(model, lora_triton.LoraConfig(target_modules=targets, r=2 + i, use_dora=dora,
+                                                              init_lora_weights=False), name)
+    for layer in (m for m in model.modules() if isinstance(m, LoraLinear)):
+        with torch.no_grad():
+            for mag in layer.lora_magnitude_vector.values():
+                mag.weight.mul_(1 + 0.5 * torch.rand(mag.weight.shape))
+    inputs = model_input(kind, batch=4)
+    result = mixed_batch_check(model.eval(), ["d1", None, "plain", "d2"], inputs, atol=TOL)
+    assert result["ok"], result
 
 
 def test_bad_magnitude_files_are_refused_and_leave_the_model_alone(tmp_path):

@@ -9,8 +9,10 @@ from torch import nn
 
 from ..config import LOAD_ONLY_INITS, LoraConfig
 from .grouping import group_siblings, ungroup_siblings
+from .loftq import loftq_layer
 from .lora_linear import LoraLinear, is_supported_base, merge_is_finite
 from .modules_to_save import ModulesToSaveWrapper
+from .nf4_linear import NF4Linear
 from .qlora import unloaded_base
 from .targets import candidate_modules, find_targets, resolve_targets
 from .transaction import transactional
@@ -78,7 +80,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     for path, module in targets:
         r, alpha = config.rank_for(path), config.alpha_for(path)
         args = (r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, config.lora_bias)
-        if isinstance(module, LoraLinear):
+        if config.init_lora_weights == "loftq":  # quantizes the base itself
+            _set_child(model, path, loftq_layer(module, adapter_name, args, config.loftq_config))
+        elif isinstance(module, LoraLinear):
             module.add_adapter(adapter_name, *args, use_dora=config.use_dora)
         else:
             _set_child(model, path, LoraLinear(module, adapter_name, *args, use_dora=config.use_dora))
@@ -170,6 +174,12 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
         if missing:
             raise KeyError(f"unknown adapters {missing}; loaded adapters: {sorted(known)}")
     # adapter_names=[] merges nothing, as in PEFT; only None means "the active adapters".
+    # Whatever a layer would refuse is refused here, before the first layer changes.
+    for path, layer in lora_layers(model):
+        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names) if n in layer.lora_A]
+        if layer.base_layer.bias is None and not isinstance(layer.base_layer, NF4Linear) and any(
+                layer.lora_B[n].bias is not None for n in names if n not in layer.merged_adapters):
+            raise ValueError(f"{path}: cannot merge lora_bias into a base layer that has no bias; nothing was changed")
     if safe_merge:
         for layer in layers:
             names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
@@ -210,6 +220,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise KeyError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(configs)}")
+    merged = [p for p, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
+    if merged:  # checked before any layer forgets the adapter
+        raise ValueError(f"adapter {adapter_name!r} is merged; unmerge before deleting it (merged in {merged[:3]})")
     remaining_active = [a for a in active_adapters(model) if a != adapter_name]
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
