@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from .shapes import MIXED_RANKS, ModelShape, serve_grid_points
 
 SUITES = ("quick", "train", "serve", "all", "grid")
-OPS = ("lora_linear", "multi_lora_linear")
+OPS = ("lora_linear", "multi_lora_linear", "dora_linear")
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,10 @@ def grid_cases(model: ModelShape, cuda: bool) -> list[Case]:
 def suite_cases(suite: str, models: list[ModelShape], cuda: bool) -> list[Case]:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
-    parts = {"quick": (quick_cases,), "train": (train_cases,), "serve": (serve_cases,),
-             "all": (train_cases, serve_cases), "grid": (grid_cases,)}[suite]
+    from .dora_cases import dora_train_cases  # its own file; it imports this one
+
+    parts = {"quick": (quick_cases,), "train": (train_cases, dora_train_cases), "serve": (serve_cases,),
+             "all": (train_cases, dora_train_cases, serve_cases), "grid": (grid_cases,)}[suite]
     return _dedupe([c for make in parts for m in models for c in make(m, cuda)])
 
 

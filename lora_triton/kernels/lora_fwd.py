@@ -5,7 +5,8 @@
    columns), fp32 accumulate, optional split-K
    over a strided set of K blocks into an fp32 workspace (many programs when M is small).
 2. ``_fwd_gemm_kernel``: y = x W^T + b + s U B^T. The expand is one extra [BM, r] x [r, BN] dot
-   before the epilogue, so the low-rank term never touches HBM as an [M, N] tensor.
+   into the main accumulator (s folded into the B tile) before the epilogue, so the low-rank
+   term never touches HBM as an [M, N] tensor nor needs a second fp32 tile in registers.
    Program ids are grouped along M for L2 reuse of W tiles.
 
 r is padded to R_PAD (a power of two >= 16, tl.dot's minimum) with masks; absent operands
@@ -56,12 +57,15 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _lora_dot(u_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
-              BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr):
-    """[BM, BN] fp32 = U[rows, :R] @ Bt[:R, cols], Bt[j, n] at b_ptr + j*stride_br + n*stride_bn.
-    r is walked in chunks of at most 64 so a rank-256 adapter neither spills nor bloats smem."""
+def _lora_acc(acc, u_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
+              scaling, R_PAD: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr):
+    """acc + U[rows, :R] @ (scaling * Bt[:R, cols]), Bt[j, n] at b_ptr + j*stride_br + n*stride_bn.
+
+    The low-rank term goes straight into the caller's accumulator (the scale folded into the
+    [r, BN] operand tile), so the GEMM holds one fp32 [BM, BN] accumulator, not two: that is
+    what lets a 128x256 tile compile without spills. r is walked in chunks of at most 64 so a
+    rank-256 adapter neither spills nor bloats smem."""
     R_BLOCK: tl.constexpr = R_PAD if R_PAD < 64 else 64
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
     for r0 in tl.static_range(0, R_PAD, R_BLOCK):
         rr = r0 + tl.arange(0, R_BLOCK)
         r_ok = rr < R
@@ -69,8 +73,19 @@ def _lora_dot(u_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur,
                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         b_t = tl.load(b_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn,
                       mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        if SCALE:
+            b_t = (b_t.to(tl.float32) * scaling).to(b_ptr.dtype.element_ty)
         acc = _dot(u, b_t, acc, IEEE)
     return acc
+
+
+@triton.jit
+def _lora_dot(u_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
+              BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr):
+    """[BM, BN] fp32 = U[rows, :R] @ Bt[:R, cols] in its own accumulator (the masked dx epilogue,
+    where the dropout mask multiplies the low-rank term alone)."""
+    return _lora_acc(tl.zeros((BM, BN), dtype=tl.float32), u_ptr, b_ptr, rows, cols, row_ok, col_ok, R,
+                     stride_um, stride_ur, stride_br, stride_bn, 1.0, R_PAD, IEEE, False)
 
 
 @triton.jit
@@ -104,20 +119,35 @@ def _shrink_kernel(
     r_ok = rr < R
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)  # on-device seed: no host sync
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     # Split s takes K blocks s, s + SPLIT_K, ...: no K_PER_SPLIT to keep aligned with BLOCK_K.
-    for kb in range(pid_s, tl.cdiv(K, BLOCK_K), SPLIT_K):
-        cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = (x.to(tl.float32) * _dropout_scale(seed, rows, cols, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
-        a_t = tl.load(a_ptr + rr[None, :] * stride_ar + cols[:, None] * stride_ak,
-                      mask=r_ok[None, :] & col_ok[:, None], other=0.0)
-        acc = _dot(x, a_t, acc, IEEE)
-    u_ptrs = u_ptr + pid_s * stride_us + rows[:, None] * stride_um + rr[None, :] * stride_ur
-    tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+    if HAS_DROPOUT:
+        # U^T = A D(x)^T: the masked tile, computed in registers, is the MMA's B operand, which
+        # goes through shared memory; as the A operand from registers it made ptxas serialize the
+        # wgmma pipeline (C7515). r is the MMA's M side here (wgmma from r_pad 64, mma.sync below).
+        acc_t = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
+        for kb in range(pid_s, tl.cdiv(K, BLOCK_K), SPLIT_K):
+            cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            xm = (x.to(tl.float32) * _dropout_scale(seed, rows, cols, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak,
+                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_t = _dot(a, tl.trans(xm), acc_t, IEEE)
+        u_ptrs = u_ptr + pid_s * stride_us + rr[:, None] * stride_ur + rows[None, :] * stride_um
+        tl.store(u_ptrs, acc_t.to(u_ptr.dtype.element_ty), mask=r_ok[:, None] & row_ok[None, :])
+    else:
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for kb in range(pid_s, tl.cdiv(K, BLOCK_K), SPLIT_K):
+            cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            a_t = tl.load(a_ptr + rr[None, :] * stride_ar + cols[:, None] * stride_ak,
+                          mask=r_ok[None, :] & col_ok[:, None], other=0.0)
+            acc = _dot(x, a_t, acc, IEEE)
+        u_ptrs = u_ptr + pid_s * stride_us + rows[:, None] * stride_um + rr[None, :] * stride_ur
+        tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -145,10 +175,9 @@ def _fwd_gemm_kernel(
             w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                           mask=col_ok[None, :] & k_ok[:, None], other=0.0)
             acc = _dot(x, w_t, acc, IEEE)
-    # Expand: one [BM, r] x [r, BN] dot (in r chunks), scaled, before the epilogue.
-    lora = _lora_dot(u_ptr, lb_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
-                     BLOCK_M, BLOCK_N, R_PAD, IEEE)
-    acc += scaling * lora
+    # Expand: one [BM, r] x [r, BN] dot (in r chunks) into the same accumulator, before the epilogue.
+    acc = _lora_acc(acc, u_ptr, lb_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
+                    scaling, R_PAD, IEEE, True)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]

@@ -44,7 +44,7 @@ def _tile_rows(tile, tile_adapter_ptr, tile_row0_ptr, tile_rend_ptr, perm_ptr, N
 
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, u_ptr, perm_ptr, tile_adapter_ptr, tile_row0_ptr, tile_rend_ptr, ranks_ptr,
-                   K, NUM_SLOTS, stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_us, stride_um,
+                   K, NUM_SLOTS, stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_us, stride_um, R,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                    DOT_PREC: tl.constexpr):
     tile = tl.program_id(0)
@@ -54,7 +54,7 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, perm_ptr, tile_adapter_ptr, tile_row0_pt
                                                   NUM_SLOTS, BLOCK_M)
     if adapter < 0:
         return
-    rank = tl.load(ranks_ptr + adapter)
+    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + adapter), 0), R)  # bad ranks never index past r_max
     r0 = pid_r * BLOCK_R
     if r0 >= rank:  # rank tile entirely in the padding of this adapter
         return
@@ -80,7 +80,7 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, perm_ptr, tile_adapter_ptr, tile_row0_pt
 @triton.jit
 def _expand_kernel(u_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr, tile_row0_ptr, tile_rend_ptr, ranks_ptr,
                    scal_ptr, N, NUM_SLOTS, tile_offset, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
-                   stride_us, stride_um, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   stride_us, stride_um, R, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr):
     tile = tile_offset + tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -88,7 +88,7 @@ def _expand_kernel(u_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr, tile_
                                                   NUM_SLOTS, BLOCK_M)
     if adapter < 0:
         return
-    rank = tl.load(ranks_ptr + adapter)
+    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + adapter), 0), R)  # bad ranks never index past r_max
     coef = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scal_ptr + adapter)
     if HAS_W:
         coef *= tl.load(w_ptr + slot, mask=m_ok, other=0.0)
@@ -118,7 +118,7 @@ def _expand_kernel(u_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr, tile_
 def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr, tile_row0_ptr, tile_rend_ptr,
                   ranks_ptr, scal_ptr, K, N, NUM_SLOTS, tile_offset, n_per_prog,
                   stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_bl, stride_bn, stride_br,
-                  stride_ym, stride_yn, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                  stride_ym, stride_yn, R, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     tile = tile_offset + tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -126,7 +126,7 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr,
                                                   NUM_SLOTS, BLOCK_M)
     if adapter < 0:
         return
-    rank = tl.load(ranks_ptr + adapter)
+    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + adapter), 0), R)  # bad ranks never index past r_max
     if rank == 0:
         return
     coef = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scal_ptr + adapter)
@@ -150,8 +150,11 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr,
     n_lo = pid_n * n_per_prog
     n_hi = tl.minimum(n_lo + n_per_prog, N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_hi
+        # n_per_prog is a multiple of BLOCK_N (launcher), so no block crosses n_hi except at N:
+        # masking with N alone, from a block start the compiler knows is aligned, lets y's loads and
+        # stores go 128 bits wide (st.global.v4 in PTX; with `< n_hi`, 16-bit scalar ones).
+        offs_n = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_N), BLOCK_N), BLOCK_N)
+        n_ok = offs_n < N
         bt = tl.load(b_base + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                      mask=n_ok[None, :] & r_ok[:, None], other=0.0)
         delta = tl.dot(u_c, bt.to(u_c.dtype), input_precision=DOT_PREC)
@@ -210,6 +213,27 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, n)))
 
 
+_BYTES_PER_PROGRAM = 32 * 1024  # bytes one shrink program streams before split-K cuts it
+
+
+def _shrink_split(t: int, kdim: int, nt: int, num_slots: int, block_r: int, esize: int) -> int:
+    """Split-K of the prefill/batch shrink, sized from the bytes each program streams.
+
+    A tile streams its rows of x and its adapter's [BLOCK_R, K] slice of A: with many adapters
+    and few tokens (decode-like batches, T=256 on 256 adapters: one row per tile) that is ~140 KB
+    through one program, latency-bound, while counting programs (nt * slots = 260 ~ two waves)
+    says the GPU is full. Splitting until a program streams ~32 KB (at most 8 ways, >= 256 K
+    columns per split) keeps several loads in flight per SM. Above 256 tokens the tiles are full
+    and the MMA work hides the latency: no split."""
+    if t > 256:
+        return 1
+    rows = max(1, -(-t // max(1, nt)))  # tokens per tile on average (nt: an upper bound on the tiles)
+    per_tile = kdim * esize * (min(rows, 64) + block_r)
+    by_bytes = -(-per_tile // _BYTES_PER_PROGRAM)
+    by_programs = max(1, _TARGET_PROGRAMS // max(1, num_slots * nt))
+    return max(1, min(8, kdim // 256, max(by_bytes, by_programs)))
+
+
 def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights=None, *,
                       mode: str | None = None, split_k: int | None = None, block_m: int | None = None):
     """Validated, normalized inputs (see ``ops/multi_lora.py``): x [T, K]; weight [N, K] or None; bias [N] or None;
@@ -241,26 +265,26 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
             _fused_kernel[(nt, n_split)](
                 x, lora_A, lora_B, y, w, perm, tile_adapter, tile_row0, tile_rend, ranks, scalings,
                 kdim, n, num_slots, c * nt, n_per,
-                x.stride(0), x.stride(1), *lora_A.stride(), *lora_B.stride(), y.stride(0), y.stride(1),
+                x.stride(0), x.stride(1), *lora_A.stride(), *lora_B.stride(), y.stride(0), y.stride(1), R=r_max,
                 HAS_W=has_w, BLOCK_M=bm, BLOCK_R=block_r, BLOCK_K=64, BLOCK_N=block_n, DOT_PREC=prec,
                 num_warps=_NUM_WARPS)
         return y
     if mode != "split":
         raise ValueError(f"mode must be None, 'fused' or 'split', got {mode!r}")
     block_r = 16 if r_max <= 16 else 32
-    if split_k is None:  # few tokens: split K so the shrink fills the GPU
-        split_k = max(1, min(8, kdim // 512, _TARGET_PROGRAMS // max(1, num_slots * nt))) if t <= 256 else 1
+    if split_k is None:
+        split_k = _shrink_split(t, kdim, nt, num_slots, block_r, x.element_size())
     block_k = 64
     u = torch.empty((split_k, t * num_slots, r_max), dtype=torch.float32, device=x.device)
     _shrink_kernel[(num_slots * nt, triton.cdiv(r_max, block_r), split_k)](
         x, lora_A, u, perm, tile_adapter, tile_row0, tile_rend, ranks, kdim, num_slots,
-        x.stride(0), x.stride(1), *lora_A.stride(), u.stride(0), u.stride(1),
+        x.stride(0), x.stride(1), *lora_A.stride(), u.stride(0), u.stride(1), R=r_max,
         BLOCK_M=bm, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, DOT_PREC=prec, num_warps=_NUM_WARPS)
     block_n = 64
     for c in range(num_slots):
         _expand_kernel[(nt, triton.cdiv(n, block_n))](
             u, lora_B, y, w, perm, tile_adapter, tile_row0, tile_rend, ranks, scalings, n, num_slots, c * nt,
-            *lora_B.stride(), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
+            *lora_B.stride(), y.stride(0), y.stride(1), u.stride(0), u.stride(1), R=r_max,
             HAS_W=has_w, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_R=block_r, SPLIT_K=split_k, DOT_PREC=prec,
             num_warps=_NUM_WARPS)
     return y

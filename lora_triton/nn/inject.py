@@ -7,11 +7,15 @@ from typing import Optional, Union
 
 from torch import nn
 
-from ..config import LOAD_ONLY_INITS, LoraConfig
+from ..config import LOAD_ONLY_INITS, LoraConfig, as_lora_config
 from .grouping import group_siblings, ungroup_siblings
-from .lora_linear import LoraLinear, is_supported_base
+from .loftq import loftq_layer
+from .lora_linear import LoraLinear, is_supported_base, merge_is_finite
 from .modules_to_save import ModulesToSaveWrapper
+from .nf4_linear import NF4Linear
+from .qlora import unloaded_base
 from .targets import candidate_modules, find_targets, resolve_targets
+from .transaction import transactional
 
 CONFIGS_ATTR = "_lora_triton_configs"
 
@@ -42,6 +46,7 @@ def _check_name(adapter_name: str) -> None:
         raise ValueError("'__base__' is reserved for 'no adapter' in mixed batches")
 
 
+@transactional  # all of it or none: a failure half-way leaves the model as it was
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Wrap every targeted Linear / Conv1D of ``model`` in place with a LoraLinear holding ``adapter_name``.
 
@@ -50,8 +55,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     stay as they were (``set_adapter`` switches), as in PEFT. Sibling projections that read the
     same tensor (q/k/v, gate/up) are grouped (``nn.grouping``; ``ungroup_siblings`` undoes it).
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
+    config = as_lora_config(config)  # ours or PEFT's LoraConfig; anything else is a TypeError
+    config.validate()  # fields may have been changed since construction
     _check_name(adapter_name)
     if config.init_lora_weights in LOAD_ONLY_INITS:
         raise NotImplementedError(f"init_lora_weights={config.init_lora_weights!r}: lora_triton loads such "
@@ -74,14 +79,19 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     for path, module in targets:
         r, alpha = config.rank_for(path), config.alpha_for(path)
         args = (r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, config.lora_bias)
-        if isinstance(module, LoraLinear):
-            module.add_adapter(adapter_name, *args)
+        if config.init_lora_weights == "loftq":  # quantizes the base itself
+            _set_child(model, path, loftq_layer(module, adapter_name, args, config.loftq_config))
+        elif isinstance(module, LoraLinear):
+            module.add_adapter(adapter_name, *args, use_dora=config.use_dora)
         else:
-            _set_child(model, path, LoraLinear(module, adapter_name, *args))
+            # A new module starts in training mode: take the wrapped layer's, or an eval model drops out.
+            _set_child(model, path, LoraLinear(module, adapter_name, *args, use_dora=config.use_dora)
+                       .train(module.training))
     for path, module in list(candidate_modules(model)):
         # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
         if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
-            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else \
+                ModulesToSaveWrapper(module).train(module.training)
             wrapper.add_adapter(adapter_name)
             if wrapper is not module:
                 _set_child(model, path, wrapper)
@@ -91,6 +101,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     # Sibling projections (q/k/v, gate/up) share one shrink when they are provably called on
     # the same tensor (nn/grouping.py); anything else runs each layer's own forward.
     group_siblings(model)
+    from ..io.hf_integration import install_peft_methods  # io imports nn: resolved at call time
+
+    install_peft_methods(model)  # transformers models: save_pretrained writes PEFT's adapter format
     return model
 
 
@@ -109,6 +122,8 @@ def _mark_trainable(model: nn.Module, active: list[str]) -> None:
             if name in layer.lora_A:
                 layer.lora_A[name].requires_grad_(True)
                 layer.lora_B[name].requires_grad_(True)
+            if name in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[name].requires_grad_(True)
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper):
             for name in active:
@@ -163,16 +178,23 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
         missing = [n for n in adapter_names if n not in known]
         if missing:
             raise KeyError(f"unknown adapters {missing}; loaded adapters: {sorted(known)}")
+    # adapter_names=[] merges nothing, as in PEFT; only None means "the active adapters".
+    # Whatever a layer would refuse is refused here, before the first layer changes.
+    for path, layer in lora_layers(model):
+        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names) if n in layer.lora_A]
+        if layer.base_layer.bias is None and not isinstance(layer.base_layer, NF4Linear) and any(
+                layer.lora_B[n].bias is not None for n in names if n not in layer.merged_adapters):
+            raise ValueError(f"{path}: cannot merge lora_bias into a base layer that has no bias; nothing was changed")
     if safe_merge:
         for layer in layers:
-            names = [n for n in (adapter_names or layer.active_adapters)
+            names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
                      if n in layer.lora_A and n not in layer.merged_adapters]
-            if names:
-                merged_w, merged_b = layer._merged_values(names)
-                if not (merged_w.isfinite().all() and (merged_b is None or merged_b.isfinite().all())):
-                    raise ValueError(f"safe_merge: merging {names} gives non-finite weights; nothing was changed")
+            merged = layer.merged_as_stored(names) if names else None
+            if merged is not None and not merge_is_finite(*merged):
+                raise ValueError(f"safe_merge: merging {names} gives non-finite weights in "
+                                 f"{merged[0].dtype}; nothing was changed")
     for layer in layers:
-        names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names) if n in layer.lora_A]
         layer.merge(names, safe_merge=safe_merge)
 
 
@@ -181,13 +203,17 @@ def unmerge_adapter(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False):
-    """Merge, then put the plain base layers back; modules_to_save keep the active adapter's copy."""
+def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
+                     requantize: bool = False):
+    """Merge, then put the plain base layers back; modules_to_save keep the active adapter's copy.
+
+    4-bit bases come back as full-precision Linears in their compute dtype (W_deq + s B A, one rounding);
+    ``requantize=True`` quantizes them again, with a warning (``nn.qlora``)."""
     merge_adapter(model, adapter_names, safe_merge)
     ungroup_siblings(model)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
-            _set_child(model, path, module.base_layer)
+            _set_child(model, path, unloaded_base(module, requantize))
         elif isinstance(module, ModulesToSaveWrapper):
             active = [a for a in module.active_adapters if a in module.modules_to_save]
             _set_child(model, path, module.modules_to_save[active[0]] if active else module.original_module)
@@ -199,6 +225,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise KeyError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(configs)}")
+    merged = [p for p, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
+    if merged:  # checked before any layer forgets the adapter
+        raise ValueError(f"adapter {adapter_name!r} is merged; unmerge before deleting it (merged in {merged[:3]})")
     remaining_active = [a for a in active_adapters(model) if a != adapter_name]
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_A:

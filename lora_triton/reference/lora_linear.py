@@ -22,7 +22,9 @@ def _mask_chunks(x, seed, dropout_p: float):
 
 def shrink_dropout(x, lora_A, dropout_p: float, seed):
     """U = D(x) A^T [M, r]: x masked one row chunk at a time into a reused buffer, then one GEMM per chunk."""
-    u = torch.empty((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
+    # K = 0 yields no mask chunk, so nothing would write u: start from zeros there (U = 0 exactly).
+    alloc = torch.zeros if x.shape[1] == 0 else torch.empty
+    u = alloc((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
     a_t = lora_A.t()
     buf = None
     with serial_cpu(x.device):

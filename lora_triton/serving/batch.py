@@ -20,6 +20,7 @@ from torch import nn
 from ..nn.lora_linear import LoraLinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from ._hook import BASE, run_layer
+from .dora_batch import dora_mixed_forward
 
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, stack tuple)
 
@@ -114,10 +115,12 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
 
 def _make_hook(seq_ids: torch.Tensor):
     def hook(layer, x):
-        _, a, b, scal, ranks = layer_stack(layer, x.dtype if not torch.is_autocast_enabled(x.device.type)
-                                           else torch.get_autocast_dtype(x.device.type))
+        names, a, b, scal, ranks = layer_stack(layer, x.dtype if not torch.is_autocast_enabled(x.device.type)
+                                               else torch.get_autocast_dtype(x.device.type))
         if a.shape[0] == 0:
             return layer.base_layer(x)
+        if layer.lora_variant:  # DoRA rows: per-row magnitudes (serving/dora_batch.py)
+            return dora_mixed_forward(layer, x, names, a, b, scal, ranks, seq_ids)
         return run_layer(layer, x, a, b, scal, ranks, seq_ids)
     return hook
 
