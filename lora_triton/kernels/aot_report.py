@@ -34,9 +34,10 @@ from .grouped_kernels import _grouped_shrink_kernel
 from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel, _shrink_kernel
 from .lora_tma import _dx_tma_kernel, _fwd_gemm_tma_kernel
+from .nf4 import _nf4_dgrad_kernel, _nf4_fwd_kernel
 
 _TL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-_FLOAT_ARGS = {"scaling", "p", "inv_keep"}
+_FLOAT_ARGS = {"scaling", "p", "inv_keep", "offset"}
 _INT_ARGS = {"M", "N", "K", "R", "M_BUCKET", "SPLIT_K", "SPLIT_M", "G", "NUM_SLOTS", "tile_offset", "n_per_prog"}
 # Pointers that are fp32 whatever the dtype (dB, dA outputs; grouped dropout p); the seed is int64.
 _FP32_PTRS = {"db_ptr", "da_ptr", "p_ptr"}
@@ -46,6 +47,9 @@ _ML_PTRS = dict(perm_ptr="*i32", tile_adapter_ptr="*i32", tile_row0_ptr="*i32", 
                 ranks_ptr="*i32", scal_ptr="*fp32", w_ptr="*fp32", u_ptr="*fp32")
 _PTR_TYPES = {"ml_shrink": _ML_PTRS, "ml_expand": _ML_PTRS, "ml_fused": _ML_PTRS,
               "grouped_shrink": dict(roff_ptr="*i32")}
+# 4-bit GEMMs (kernels/nf4.py): packed nibbles and double-quantized absmax codes are bytes, tables fp32.
+_NF4_PTRS = dict(packed_ptr="*u8", absmax_ptr="*u8", code_ptr="*fp32", nabs_ptr="*fp32", ncode_ptr="*fp32")
+_PTR_TYPES.update(nf4_fwd=_NF4_PTRS, nf4_dgrad=_NF4_PTRS)
 # Strides that are 1 for contiguous row-major operands: the runtime specializes them to constexpr 1.
 _UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_ur", "stride_wk", "stride_br", "stride_yn", "stride_dyn",
                  "stride_dur", "stride_dbr", "stride_dak", "stride_dxk"}
@@ -86,8 +90,12 @@ KERNELS = {
     "ml_shrink": (ml._shrink_kernel, _ml_config("ml_shrink"), {}),
     "ml_expand": (ml._expand_kernel, _ml_config("ml_expand"), dict(HAS_W=True)),
     "ml_fused": (ml._fused_kernel, _ml_config("ml_fused"), dict(HAS_W=True)),
+    # QLoRA: W dequantized from NF4 inside the K-loop (double-quant absmax), LoRA folded in
+    "nf4_fwd": (_nf4_fwd_kernel, "gemm", dict(BLOCKSIZE=64, NESTED=True, K_ALIGNED=True, HAS_BIAS=True,
+                                                        HAS_LORA=True)),
+    "nf4_dgrad": (_nf4_dgrad_kernel, "gemm", dict(BLOCKSIZE=64, NESTED=True, K_ALIGNED=True, HAS_LORA=True)),
 }
-GEMM_KERNELS = ("fwd_gemm", "dx", "dx_p0", "dx_acc", "fwd_gemm_tma", "dx_tma", "dx_tma_p0")
+GEMM_KERNELS = ("fwd_gemm", "dx", "dx_p0", "dx_acc", "fwd_gemm_tma", "dx_tma", "dx_tma_p0", "nf4_fwd", "nf4_dgrad")
 TMA_KERNELS = ("fwd_gemm_tma", "dx_tma", "dx_tma_p0")  # compiled for sm_90+ only (never launched on sm_80)
 # DoRA (kernels/dora.py): its own table of kernels, configs and fp32 pointers; tests/test_dora_aot.py.
 KERNELS.update({name: entry[:3] for name, entry in DORA_AOT_KERNELS.items()})
