@@ -28,6 +28,8 @@ from .nn.adalora import (
     update_and_allocate,
 )
 from .nn.loraplus import create_loraplus_optimizer
+from .nn.peft_patch import PatchSummary, patch_peft, unpatch_peft
+from .nn.summary import print_trainable_parameters, trainable_parameters
 from .nn.weighted_merge import add_weighted_adapter
 from .nn.xlora import XLoraModel
 from .nn.xlora_config import XLoraConfig
@@ -44,6 +46,7 @@ __all__ = [
     "LoraConfig",
     "LoraLinear",
     "NF4Linear",
+    "PatchSummary",
     "active_adapters",
     "adapter_batch",
     "add_weighted_adapter",
@@ -60,11 +63,15 @@ __all__ = [
     "merge_and_unload",
     "multi_lora_linear",
     "nf4_lora_linear",
+    "patch_peft",
+    "print_trainable_parameters",
     "quantize",
     "read_peft_adapter",
     "save_adapter",
     "set_adapter",
+    "trainable_parameters",
     "unmerge_adapter",
+    "unpatch_peft",
     "AdaLoraConfig",
     "adalora_callback",
     "inject_adalora",

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import CONFIG_NAME, LoraConfig
+from ..config import CONFIG_NAME, LoraConfig, as_lora_config
 from ..nn.inject import _check_name, adapter_configs, inject_lora, lora_layers, set_adapter
 from ..nn.lora_linear import LoraLinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
@@ -107,10 +107,13 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> None:
+def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default",
+                 tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write one adapter to ``directory`` in PEFT's format, as one atomic save (``io/adapter_files.py``):
-    after a crash at any point the directory loads as the old adapter or the new one, never a mix."""
-    tensors = adapter_state_dict(model, adapter_name)
+    after a crash at any point the directory loads as the old adapter or the new one, never a mix.
+
+    ``tensors``: PEFT-keyed values to write instead of the model's own (e.g. gathered from shards)."""
+    tensors = adapter_state_dict(model, adapter_name) if tensors is None else tensors
     config = adapter_configs(model)[adapter_name]
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or config.base_model_name_or_path
     config = LoraConfig(**{**config.to_dict(), "base_model_name_or_path": name_or_path or None})
@@ -256,8 +259,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         return load_adalora(model, _adapter_dir(directory, adapter_name), adapter_name, is_trainable=is_trainable)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; loaded: {sorted(adapter_configs(model))}")
-    if config is not None and not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lora_triton.LoraConfig or None, got {type(config).__name__}")
+    if config is not None:
+        config = as_lora_config(config)  # ours or PEFT's LoraConfig; anything else is a TypeError
     file_config, tensors = read_peft_adapter(directory, adapter_name)
     config = config or file_config
     config.validate()

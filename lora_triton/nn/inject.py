@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 from torch import nn
 
-from ..config import LOAD_ONLY_INITS, LoraConfig
+from ..config import LOAD_ONLY_INITS, LoraConfig, as_lora_config
 from .grouping import group_siblings, ungroup_siblings
 from .loftq import loftq_layer
 from .lora_linear import LoraLinear, is_supported_base, merge_is_finite
@@ -55,8 +55,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     stay as they were (``set_adapter`` switches), as in PEFT. Sibling projections that read the
     same tensor (q/k/v, gate/up) are grouped (``nn.grouping``; ``ungroup_siblings`` undoes it).
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
+    config = as_lora_config(config)  # ours or PEFT's LoraConfig; anything else is a TypeError
     config.validate()  # fields may have been changed since construction
     _check_name(adapter_name)
     if config.init_lora_weights in LOAD_ONLY_INITS:
@@ -85,11 +84,14 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         elif isinstance(module, LoraLinear):
             module.add_adapter(adapter_name, *args, use_dora=config.use_dora)
         else:
-            _set_child(model, path, LoraLinear(module, adapter_name, *args, use_dora=config.use_dora))
+            # A new module starts in training mode: take the wrapped layer's, or an eval model drops out.
+            _set_child(model, path, LoraLinear(module, adapter_name, *args, use_dora=config.use_dora)
+                       .train(module.training))
     for path, module in list(candidate_modules(model)):
         # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
         if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
-            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else \
+                ModulesToSaveWrapper(module).train(module.training)
             wrapper.add_adapter(adapter_name)
             if wrapper is not module:
                 _set_child(model, path, wrapper)
@@ -99,6 +101,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     # Sibling projections (q/k/v, gate/up) share one shrink when they are provably called on
     # the same tensor (nn/grouping.py); anything else runs each layer's own forward.
     group_siblings(model)
+    from ..io.hf_integration import install_peft_methods  # io imports nn: resolved at call time
+
+    install_peft_methods(model)  # transformers models: save_pretrained writes PEFT's adapter format
     return model
 
 
