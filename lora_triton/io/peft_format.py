@@ -7,9 +7,10 @@ whole file against the model before it changes anything, so a bad file leaves th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import CONFIG_NAME, LoraConfig
+from ..nn import kinds
 from ..nn.inject import adapter_configs, inject_lora, lora_layers, set_adapter
 from ..nn.lora_linear import LoraLinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
@@ -37,10 +39,10 @@ def _adapter_dir(directory: str, adapter_name: str) -> str:
     raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r} (nor in {nested!r})")
 
 
-def read_peft_adapter(directory: str, adapter_name: str = "default") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def read_peft_adapter(directory: str, adapter_name: str = "default") -> tuple[Any, dict[str, torch.Tensor]]:
     """The config and the raw tensors (PEFT keys) of an adapter directory; pickle files are refused."""
     folder = _adapter_dir(directory, adapter_name)
-    config = LoraConfig.from_pretrained(folder)
+    config = kinds.read_config(folder)  # the config class of the file's peft_type
     path = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
@@ -55,11 +57,11 @@ def read_peft_adapter(directory: str, adapter_name: str = "default") -> tuple[Lo
 
 
 def _bias_params(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, torch.Tensor]:
-    if config.bias == "none":
+    if getattr(config, "bias", "none") == "none":
         return {}
     if config.bias == "lora_only":
         return {f"{p}.base_layer.bias": layer.base_layer.bias for p, layer in lora_layers(model)
-                if adapter_name in layer.lora_A and layer.base_layer.bias is not None}
+                if kinds.holds_adapter(layer, adapter_name) and getattr(layer.base_layer, "bias", None) is not None}
     return {k: v for k, v in model.named_parameters()
             if k.endswith(".bias") and ".lora_" not in k and ".modules_to_save." not in k
             and ".original_module." not in k}
@@ -72,6 +74,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         raise KeyError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(configs)}")
     out: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model):
+        if not isinstance(layer, LoraLinear):
+            if layer.has_adapter(adapter_name):  # other kinds / layer types: their own key names
+                for suffix, tensor in layer.adapter_tensors(adapter_name).items():
+                    out[f"{PREFIX}{path}.{suffix}"] = tensor
+            continue
         if adapter_name not in layer.lora_A:
             continue
         out[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
@@ -92,7 +99,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     tensors = adapter_state_dict(model, adapter_name)
     config = adapter_configs(model)[adapter_name]
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or config.base_model_name_or_path
-    config = LoraConfig(**{**config.to_dict(), "base_model_name_or_path": name_or_path or None})
+    config = dataclasses.replace(config, base_model_name_or_path=name_or_path or None)
     os.makedirs(directory, exist_ok=True)
     # Weights first, then the config that describes them: a crash in between leaves the old
     # config, whose shapes the loader checks, never a config pointing at missing weights.
@@ -109,17 +116,20 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
     dict(model.named_parameters())
     lora: dict[str, dict[str, torch.Tensor]] = {}
     plain: dict[str, torch.Tensor] = {}
+    generic = _plan_generic(resolved, targets, tensors)
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"unexpected key {key!r}: PEFT keys start with {PREFIX!r}")
         rest = key[len(PREFIX):]
+        if any(rest.startswith(p + ".") and rest[len(p) + 1:] in parts for p, parts in generic.items()):
+            continue
         for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias"):
             if rest.endswith("." + suffix):
                 lora.setdefault(rest[: -len(suffix) - 1], {})[suffix] = value
                 break
         else:
-            if ".lora_magnitude_vector" in rest or "lora_embedding" in rest:
-                raise NotImplementedError(f"key {key!r}: DoRA / embedding adapters are not supported yet")
+            if ".lora_magnitude_vector" in rest:
+                raise NotImplementedError(f"key {key!r}: DoRA adapters are not supported yet")
             plain[rest] = value
     for path, parts in lora.items():
         if path not in targets:
@@ -141,7 +151,7 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
                 raise ValueError(f"{PREFIX}{path}.{suffix}: shape {got} in the file, expected {shape}{hint}")
         if ("lora_B.bias" in parts) != bool(resolved.lora_bias):
             raise ValueError(f"{PREFIX}{path}.lora_B.bias presence disagrees with lora_bias={resolved.lora_bias}")
-    missing = sorted(set(targets) - set(lora))
+    missing = sorted(set(targets) - set(lora) - set(generic))
     if missing:
         raise ValueError(f"missing adapter weights for targeted modules {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''} (keys {PREFIX}<module>.lora_A.weight)")
@@ -163,7 +173,48 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
             raise ValueError(f"unexpected key {PREFIX}{rest}: no such parameter or buffer in the model")
         if tuple(target.shape) != tuple(value.shape):
             raise ValueError(f"{PREFIX}{rest}: shape {tuple(value.shape)} in the file, model has {tuple(target.shape)}")
+    lora.update(generic)
     return resolved, lora, plain
+
+
+def _plan_generic(config, targets: dict, tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Keys of the targets that are not LoRA-on-Linear (nn/kinds.py layer types): path -> {suffix: tensor},
+    every suffix and shape checked against what the layer type expects."""
+    kind = kinds.kind_of(config)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for path, module in targets.items():
+        lt = kinds.check_target(config, module, path)
+        if lt is kinds.LORA_LINEAR:
+            continue
+        base = module.base_layer if kinds.is_adapter_layer(module) else module
+        expected = lt.shapes(base, config, path)
+        parts = {}
+        for suffix, shape in expected.items():
+            key = f"{PREFIX}{path}.{suffix}"
+            if key not in tensors:
+                raise ValueError(f"missing key {key} (expected shape {shape} for a {kind.peft_type} adapter on "
+                                 f"this {type(base).__name__})")
+            got = tuple(tensors[key].shape)
+            if got != tuple(shape):
+                raise ValueError(f"{key}: shape {got} in the file, expected {tuple(shape)} for a {kind.peft_type} "
+                                 f"adapter on this {type(base).__name__} (rank, kernel size or factorisation "
+                                 "disagrees with the config)")
+            parts[suffix] = tensors[key]
+        stray = sorted(k for k in tensors if k.startswith(f"{PREFIX}{path}.") and
+                       k[len(PREFIX) + len(path) + 1:].split(".")[0] in _adapter_key_heads(kind)
+                       and k[len(PREFIX) + len(path) + 1:] not in expected)
+        if stray:
+            raise ValueError(f"unexpected keys {stray[:3]} for module {path!r}: this config makes it hold "
+                             f"{sorted(expected)}")
+        out[path] = parts
+    return out
+
+
+def _adapter_key_heads(kind) -> set[str]:
+    heads = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
+    if kind.peft_type != "LORA":
+        heads |= {a for lt in kind.layer_types for a in lt.layer_class.param_dicts}
+    return heads
 
 
 def _saved_module_for(model: nn.Module, key: str):
@@ -182,15 +233,18 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; loaded: {sorted(adapter_configs(model))}")
     resolved, lora, plain = _plan_load(model, config, tensors, adapter_name)
-    import dataclasses
-
-    inject_lora(model, dataclasses.replace(resolved, init_lora_weights=False, inference_mode=not is_trainable),
+    inject_lora(model, dataclasses.replace(kinds.without_init(resolved), inference_mode=not is_trainable),
                 adapter_name)
     adapter_configs(model)[adapter_name] = dataclasses.replace(resolved, inference_mode=not is_trainable)
     with torch.no_grad():
         layers = dict(lora_layers(model))
         for path, parts in lora.items():
             layer = layers[path]
+            if not isinstance(layer, LoraLinear):
+                own = layer.adapter_tensors(adapter_name)
+                for suffix, value in parts.items():
+                    own[suffix].copy_(value)
+                continue
             layer.lora_A[adapter_name].weight.copy_(parts["lora_A.weight"])
             layer.lora_B[adapter_name].weight.copy_(parts["lora_B.weight"])
             if "lora_B.bias" in parts:
@@ -203,9 +257,9 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
                 model.state_dict(keep_vars=True)[rest].copy_(value)
     if not is_trainable:
         for _, layer in lora_layers(model):
-            if adapter_name in layer.lora_A:
-                layer.lora_A[adapter_name].requires_grad_(False)
-                layer.lora_B[adapter_name].requires_grad_(False)
+            if kinds.holds_adapter(layer, adapter_name):
+                for p in kinds.adapter_parameters(layer, adapter_name):
+                    p.requires_grad_(False)
     else:
         set_adapter(model, adapter_name)
     return model

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..config import LOAD_ONLY_INITS, LoraConfig
 from .grouping import group_siblings, ungroup_siblings
-from .lora_linear import LoraLinear, is_supported_base
+from .kinds import adapter_parameters, attach, check_target, holds_adapter, is_adapter_layer, kind_of, layer_classes
+from .lora_linear import is_supported_base
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import candidate_modules, find_targets, resolve_targets
 
@@ -22,11 +23,12 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 
 def lora_layers(model: nn.Module):
-    return [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLinear)]
+    """Every adapter layer of the model (LoraLinear and the other kinds' layers, nn/kinds.py)."""
+    return [(p, m) for p, m in model.named_modules() if is_adapter_layer(m)]
 
 
 def _wrappers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSaveWrapper))]
+    return [m for m in model.modules() if isinstance(m, (*layer_classes(), ModulesToSaveWrapper))]
 
 
 def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -43,17 +45,19 @@ def _check_name(adapter_name: str) -> None:
 
 
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
-    """Wrap every targeted Linear / Conv1D of ``model`` in place with a LoraLinear holding ``adapter_name``.
+    """Wrap every targeted module of ``model`` in place with an adapter layer holding ``adapter_name``.
+
+    ``config`` is a LoraConfig (Linear / Conv1D -> LoraLinear, Embedding -> LoraEmbedding, Conv1d/2d/3d
+    -> LoraConv), a LoHaConfig or a LoKrConfig; nn/kinds.py maps each kind and layer type to its layer.
 
     Freezes everything but LoRA parameters (plus biases per ``config.bias`` and modules_to_save).
     A second call with another name adds a second adapter to the same layers; the active adapters
     stay as they were (``set_adapter`` switches), as in PEFT. Sibling projections that read the
     same tensor (q/k/v, gate/up) are grouped (``nn.grouping``; ``ungroup_siblings`` undoes it).
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
+    kind_of(config)  # a TypeError naming the accepted config classes
     _check_name(adapter_name)
-    if config.init_lora_weights in LOAD_ONLY_INITS:
+    if getattr(config, "init_lora_weights", None) in LOAD_ONLY_INITS:
         raise NotImplementedError(f"init_lora_weights={config.init_lora_weights!r}: lora_triton loads such "
                                   "adapters but cannot initialise new ones (use True, False or 'gaussian')")
     configs = adapter_configs(model)
@@ -66,18 +70,13 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise ValueError(f"target_modules={config.target_modules!r} matched no module; "
                          f"linear modules in this model include {names}")
     for path, module in targets:
-        if not (is_supported_base(module) or isinstance(module, LoraLinear)):
-            raise TypeError(f"target module {path!r} is a {type(module).__name__}; lora_triton supports "
-                            "nn.Linear and transformers' Conv1D")
+        check_target(config, module, path)  # every target before any is wrapped
     first = not configs
     previous_active = active_adapters(model)  # before new LoraLinears (active = [adapter_name]) exist
     for path, module in targets:
-        r, alpha = config.rank_for(path), config.alpha_for(path)
-        args = (r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, config.lora_bias)
-        if isinstance(module, LoraLinear):
-            module.add_adapter(adapter_name, *args)
-        else:
-            _set_child(model, path, LoraLinear(module, adapter_name, *args))
+        wrapped = attach(module, adapter_name, config, path)  # nn/kinds.py: the layer type's wrapper
+        if wrapped is not module:
+            _set_child(model, path, wrapped)
     for path, module in list(candidate_modules(model)):
         # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
         if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
@@ -106,22 +105,22 @@ def _mark_trainable(model: nn.Module, active: list[str]) -> None:
         p.requires_grad_(False)
     for _path, layer in lora_layers(model):
         for name in active:
-            if name in layer.lora_A:
-                layer.lora_A[name].requires_grad_(True)
-                layer.lora_B[name].requires_grad_(True)
+            if holds_adapter(layer, name):
+                for p in adapter_parameters(layer, name):
+                    p.requires_grad_(True)
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper):
             for name in active:
                 if name in m.modules_to_save:
                     m.modules_to_save[name].requires_grad_(True)
-    biases = {configs[n].bias for n in active if n in configs}
+    biases = {getattr(configs[n], "bias", "none") for n in active if n in configs}
     if "all" in biases:
         for name, p in model.named_parameters():
             if name.endswith("bias") and "modules_to_save" not in name and "original_module" not in name:
                 p.requires_grad_(True)
     elif "lora_only" in biases:
         for _, layer in lora_layers(model):
-            if layer.base_layer.bias is not None:
+            if getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
 
 
@@ -166,13 +165,13 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
     if safe_merge:
         for layer in layers:
             names = [n for n in (adapter_names or layer.active_adapters)
-                     if n in layer.lora_A and n not in layer.merged_adapters]
+                     if holds_adapter(layer, n) and n not in layer.merged_adapters]
             if names:
                 merged_w, merged_b = layer._merged_values(names)
                 if not (merged_w.isfinite().all() and (merged_b is None or merged_b.isfinite().all())):
                     raise ValueError(f"safe_merge: merging {names} gives non-finite weights; nothing was changed")
     for layer in layers:
-        names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+        names = [n for n in (adapter_names or layer.active_adapters) if holds_adapter(layer, n)]
         layer.merge(names, safe_merge=safe_merge)
 
 
@@ -186,7 +185,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None
     merge_adapter(model, adapter_names, safe_merge)
     ungroup_siblings(model)
     for path, module in list(model.named_modules()):
-        if isinstance(module, LoraLinear):
+        if is_adapter_layer(module):
             _set_child(model, path, module.base_layer)
         elif isinstance(module, ModulesToSaveWrapper):
             active = [a for a in module.active_adapters if a in module.modules_to_save]
@@ -201,7 +200,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise KeyError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(configs)}")
     remaining_active = [a for a in active_adapters(model) if a != adapter_name]
     for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
+        if holds_adapter(layer, adapter_name):
             layer.delete_adapter(adapter_name)
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:

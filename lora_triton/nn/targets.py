@@ -9,6 +9,7 @@ from typing import Optional
 from torch import nn
 
 from ..config import ALL_LINEAR, LoraConfig
+from .adapter_layer import AdapterLayer
 from .lora_linear import LoraLinear, is_supported_base
 from .modules_to_save import ModulesToSaveWrapper
 
@@ -28,7 +29,7 @@ def candidate_modules(model: nn.Module):
     for path, module in model.named_modules():
         if any(path.startswith(s) for s in skip):
             continue
-        if isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLinear, AdapterLayer, ModulesToSaveWrapper)):
             skip.append(f"{path}.")
         yield path, module
 
