@@ -55,6 +55,11 @@ class AdapterLayer(nn.Module):
         w = self.base_layer.weight
         return w.dtype if w.dtype == torch.float64 else torch.float32
 
+    @staticmethod
+    def merge_value(t: torch.Tensor) -> torch.Tensor:
+        """``t`` detached in the merge precision: fp32, or fp64 when it is fp64."""
+        return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
@@ -88,7 +93,8 @@ class AdapterLayer(nn.Module):
 
     # -- merging --------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
-        """The adapter's dense weight delta in fp32, shaped like the base weight (merging only)."""
+        """The adapter's dense weight delta (merging only), shaped like the base weight, in ``merge_value``'s
+        precision."""
         raise NotImplementedError
 
     def delta_bias(self, name: str) -> Optional[torch.Tensor]:
@@ -96,13 +102,13 @@ class AdapterLayer(nn.Module):
 
     def _merged_values(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The base weight and bias with these adapters folded in, in fp32 (nothing is written)."""
-        merged_w = self.base_layer.weight.detach().float() + sum(self.delta_weight(n) for n in names)
+        merged_w = self.merge_value(self.base_layer.weight) + sum(self.delta_weight(n) for n in names)
         biases = [b for b in (self.delta_bias(n) for n in names) if b is not None]
         merged_b = None
         if biases:
             if self.base_layer.bias is None:
                 raise ValueError("cannot merge an adapter bias into a base layer that has no bias")
-            merged_b = self.base_layer.bias.detach().float() + sum(biases)
+            merged_b = self.merge_value(self.base_layer.bias) + sum(biases)
         return merged_w, merged_b
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> list[str]:
@@ -130,11 +136,11 @@ class AdapterLayer(nn.Module):
         names = list(self.merged_adapters)
         with torch.no_grad():
             weight = self.base_layer.weight
-            weight.copy_((weight.float() - sum(self.delta_weight(n) for n in names)).to(weight.dtype))
+            weight.copy_((self.merge_value(weight) - sum(self.delta_weight(n) for n in names)).to(weight.dtype))
             biases = [b for b in (self.delta_bias(n) for n in names) if b is not None]
             if biases:
                 bias = self.base_layer.bias
-                bias.copy_((bias.float() - sum(biases)).to(bias.dtype))
+                bias.copy_((self.merge_value(bias) - sum(biases)).to(bias.dtype))
         self.merged_adapters = []
 
     def extra_repr(self) -> str:

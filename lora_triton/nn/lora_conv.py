@@ -102,13 +102,13 @@ class LoraConv(AdapterLayer):
         if self.base_layer.groups > 1:
             raise NotImplementedError(f"merging LoRA into a conv with groups={self.base_layer.groups} is not "
                                       "supported (the adapter is not a grouped conv; PEFT refuses it too)")
-        a = self.lora_A[name].weight.detach().float()
-        b = self.lora_B[name].weight.detach().float().flatten(1)  # [out, r]
+        a = self.merge_value(self.lora_A[name].weight)
+        b = self.merge_value(self.lora_B[name].weight).flatten(1)  # [out, r]
         return torch.einsum("or,r...->o...", b, a) * self.scaling[name]
 
     def delta_bias(self, name: str) -> Optional[torch.Tensor]:
         bias = self.lora_B[name].bias
-        return None if bias is None else bias.detach().float() * self.scaling[name]
+        return None if bias is None else self.merge_value(bias) * self.scaling[name]
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names())

@@ -88,8 +88,8 @@ class LoraEmbedding(AdapterLayer):
         return out
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        a = self.lora_embedding_A[name].detach().float()
-        b = self.lora_embedding_B[name].detach().float()
+        a = self.merge_value(self.lora_embedding_A[name])
+        b = self.merge_value(self.lora_embedding_B[name])
         return (b @ a).t() * self.scaling[name]
 
     def extra_repr(self) -> str:

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..nn.adapter_layer import AdapterLayer
 from ..nn.lora_linear import LoraLinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from ._hook import BASE, run_layer
@@ -89,6 +90,10 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
     if unknown:
         raise KeyError(f"unknown adapter(s) {unknown}; loaded: {loaded}")
     used = {n for n in names if n != BASE}
+    other = sorted(p for p, m in model.named_modules() if isinstance(m, AdapterLayer) and m.adapter_names())
+    if other:  # their forward would apply one adapter to every row
+        raise NotImplementedError(f"mixed batches cover LoRA on Linear layers only; {other[:3]} hold adapters of "
+                                  "other kinds or layer types (merge them, or run one adapter per call)")
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLinear)]
     hooks = []
     for path, layer in layers:
