@@ -25,7 +25,10 @@ from typing import Any
 from torch import nn
 
 from ..config import CONFIG_NAME, LoraConfig
+from ..config_lycoris import LoHaConfig, LoKrConfig
 from .adapter_layer import AdapterLayer
+from .loha import LOHA_BASES, LoHaLayer
+from .lokr import LOKR_BASES, LoKrLayer
 from .lora_conv import CONV_TYPES, LoraConv
 from .lora_embedding import LoraEmbedding
 from .lora_linear import LoraLinear, is_supported_base
@@ -191,3 +194,32 @@ LORA_CONV = LayerType(
     tensors=lambda layer, n: layer.adapter_tensors(n))
 
 register(AdapterKind("LORA", LoraConfig, (LORA_LINEAR, LORA_EMBEDDING, LORA_CONV)))
+
+
+# -- LOHA / LOKR ---------------------------------------------------------------------------------
+def _loha_args(c: LoHaConfig, path: str) -> tuple:
+    return (c.rank_for(path), c.alpha_for(path), c.rank_dropout, c.module_dropout, c.use_effective_conv2d,
+            c.init_weights)
+
+
+def _lokr_args(c: LoKrConfig, path: str) -> tuple:
+    return (c.rank_for(path), c.alpha_for(path), c.rank_dropout, c.module_dropout, c.use_effective_conv2d,
+            c.decompose_both, c.decompose_factor, c.rank_dropout_scale, c.init_weights)
+
+
+LOHA_LAYERS = LayerType(
+    "nn.Linear / nn.Conv1d / nn.Conv2d", lambda m: type(m) in LOHA_BASES, LoHaLayer,
+    wrap=lambda base, n, c, p: LoHaLayer(base, n, *_loha_args(c, p)),
+    add=lambda layer, n, c, p: layer.add_adapter(n, *_loha_args(c, p)),
+    shapes=lambda base, c, p: LoHaLayer.adapter_shapes(base, c.rank_for(p), c.use_effective_conv2d),
+    tensors=lambda layer, n: layer.adapter_tensors(n))
+LOKR_LAYERS = LayerType(
+    "nn.Linear / nn.Conv1d / nn.Conv2d", lambda m: type(m) in LOKR_BASES, LoKrLayer,
+    wrap=lambda base, n, c, p: LoKrLayer(base, n, *_lokr_args(c, p)),
+    add=lambda layer, n, c, p: layer.add_adapter(n, *_lokr_args(c, p)),
+    shapes=lambda base, c, p: LoKrLayer.adapter_shapes(base, c.rank_for(p), c.use_effective_conv2d,
+                                                       c.decompose_both, c.decompose_factor),
+    tensors=lambda layer, n: layer.adapter_tensors(n))
+
+register(AdapterKind("LOHA", LoHaConfig, (LOHA_LAYERS,)))
+register(AdapterKind("LOKR", LoKrConfig, (LOKR_LAYERS,)))
