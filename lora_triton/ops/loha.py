@@ -51,8 +51,11 @@ def _check(x_features: int, w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor) 
 
 
 def loha_linear(x: Tensor, w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scaling: float,
-                row_scale: Optional[Tensor] = None, form: str = "auto") -> Tensor:
-    """s * x dW^T for x [..., K] (the LoHa term only), dW never built unless the dense form is cheaper.
+                row_scale: Optional[Tensor] = None, form: str = "auto", weight: Optional[Tensor] = None,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """x W^T + b + s * x dW^T for x [..., K] (weight / bias None: the LoHa term only), dW never built unless
+    the dense form is cheaper. With the base weight the factored form is one fused ``lora_linear`` call
+    (base GEMM, low-rank term added in place, one dx GEMM), the dense form one GEMM with W + s dW.
 
     row_scale [out] multiplies the rows of dW (PEFT's rank_dropout mask). form: "auto" | "factored" | "dense".
     """
@@ -63,11 +66,12 @@ def loha_linear(x: Tensor, w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, s
         p, q = khatri_rao(w1a, w1b, w2a, w2b)
         if row_scale is not None:
             p = p * row_scale.to(p.dtype).unsqueeze(1)
-        return lora_linear(x, None, None, q, p, scaling)
+        return lora_linear(x, weight, bias, q, p, scaling)
     delta = dense_delta(w1a, w1b, w2a, w2b) * scaling
     if row_scale is not None:
         delta = delta * row_scale.to(delta.dtype).unsqueeze(1)
-    return torch.nn.functional.linear(x, delta.to(x.dtype))
+    delta = delta.to(x.dtype)
+    return torch.nn.functional.linear(x, delta if weight is None else weight + delta, bias)
 
 
 def loha_conv(x: Tensor, base: torch.nn.Module, w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scaling: float,

@@ -28,17 +28,17 @@ class _KronLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        # Every contraction as one large GEMM over (rows x group) instead of M tiny batched ones.
         x2, w1, w2 = ctx.saved_tensors
         m, (a, c), (b, d) = x2.shape[0], w1.shape, w2.shape
-        x3 = x2.view(m, c, d)
         dy3 = dy.reshape(m, a, b)
-        dt = torch.matmul(w1.t(), dy3)  # [M, c, b]
+        dt = torch.matmul(w1.t(), dy3).reshape(m * c, b)  # dL/d(X W2^T)
         d_w1 = d_w2 = d_x = None
         if ctx.needs_input_grad[1]:
-            t = x3 @ w2.t()
-            d_w1 = torch.einsum("mab,mcb->ac", dy3, t)
+            t = (x2.reshape(m * c, d) @ w2.t()).view(m, c, b)  # recomputed, never saved
+            d_w1 = dy3.transpose(0, 1).reshape(a, m * b) @ t.transpose(0, 1).reshape(c, m * b).t()
         if ctx.needs_input_grad[2]:
-            d_w2 = torch.einsum("mcb,mcd->bd", dt, x3)
+            d_w2 = dt.t() @ x2.reshape(m * c, d)
         if ctx.needs_input_grad[0]:
             d_x = (dt @ w2).reshape(m, c * d)
         return d_x, d_w1, d_w2
