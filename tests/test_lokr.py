@@ -145,3 +145,14 @@ def test_lokr_config_validation():
         lt.LoKrConfig(init_weights="gaussian")
     with pytest.raises(ValueError, match="peft_type"):
         lt.LoKrConfig.from_dict({"peft_type": "LOHA"})
+
+
+def test_kinds_benchmark_runs_and_matches_peft_on_tiny_layers():
+    from lora_triton.benchmark import kinds_bench
+
+    cases = [c for c in kinds_bench.default_cases(widths=(16,), tokens={16: 4}) if "linear" in c.name]
+    results = [kinds_bench.run_case(c, repeats=1, warmup=0) for c in cases]
+    assert [r["case"] for r in results] == ["loha-linear-16", "lokr-linear-16"]
+    for r in results:
+        assert r["max_abs_diff_vs_peft"] <= 1e-5 and set(r["saved_bytes"]) == {"base", "lora_triton", "peft"}
+    assert "loha-linear-16" in kinds_bench.format_table(results)
