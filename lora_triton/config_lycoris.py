@@ -97,10 +97,13 @@ class _LycorisConfig:
             out["target_modules"] = sorted(set(out["target_modules"]))
         return out
 
+    def to_json_string(self) -> str:
+        """The text of adapter_config.json."""
+        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
+
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        text = json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
 
     @classmethod
     def from_dict(cls, data: dict):

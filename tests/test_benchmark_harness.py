@@ -117,10 +117,13 @@ def test_model_shapes_and_parsing():
 
 def test_suites_hold_the_reference_cases():
     llama = parse_models("llama-8b")
-    cpu_train = suite_cases("train", llama, cuda=False)
-    assert {(c.mode, c.tokens, c.in_features, c.out_features, c.rank, c.dropout_p, c.dtype) for c in cpu_train} == {
-        ("fwd+bwd", 2048, 4096, 4096, 16, 0.0, "float32"), ("fwd+bwd", 2048, 4096, 4096, 16, 0.1, "float32"),
+    cpu_train = [c for c in suite_cases("train", llama, cuda=False) if c.op == "lora_linear"]  # DoRA: test_dora_bench
+    # Three square widths (the mask's share of the step shrinks with width) and the MLP's up_proj.
+    train_keys = {(c.mode, c.tokens, c.in_features, c.out_features, c.rank, c.dropout_p, c.dtype) for c in cpu_train}
+    assert train_keys == {("fwd+bwd", 2048, w, n, 16, p, "float32") for w, n in
+                          ((1024, 1024), (2048, 2048), (4096, 4096), (4096, 14336)) for p in (0.0, 0.1)} | {
         ("fwd", 2048, 4096, 4096, 16, 0.0, "float32")}
+    assert len({c.name for c in cpu_train}) == len(cpu_train)
     cpu_serve = suite_cases("serve", llama, cuda=False)
     assert {(c.batch, c.seq_len, c.adapters) for c in cpu_serve} == {(64, 1, 16), (256, 1, 16)}
     gpu = suite_cases("all", llama, cuda=True)
@@ -238,3 +241,33 @@ def test_device_check_argument_errors(tmp_path):
     assert _device_check("--dry-run", "a", "b").returncode == 2
     assert _device_check(env={"DRY_RUN": "yes"}).returncode == 2
     assert "OUTDIR" in _device_check("--help").stdout
+
+
+def test_loaded_machine_warns_in_table_and_json():
+    case = Case("t", "lora_linear", "fwd", "t", 8, 16, 16, 2, "float32")
+    settings = RunSettings(device=CPU, repeats=3, warmup=0, providers=("lora_triton", "base"), ceilings=False,
+                           log=lambda s: None)
+    records, skipped = run_cases([case], settings)
+    quiet = {"date": "d", "command": "c", "git_revision": None, "device": {"cpu_count": 2}, "versions": {},
+             "load_average": [1.5, 1.0, 1.0], "load_average_end": [1.9, 1.2, 1.0]}
+    for r in records:  # a tight spread
+        r["stats"].update(p20_s=r["stats"]["median_s"] * 0.99, p80_s=r["stats"]["median_s"] * 1.01)
+    doc = report.build_document("quick", quiet, {}, [case], records, skipped)
+    assert doc["warnings"] == [] and "WARNING" not in report.format_table(doc)
+    records[0]["stats"]["p80_s"] = records[0]["stats"]["median_s"] * 1.3
+    loaded = dict(quiet, load_average_end=[4.5, 2.0, 1.0])
+    doc = report.build_document("quick", loaded, {}, [case], records, skipped)
+    assert len(doc["warnings"]) == 2
+    assert "at the end: 1-min load average 4.50 > 2 cores" in doc["warnings"][0]
+    assert f"{records[0]['case']} {records[0]['provider']} (31%)" in doc["warnings"][1]
+    table = report.format_table(json.loads(json.dumps(doc)))
+    assert table.count("WARNING:") == 2 and "1.50/1.00/1.00 at start" in table
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_quick_suite_plots_curves(cuda):
+    """Each quick series (one plot panel) sweeps at least two token counts."""
+    tokens = {}
+    for c in suite_cases("quick", parse_models("llama-8b"), cuda=cuda):
+        tokens.setdefault(c.series, set()).add(c.tokens)
+    assert len(tokens) == 4 and all(len(t) >= 2 for t in tokens.values()), tokens

@@ -37,7 +37,7 @@ def test_normalisation():
     (dict(lora_dropout=1.0), ValueError, "lora_dropout"),
     (dict(lora_dropout=-0.5), ValueError, "lora_dropout"),
     (dict(bias="some"), ValueError, "bias must be one of"),
-    (dict(use_dora=True), NotImplementedError, "use_dora"),
+    (dict(use_dora=True, lora_bias=True), ValueError, "use_dora=True with lora_bias"),
     (dict(init_lora_weights="pissa"), NotImplementedError, "init_lora_weights='pissa'"),
     (dict(init_lora_weights="olora"), NotImplementedError, "init_lora_weights"),
     (dict(init_lora_weights="mica"), NotImplementedError, "init_lora_weights"),

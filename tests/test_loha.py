@@ -29,9 +29,9 @@ def test_loha_peft_both_ways(kwargs, tmp_path):
 
 
 def test_effective_conv_gradcheck():
-    base = torch.nn.Conv2d(3, 4, 3, padding=1).double()
+    base = torch.nn.Conv2d(2, 3, (2, 3), padding=1).double()
     layer = LoHaLayer(base, "a", r=2, alpha=3, use_effective_conv2d=True, init_weights=False).double()
-    x = torch.randn(1, 3, 5, 4, dtype=torch.float64)
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64)
     names = [f"{k}.a" for k in layer.adapter_tensors("a")]
     assert "hada_t1.a" in names
     values = [p.detach().clone().requires_grad_(True) for p in layer.adapter_tensors("a").values()]

@@ -113,3 +113,15 @@ def test_mixed_batch_refuses_conv_adapters_instead_of_applying_one_to_all_rows()
     with pytest.raises(NotImplementedError, match="Linear layers only"):
         with lt.adapter_batch(net, ["a", None, "a"]):
             pass
+
+
+def test_failed_inject_half_way_leaves_the_model_bit_identical():
+    net = conv_net(groups=1)
+    net.c3 = torch.nn.Conv3d(10, 6, (1, 2, 2), groups=2)  # r=3 does not divide by its groups: fails after c1, c2
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    kinds_before = [type(m) for m in net.modules()]
+    with pytest.raises(ValueError, match="divisible by groups"):
+        lt.inject_lora(net, lt.LoraConfig(target_modules=["c1", "c2", "c3"], r=3))
+    assert [type(m) for m in net.modules()] == kinds_before
+    assert set(net.state_dict()) == set(before)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())

@@ -201,7 +201,7 @@ def test_config_unknown_key_warns(tmp_path):
     assert cfg.r == 2
 
 
-@pytest.mark.parametrize("field, value", [("use_dora", True), ("init_lora_weights", "pissa"),
+@pytest.mark.parametrize("field, value", [("init_lora_weights", "pissa"),
                                           ("peft_type", "IA3"), ("loftq_config", {"loftq_bits": 4})])
 def test_config_unsupported_values_raise(tmp_path, field, value):
     directory = _write_config(tmp_path, **{field: value})

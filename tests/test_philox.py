@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from lora_triton.reference.philox import apply_dropout, dropout_keep_mask, philox_rand, philox_randint
+from lora_triton.reference import philox
+from lora_triton.reference.philox import apply_dropout, dropout_keep_mask, philox4x32, philox_rand, philox_randint
 
 SEEDS = [0, 1, 12345, 2**31 - 1, 2**32 - 1, 2**32 + 7, 2**40 + 3, 2**62 + 11, 2**63 - 1]
 
@@ -140,3 +141,76 @@ def test_mask_stream_bit_exact_vs_kernel_helper(seed, p, row0, cols):
     keep = dropout_keep_mask(seed, 16, cols, p, row_offset=row0)
     assert torch.equal(out > 0, keep)
     assert torch.equal(out[keep], torch.full((int(keep.sum()),), 1 / (1 - p)))
+
+
+# -- the lean generator against the straightforward one it replaced -------------------------------
+def _oracle_words(seed: int, offsets: torch.Tensor):
+    """Philox4x32-10 written plainly (4 masked multiplies per round): the generator before the lean one."""
+    m32 = 0xFFFFFFFF
+    k0, k1 = seed & m32, (seed >> 32) & m32
+    c0, c1 = offsets & m32, (offsets >> 32) & m32
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    for _ in range(10):
+        hi_a, lo_a = ((c0 * 0xD2511F53) >> 32) & m32, (c0 * 0xD2511F53) & m32
+        hi_b, lo_b = ((c2 * 0xCD9E8D57) >> 32) & m32, (c2 * 0xCD9E8D57) & m32
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
+    return c0, c1, c2, c3
+
+
+def _oracle_mask(seed: int, rows: int, cols: int, p: float, row_offset: int = 0) -> torch.Tensor:
+    thr = int(torch.tensor(p, dtype=torch.float32) * 65536.0 + 0.5)
+    groups = -(-cols // 8)
+    counters = (torch.arange(rows, dtype=torch.int64)[:, None] + row_offset) * groups + torch.arange(groups)
+    words = torch.stack(_oracle_words(seed, counters), -1)  # [rows, G, 4]
+    keep = torch.stack(((words & 0xFFFF) >= thr, (words >> 16) >= thr), -1)  # [rows, G, 4, 2]
+    return keep.reshape(rows, -1)[:, :cols]
+
+
+ORACLE_SEEDS = [0, 7, 2**32 - 1, 2**32 + 7, 2**62 + 11, 2**63 - 1]
+
+
+@pytest.mark.parametrize("seed", ORACLE_SEEDS)
+def test_words_equal_oracle(seed):
+    offsets = torch.cat([torch.arange(500) * 37, torch.arange(2**32 - 64, 2**32 + 64),
+                         torch.tensor([2**40 + 3, 2**62 + 5, 2**63 - 1])])
+    for ours, want in zip(philox4x32(seed, offsets), _oracle_words(seed, offsets)):
+        assert torch.equal(ours, want)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.999])
+@pytest.mark.parametrize("rows,cols,row_offset", [(37, 33, 0), (3, 4095, 2**29 + 3), (50, 257, 2**32 + 1),
+                                                   (9, 1, 2**33 - 4), (4, 8, 0)])
+def test_mask_equals_oracle_across_chunks(monkeypatch, p, rows, cols, row_offset):
+    """Counters past 2**32 (row_offset * G), odd widths, and row chunks of 1..rows rows: same bits."""
+    seed = 2**33 + 5
+    want = _oracle_mask(seed, rows, cols, p, row_offset)
+    for chunk in (1, 64, 1 << 14):
+        monkeypatch.setattr(philox, "_CHUNK", chunk)
+        assert torch.equal(dropout_keep_mask(seed, rows, cols, p, row_offset=row_offset), want)
+        for dtype in (torch.float32, torch.float16):
+            got = torch.full((rows, cols), float("nan"), dtype=dtype)
+            for r0, r1, keep in philox.keep_mask_chunks(seed, rows, cols, p, dtype=dtype, row_offset=row_offset):
+                assert keep.dtype == dtype and keep.shape == (r1 - r0, cols)
+                got[r0:r1] = keep
+            assert torch.equal(got, want.to(dtype))
+
+
+def test_tensor_seed_keys_equal_int_keys():
+    """CPU tensor seeds are read as ints; other devices keep 0-d tensor keys: same values."""
+    for seed in (3, 2**40 + 1, 2**63 - 1):
+        ints = philox.round_keys(torch.tensor([seed]))
+        assert ints == philox.round_keys(seed)
+        assert all(isinstance(k, int) for pair in ints for k in pair)
+    offsets = torch.arange(2**32 - 20, 2**32 + 20)
+    keys = philox.tensor_round_keys(torch.tensor([2**33 + 5]))  # what a CUDA seed uses, without a sync
+    for a, b in zip(philox4x32(None, offsets, keys), _oracle_words(2**33 + 5, offsets)):
+        assert torch.equal(a, b)
+
+
+def test_serial_cpu_restores_thread_count():
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"), philox.serial_cpu("cpu"):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == threads

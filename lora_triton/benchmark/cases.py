@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from .shapes import MIXED_RANKS, ModelShape, serve_grid_points
 
 SUITES = ("quick", "train", "serve", "all", "grid")
-OPS = ("lora_linear", "multi_lora_linear")
+OPS = ("lora_linear", "multi_lora_linear", "dora_linear")
 
 
 @dataclass(frozen=True)
@@ -91,23 +91,39 @@ def _serve(suite, model: ModelShape, batch, seq_len, adapters, rank, dtype, rank
 
 
 def quick_cases(model: ModelShape, cuda: bool) -> list[Case]:
+    """Every series sweeps tokens, so each panel of the plot is a curve, not a point."""
     dtype = "bfloat16" if cuda else "float32"
     sweep = (256, 1024, 4096) if cuda else (64, 256)
-    train_t = 4096 if cuda else 256
     cases = [_lora("quick", model, "q_proj", t, 16, dtype, "fwd") for t in sweep]
-    cases += [_lora("quick", model, "q_proj", train_t, 16, dtype, "fwd+bwd", p) for p in (0.0, 0.1)]
+    cases += [_lora("quick", model, "q_proj", t, 16, dtype, "fwd+bwd", p) for p in (0.0, 0.1) for t in sweep]
     # Short calls: more repeats, so a scheduler hiccup on a shared CPU moves the median less.
-    cases.append(_serve("quick", model, 64, 1, 16, 16, dtype, cuda_graph=cuda, repeats=None if cuda else 15))
+    decode = (64, 256)
+    cases += [_serve("quick", model, b, 1, 16, 16, dtype, cuda_graph=cuda, repeats=None if cuda else 15)
+              for b in decode]
     return _dedupe(cases)
 
 
+# CPU training widths (square K = N): the dropout mask's cost relative to the GEMMs shrinks with width,
+# so one width hides it; 4096 is the model's q_proj, the MLP's up_proj (4096 -> 14336) comes on top.
+CPU_TRAIN_WIDTHS = (1024, 2048, 4096)
+
+
+def _square(suite, model: ModelShape, width, tokens, rank, dtype, mode, p=0.0, **kw) -> Case:
+    """A square width x width layer, labelled by width (the model's own q_proj when the widths agree)."""
+    if width == model.hidden:
+        return _lora(suite, model, "q_proj", tokens, rank, dtype, mode, p, **kw)
+    return Case(suite, "lora_linear", mode, f"{model.name}.sq{width}", min(tokens, model.max_tokens), width,
+                width, rank, dtype, dropout_p=p, **kw)
+
+
 def train_cases(model: ModelShape, cuda: bool) -> list[Case]:
-    if not cuda:  # REFERENCE.md §4 CPU case: 4096x4096 (q_proj), r=16, 2048 tokens, fp32
-        return _dedupe([
-            _lora("train", model, "q_proj", 2048, 16, "float32", "fwd+bwd", 0.0, repeats=7),
-            _lora("train", model, "q_proj", 2048, 16, "float32", "fwd+bwd", 0.1, repeats=7),
-            _lora("train", model, "q_proj", 2048, 16, "float32", "fwd", repeats=7),
-        ])
+    if not cuda:  # REFERENCE.md §4 CPU case (4096x4096, r=16, 2048 tokens, fp32) at three widths + up_proj
+        widths = sorted({min(w, model.hidden) for w in CPU_TRAIN_WIDTHS} | {model.hidden})
+        cases = [_square("train", model, w, 2048, 16, "float32", "fwd+bwd", p, repeats=7)
+                 for w in widths for p in (0.0, 0.1)]
+        cases += [_lora("train", model, "up_proj", 2048, 16, "float32", "fwd+bwd", p, repeats=5) for p in (0.0, 0.1)]
+        cases.append(_lora("train", model, "q_proj", 2048, 16, "float32", "fwd", repeats=7))
+        return _dedupe(cases)
     bf = "bfloat16"
     return _dedupe([
         _lora("train", model, "q_proj", 8192, 16, bf, "fwd+bwd", 0.1),
@@ -151,8 +167,10 @@ def grid_cases(model: ModelShape, cuda: bool) -> list[Case]:
 def suite_cases(suite: str, models: list[ModelShape], cuda: bool) -> list[Case]:
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
-    parts = {"quick": (quick_cases,), "train": (train_cases,), "serve": (serve_cases,),
-             "all": (train_cases, serve_cases), "grid": (grid_cases,)}[suite]
+    from .dora_cases import dora_train_cases  # its own file; it imports this one
+
+    parts = {"quick": (quick_cases,), "train": (train_cases, dora_train_cases), "serve": (serve_cases,),
+             "all": (train_cases, dora_train_cases, serve_cases), "grid": (grid_cases,)}[suite]
     return _dedupe([c for make in parts for m in models for c in make(m, cuda)])
 
 

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.measure_ceilings(dt)
     ceilings = settings.best_ceilings()
     apply_ceilings(records, ceilings)
-    meta["load_average_end"] = _load_average()
+    meta["load_average_end"] = _load_average()  # before the document: its warnings read both ends
     doc = report.build_document(args.suite, meta, ceilings, cases, records, skipped)
     if args.json_path:
         report.write_json(doc, args.json_path)

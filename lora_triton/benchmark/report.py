@@ -4,6 +4,7 @@ the plot of time vs tokens per provider."""
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,6 +16,28 @@ _RESULT_KEYS = {"case": str, "series": str, "suite": str, "op": str, "provider":
                 "model": dict, "tflops": (int, float), "gbps": (int, float)}
 _STATS_KEYS = ("median_s", "p20_s", "p80_s", "mean_s", "min_s", "max_s", "n")
 _NULLABLE = ("ratio_to_base", "ratio_to_unfused", "roofline_fraction", "memory")
+# p20..p80 wider than this fraction of the median: the samples disagree, the median is not to be trusted.
+SPREAD_WARN = 0.10
+
+
+def load_warnings(doc: dict) -> list[str]:
+    """Why this run's numbers may be disturbed: a 1-minute load average above the core count at the start
+    or end (other work competing for the cores), or providers whose p20..p80 spread is wide."""
+    out = []
+    cores = (doc.get("device") or {}).get("cpu_count")
+    for key, when in (("load_average", "start"), ("load_average_end", "end")):
+        load = doc.get(key)
+        if cores and load and load[0] > cores:
+            out.append(f"machine loaded at the {when}: 1-min load average {load[0]:.2f} > {cores} cores")
+    wide = []
+    for r in doc.get("results", []):
+        st = r["stats"]
+        spread = (st["p80_s"] - st["p20_s"]) / st["median_s"] if st["median_s"] > 0 else 0.0
+        if spread > SPREAD_WARN:
+            wide.append(f"{r['case']} {r['provider']} ({100 * spread:.0f}%)")
+    if wide:
+        out.append(f"p20..p80 wider than {100 * SPREAD_WARN:.0f}% of the median: " + ", ".join(wide))
+    return out
 
 
 def build_document(suite: str, meta: dict, ceilings: dict, cases: list, records: list, skipped: list) -> dict:
@@ -22,6 +45,7 @@ def build_document(suite: str, meta: dict, ceilings: dict, cases: list, records:
            "ceilings": {dt: c.to_dict() for dt, c in ceilings.items()},
            "cases": [c.to_dict() for c in cases], "results": records, "skipped": skipped}
     doc["derived"] = derived(records)
+    doc["warnings"] = load_warnings(doc)
     validate_document(doc)
     return doc
 
@@ -109,6 +133,13 @@ def format_table(doc: dict, compact: bool = False) -> str:
     dev = doc["device"]
     lines = [f"device: {dev.get('name')} ({dev.get('type')}) | date {doc['date']} | torch "
              f"{doc['versions'].get('torch')} | git {doc.get('git_revision')}"]
+    load, load_end = doc.get("load_average"), doc.get("load_average_end")
+    if load or load_end:
+        fmt = lambda v: "?" if not v else "/".join(f"{x:.2f}" for x in v)
+        lines.append(f"load average (1/5/15 min): {fmt(load)} at start, {fmt(load_end)} at end, "
+                     f"{dev.get('cpu_count')} cores")
+    for w in doc.get("warnings", load_warnings(doc)):
+        lines.append(f"WARNING: {w}")
     for dt, c in doc["ceilings"].items():
         lines.append(f"ceilings {dt}: {c['flops_per_s'] / 1e12:.2f} TFLOP/s matmul, "
                      f"{c['bytes_per_s'] / 1e9:.1f} GB/s copy")
@@ -161,9 +192,9 @@ def plot(doc: dict, path: str | Path, max_panels: int = 12) -> None:
 
     series = defaultdict(lambda: defaultdict(list))
     for r in doc["results"]:
-        series[r["series"]][r["provider"]].append((r["shape"]["tokens"], r["stats"]))
+        series[r["series"]][r["provider"]].append((r["shape"]["tokens"], r["stats"], r))
     names = list(series)[:max_panels]
-    cols = min(3, max(1, len(names)))
+    cols = min(3, max(1, math.ceil(math.sqrt(len(names)))))  # 4 panels: 2 x 2, no empty cells
     rows = max(1, -(-len(names) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
@@ -174,16 +205,21 @@ def plot(doc: dict, path: str | Path, max_panels: int = 12) -> None:
             err = [[m - p[1]["p20_s"] * 1e3 for m, p in zip(med, pts)],
                    [p[1]["p80_s"] * 1e3 - m for m, p in zip(med, pts)]]
             ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=provider)
-        ax.set_title(name, fontsize=8)
+        first = next(iter(series[name].values()))[0][2]
+        shape = first["shape"]
+        ax.set_title(f"{name}\n[{first['dtype']}, K={shape['in_features']} N={shape['out_features']}]", fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("ms (median)")
+        ax.set_xlabel("tokens per call (M)")
+        ax.set_ylabel("time per call, ms (median; bars p20..p80)")
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle(f"{doc['suite']} on {doc['device'].get('name')} ({doc['date'][:10]})", fontsize=10)
+    load = doc.get("load_average")
+    fig.suptitle(f"{doc['suite']} on {doc['device'].get('name')} ({doc['device'].get('type')}, "
+                 f"{doc['device'].get('threads')} threads), {doc['date'][:16]}"
+                 + (f", load {load[0]:.1f}" if load else ""), fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

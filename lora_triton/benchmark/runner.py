@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from .cases import Case
+from .dora_cases import DORA_PROVIDERS, build_dora_providers, dora_case_costs
+from .dora_cases import OP as DORA_OP
 from .providers import SINGLE_PROVIDERS, Provider, build_single_providers
 from .roofline import (
     Ceilings,
@@ -34,7 +36,7 @@ from .serve_providers import SERVE_PROVIDERS, build_serve_providers
 from .stats import summarize
 from .timing import capture_graphs, cuda_peak_bytes, measure_interleaved, saved_tensor_bytes
 
-ALL_PROVIDERS = tuple(dict.fromkeys(SINGLE_PROVIDERS + SERVE_PROVIDERS))
+ALL_PROVIDERS = tuple(dict.fromkeys(SINGLE_PROVIDERS + SERVE_PROVIDERS + DORA_PROVIDERS))
 # (warmup rounds, repeats) when neither the case nor the CLI sets them. The first call and the memory
 # probe already run every provider untimed, so CPU needs no further warm-up.
 DEFAULTS = {"cpu": (0, 5), "cuda": (5, 30)}
@@ -78,6 +80,8 @@ def case_costs(case: Case) -> dict[str, OpCost]:
     """Analytic cost per cost kind: 'lora' (the op), 'base' (the floor), 'delta' (LoRA term only)."""
     e = dtype_bytes(getattr(torch, case.dtype))
     m, k, n = case.tokens, case.in_features, case.out_features
+    if case.op == DORA_OP:
+        return dora_case_costs(case, e)
     if case.op == "lora_linear":
         return {"lora": lora_linear_cost(m, k, n, case.rank, e, case.mode),
                 "base": base_linear_cost(m, k, n, e, case.mode)}
@@ -91,7 +95,7 @@ def case_costs(case: Case) -> dict[str, OpCost]:
 
 
 def _wanted(case: Case, settings: RunSettings) -> list[str]:
-    pool = SINGLE_PROVIDERS if case.op == "lora_linear" else SERVE_PROVIDERS
+    pool = {"lora_linear": SINGLE_PROVIDERS, DORA_OP: DORA_PROVIDERS}.get(case.op, SERVE_PROVIDERS)
     names = [p for p in pool if p in settings.providers]
     if not settings.compile:
         names = [p for p in names if p != "torch_compile"]
@@ -114,7 +118,7 @@ def run_case(case: Case, settings: RunSettings) -> tuple[list[dict], list[dict]]
     """(records, skipped) for one case."""
     device = settings.device
     n_sets = _n_sets(case, device)
-    build = build_single_providers if case.op == "lora_linear" else build_serve_providers
+    build = {"lora_linear": build_single_providers, DORA_OP: build_dora_providers}.get(case.op, build_serve_providers)
     providers, skipped_pairs = build(case, device, _wanted(case, settings), n_sets)
     skipped = [{"case": case.name, "provider": n, "reason": r} for n, r in skipped_pairs]
     warmup = _first_set(settings.warmup, case.warmup, DEFAULTS[device.type][0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -19,30 +20,46 @@ from torch import nn
 
 from ..config import CONFIG_NAME, LoraConfig
 from ..nn import kinds
-from ..nn.inject import adapter_configs, inject_lora, lora_layers, set_adapter
+from ..nn.inject import _check_name, adapter_configs, adapter_layers, inject_lora, set_adapter
 from ..nn.lora_linear import LoraLinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
-from ..nn.targets import find_targets, resolve_targets
-from .atomic import atomic_path
+from ..nn.targets import candidate_modules, find_targets, resolve_targets
+from ..nn.transaction import model_transaction
+from .adapter_files import WEIGHTS_NAME, torn_config, write_pair
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def _adapter_dir(directory: str, adapter_name: str) -> str:
     """PEFT saves non-default adapters to <dir>/<name>/; accept both layouts."""
-    if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-        return directory
+    for folder in (directory, os.path.join(directory, adapter_name)):
+        # A first save into an empty folder, killed after its commit point, has no config file yet.
+        if os.path.isfile(os.path.join(folder, CONFIG_NAME)) or torn_config(folder) is not None:
+            return folder
     nested = os.path.join(directory, adapter_name)
-    if os.path.isfile(os.path.join(nested, CONFIG_NAME)):
-        return nested
     raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r} (nor in {nested!r})")
+
+
+def check_adapter_name(adapter_name) -> None:
+    """An adapter name is also a folder name (PEFT's <dir>/<name>/ layout): one plain path component."""
+    _check_name(adapter_name)
+    if os.path.isabs(adapter_name) or any(sep in adapter_name for sep in ("/", "\\", "\0", os.sep)):
+        raise ValueError(f"adapter_name must be a single path component (no '/', '\\', NUL, not absolute), "
+                         f"got {adapter_name!r}")
 
 
 def read_peft_adapter(directory: str, adapter_name: str = "default") -> tuple[Any, dict[str, torch.Tensor]]:
     """The config and the raw tensors (PEFT keys) of an adapter directory; pickle files are refused."""
+    check_adapter_name(adapter_name)
     folder = _adapter_dir(directory, adapter_name)
-    config = kinds.read_config(folder)  # the config class of the file's peft_type
+    recorded = torn_config(folder)
+    if recorded is not None:
+        warnings.warn(f"{folder}: an interrupted save left {CONFIG_NAME} older than {WEIGHTS_NAME}; using the "
+                      "config saved with the weights (the next save_adapter completes the pair)", stacklevel=2)
+        config = kinds.config_from_dict(recorded)  # the config class of the file's peft_type
+    else:
+        config = kinds.read_config(folder)
     path = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
@@ -60,7 +77,7 @@ def _bias_params(model: nn.Module, config: LoraConfig, adapter_name: str) -> dic
     if getattr(config, "bias", "none") == "none":
         return {}
     if config.bias == "lora_only":
-        return {f"{p}.base_layer.bias": layer.base_layer.bias for p, layer in lora_layers(model)
+        return {f"{p}.base_layer.bias": layer.base_layer.bias for p, layer in adapter_layers(model)
                 if kinds.holds_adapter(layer, adapter_name) and getattr(layer.base_layer, "bias", None) is not None}
     return {k: v for k, v in model.named_parameters()
             if k.endswith(".bias") and ".lora_" not in k and ".modules_to_save." not in k
@@ -73,9 +90,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     if adapter_name not in configs:
         raise KeyError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(configs)}")
     out: dict[str, torch.Tensor] = {}
-    for path, layer in lora_layers(model):
+    for path, layer in adapter_layers(model):
         if not isinstance(layer, LoraLinear):
-            if layer.has_adapter(adapter_name):  # other kinds / layer types: their own key names
+            if layer.has_adapter(adapter_name):  # other kinds / layer types (nn/kinds.py): their own key names
                 for suffix, tensor in layer.adapter_tensors(adapter_name).items():
                     out[f"{PREFIX}{path}.{suffix}"] = tensor
             continue
@@ -85,6 +102,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if layer.lora_B[adapter_name].bias is not None:
             out[f"{PREFIX}{path}.lora_B.bias"] = layer.lora_B[adapter_name].bias
+        if adapter_name in layer.lora_magnitude_vector:  # DoRA: PEFT's key has no ".weight"
+            out[f"{PREFIX}{path}.{MAGNITUDE}"] = layer.lora_magnitude_vector[adapter_name].weight
     for path, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for k, v in module.modules_to_save[adapter_name].state_dict().items():
@@ -95,41 +114,41 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> None:
-    """Write one adapter to ``directory`` in PEFT's format; each file replaced atomically."""
+    """Write one adapter to ``directory`` in PEFT's format, as one atomic save (``io/adapter_files.py``):
+    after a crash at any point the directory loads as the old adapter or the new one, never a mix."""
     tensors = adapter_state_dict(model, adapter_name)
     config = adapter_configs(model)[adapter_name]
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or config.base_model_name_or_path
     config = dataclasses.replace(config, base_model_name_or_path=name_or_path or None)
-    os.makedirs(directory, exist_ok=True)
-    # Weights first, then the config that describes them: a crash in between leaves the old
-    # config, whose shapes the loader checks, never a config pointing at missing weights.
-    with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    config.save_pretrained(directory)
+    write_pair(directory, lambda tmp, metadata: save_file(tensors, tmp, metadata=metadata), config.to_json_string())
 
 
 def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], adapter_name: str):
-    """Check every key and shape against the model; returns [(target tensor getter, source)] steps."""
+    """Check every key, shape and dtype against the model as it will be after injection; changes nothing.
+
+    Returns (resolved config, {module path: {suffix: tensor}}, [(locator, value)]) where a locator
+    is the tensor object to write (it survives wrapping) or ("saved", wrapper path, key inside the
+    module) for the adapter's modules_to_save copy, which injection creates.
+    """
     resolved = resolve_targets(model, config)
     targets = dict(find_targets(model, resolved))
     modules = dict(model.named_modules())
-    dict(model.named_parameters())
     lora: dict[str, dict[str, torch.Tensor]] = {}
     plain: dict[str, torch.Tensor] = {}
-    generic = _plan_generic(resolved, targets, tensors)
+    generic = _plan_generic(resolved, targets, tensors)  # Embedding / Conv LoRA, LoHa, LoKr (nn/kinds.py)
+    lora_suffixes = ("lora_A.weight", "lora_B.weight", "lora_B.bias", MAGNITUDE) \
+        if isinstance(resolved, LoraConfig) else ()
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"unexpected key {key!r}: PEFT keys start with {PREFIX!r}")
         rest = key[len(PREFIX):]
         if any(rest.startswith(p + ".") and rest[len(p) + 1:] in parts for p, parts in generic.items()):
             continue
-        for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias"):
+        for suffix in lora_suffixes:
             if rest.endswith("." + suffix):
                 lora.setdefault(rest[: -len(suffix) - 1], {})[suffix] = value
                 break
         else:
-            if ".lora_magnitude_vector" in rest:
-                raise NotImplementedError(f"key {key!r}: DoRA adapters are not supported yet")
             plain[rest] = value
     for path, parts in lora.items():
         if path not in targets:
@@ -141,14 +160,17 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
             (module.weight.shape[0], module.weight.shape[1]) if type(module).__name__ == "Conv1D"
             else (module.in_features, module.out_features))
         r = resolved.rank_for(path)
-        for suffix, shape in (("lora_A.weight", (r, in_f)), ("lora_B.weight", (out_f, r))):
+        dims = {"lora_A.weight": (("rank", r), ("in_features", in_f)),
+                "lora_B.weight": (("out_features", out_f), ("rank", r)),
+                "lora_B.bias": (("out_features", out_f),)}
+        for suffix, named in dims.items():
+            shape = tuple(size for _, size in named)
             if suffix not in parts:
+                if suffix == "lora_B.bias":
+                    continue
                 raise ValueError(f"missing key {PREFIX}{path}.{suffix} (expected shape {shape})")
-            got = tuple(parts[suffix].shape)
-            if got != shape:
-                hint = " (rank disagrees with the config's r / rank_pattern)" if got[:1] != shape[:1] or \
-                    got[1:] != shape[1:] else ""
-                raise ValueError(f"{PREFIX}{path}.{suffix}: shape {got} in the file, expected {shape}{hint}")
+            _check_tensor(f"{PREFIX}{path}.{suffix}", parts[suffix], named)
+        _check_magnitude(path, parts, out_f, resolved.use_dora)
         if ("lora_B.bias" in parts) != bool(resolved.lora_bias):
             raise ValueError(f"{PREFIX}{path}.lora_B.bias presence disagrees with lora_bias={resolved.lora_bias}")
     missing = sorted(set(targets) - set(lora) - set(generic))
@@ -159,22 +181,21 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         # bias="all" makes PEFT also write the bias of each modules_to_save copy and original
         # (`<m>.modules_to_save.bias`, `<m>.original_module.bias`); PEFT's loader ignores them too.
         if any(re.match(rf"(.*\.)?{re.escape(m)}\.(modules_to_save|original_module)\.", rest)
-               for m in config.modules_to_save or ()):
+               for m in resolved.modules_to_save or ()):
             del plain[rest]
+    saved = _saved_paths(model, resolved)
+    steps = []
     for rest, value in plain.items():
-        wrapper, sub = _saved_module_for(model, rest)
-        state = (wrapper.original_module if wrapper is not None else model).state_dict(keep_vars=True)
-        name = sub if wrapper is not None else rest
-        target = state.get(name)
-        if target is None and ".base_layer." in name:
-            # `<path>.base_layer.bias` (bias="lora_only"/"all") names a module not wrapped yet.
-            target = state.get(name.replace(".base_layer.", ".", 1))
+        locator, target = _plain_target(model, targets, saved, rest)
         if target is None:
             raise ValueError(f"unexpected key {PREFIX}{rest}: no such parameter or buffer in the model")
         if tuple(target.shape) != tuple(value.shape):
             raise ValueError(f"{PREFIX}{rest}: shape {tuple(value.shape)} in the file, model has {tuple(target.shape)}")
+        if value.is_floating_point() != target.is_floating_point() or value.is_complex():
+            raise ValueError(f"{PREFIX}{rest}: dtype {value.dtype} in the file, model has {target.dtype}")
+        steps.append((locator, value))
     lora.update(generic)
-    return resolved, lora, plain
+    return resolved, lora, steps
 
 
 def _plan_generic(config, targets: dict, tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
@@ -199,9 +220,12 @@ def _plan_generic(config, targets: dict, tensors: dict) -> dict[str, dict[str, t
                 raise ValueError(f"{key}: shape {got} in the file, expected {tuple(shape)} for a {kind.peft_type} "
                                  f"adapter on this {type(base).__name__} (rank, kernel size or factorisation "
                                  "disagrees with the config)")
+            if not tensors[key].is_floating_point():
+                raise ValueError(f"{key}: dtype {tensors[key].dtype} in the file, expected a floating point tensor")
             parts[suffix] = tensors[key]
-        stray = sorted(k for k in tensors if k.startswith(f"{PREFIX}{path}.") and
-                       k[len(PREFIX) + len(path) + 1:].split(".")[0] in _adapter_key_heads(kind)
+        heads = _adapter_key_heads(kind)
+        stray = sorted(k for k in tensors if k.startswith(f"{PREFIX}{path}.")
+                       and k[len(PREFIX) + len(path) + 1:].split(".")[0] in heads
                        and k[len(PREFIX) + len(path) + 1:] not in expected)
         if stray:
             raise ValueError(f"unexpected keys {stray[:3]} for module {path!r}: this config makes it hold "
@@ -211,34 +235,85 @@ def _plan_generic(config, targets: dict, tensors: dict) -> dict[str, dict[str, t
 
 
 def _adapter_key_heads(kind) -> set[str]:
-    heads = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
-    if kind.peft_type != "LORA":
-        heads |= {a for lt in kind.layer_types for a in lt.layer_class.param_dicts}
-    return heads
+    heads = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", MAGNITUDE}
+    return heads | {a for lt in kind.layer_types for a in getattr(lt.layer_class, "param_dicts", ())}
 
 
-def _saved_module_for(model: nn.Module, key: str):
-    """(ModulesToSaveWrapper, key inside it) when ``key`` lies under one, else (None, key)."""
-    for path, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and key.startswith(path + "."):
-            return module, key[len(path) + 1:]
-    return None, key
+def _check_magnitude(path: str, parts: dict, out_features: int, use_dora: bool) -> None:
+    """DoRA's ``lora_magnitude_vector`` [out]: present exactly when the config says use_dora."""
+    if (MAGNITUDE in parts) != bool(use_dora):
+        state = "missing" if use_dora else "present"
+        raise ValueError(f"{PREFIX}{path}.{MAGNITUDE} is {state} but the config has use_dora={use_dora}")
+    if use_dora:
+        _check_tensor(f"{PREFIX}{path}.{MAGNITUDE}", parts[MAGNITUDE], (("out_features", out_features),))
+
+
+def _check_tensor(key: str, value: torch.Tensor, named) -> None:
+    """Shape and dtype of one LoRA tensor; the error names the dimension that differs."""
+    shape = tuple(size for _, size in named)
+    got = tuple(value.shape)
+    if len(got) != len(shape):
+        raise ValueError(f"{key}: shape {got} in the file, expected {shape} ({len(shape)}-D)")
+    for i, ((what, size), have) in enumerate(zip(named, got)):
+        if have != size:
+            why = (f"rank disagrees with the config's r / rank_pattern ({size})" if what == "rank"
+                   else f"the module's {what} is {size}")
+            raise ValueError(f"{key}: shape {got} in the file, expected {shape}: dim {i} is {have}, but {why}")
+    if not value.is_floating_point():
+        raise ValueError(f"{key}: dtype {value.dtype} in the file, expected a floating point tensor")
+
+
+def _saved_paths(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths that are or will be ModulesToSaveWrappers after injection (inject_lora's suffix rule)."""
+    return [path for path, m in candidate_modules(model) if path and (
+        isinstance(m, ModulesToSaveWrapper) or any(path.endswith(s) for s in config.modules_to_save or ()))]
+
+
+def _plain_target(model: nn.Module, targets: dict, saved: list[str], rest: str):
+    """(locator, tensor now) for a non-LoRA key, named as after injection; (None, None) if there is none."""
+    for path in saved:
+        if rest.startswith(path + "."):
+            module = model.get_submodule(path)
+            inner = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+            sub = rest[len(path) + 1:]
+            return ("saved", path, sub), inner.state_dict(keep_vars=True).get(sub)
+    owner = next((p for p in targets if rest.startswith(p + ".")), None)
+    if owner is not None:
+        # A targeted module is wrapped: its own tensors become `<path>.base_layer.<name>`.
+        sub = rest[len(owner) + 1:]
+        if not sub.startswith("base_layer."):
+            raise ValueError(f"unexpected key {PREFIX}{rest}: {owner!r} is targeted, so its tensors are named "
+                             f"{owner}.base_layer.<name> after injection (adapter files carry no base weights)")
+        module = targets[owner]
+        base = module.base_layer if kinds.is_adapter_layer(module) else module
+        target = base.state_dict(keep_vars=True).get(sub[len("base_layer."):])
+        return target, target
+    target = model.state_dict(keep_vars=True).get(rest)
+    return target, target
 
 
 def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default", is_trainable: bool = False,
                  config: Optional[LoraConfig] = None) -> nn.Module:
-    """Load a PEFT-format adapter into ``model`` (injecting LoRA layers as needed) under ``adapter_name``."""
-    file_config, tensors = read_peft_adapter(directory, adapter_name)
-    config = config or file_config
+    """Load a PEFT-format adapter into ``model`` (injecting LoRA layers as needed) under ``adapter_name``.
+
+    Transactional: every key, shape and dtype is checked first, and any exception after that (even
+    KeyboardInterrupt) rolls the model back, so a failed load leaves it bit-identical.
+    """
+    check_adapter_name(adapter_name)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; loaded: {sorted(adapter_configs(model))}")
-    resolved, lora, plain = _plan_load(model, config, tensors, adapter_name)
-    inject_lora(model, dataclasses.replace(kinds.without_init(resolved), inference_mode=not is_trainable),
-                adapter_name)
-    adapter_configs(model)[adapter_name] = dataclasses.replace(resolved, inference_mode=not is_trainable)
-    with torch.no_grad():
-        layers = dict(lora_layers(model))
-        for path, parts in lora.items():
+    if config is not None:
+        kinds.kind_of(config)  # a TypeError naming the accepted config classes
+    file_config, tensors = read_peft_adapter(directory, adapter_name)
+    config = config or file_config
+    config.validate()
+    resolved, lora, steps = _plan_load(model, config, tensors, adapter_name)
+    with model_transaction(model) as tx, torch.no_grad():
+        inject_lora(model, dataclasses.replace(kinds.without_init(resolved), inference_mode=not is_trainable),
+                    adapter_name)
+        adapter_configs(model)[adapter_name] = dataclasses.replace(resolved, inference_mode=not is_trainable)
+        layers = dict(adapter_layers(model))
+        for path, parts in lora.items():  # fresh parameters: a rollback drops them
             layer = layers[path]
             if not isinstance(layer, LoraLinear):
                 own = layer.adapter_tensors(adapter_name)
@@ -249,17 +324,19 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
             layer.lora_B[adapter_name].weight.copy_(parts["lora_B.weight"])
             if "lora_B.bias" in parts:
                 layer.lora_B[adapter_name].bias.copy_(parts["lora_B.bias"])
-        for rest, value in plain.items():
-            wrapper, sub = _saved_module_for(model, rest)
-            if wrapper is not None:
-                wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True)[sub].copy_(value)
-            else:
-                model.state_dict(keep_vars=True)[rest].copy_(value)
-    if not is_trainable:
-        for _, layer in lora_layers(model):
-            if kinds.holds_adapter(layer, adapter_name):
-                for p in kinds.adapter_parameters(layer, adapter_name):
-                    p.requires_grad_(False)
-    else:
-        set_adapter(model, adapter_name)
+            if MAGNITUDE in parts:
+                layer.lora_magnitude_vector[adapter_name].weight.copy_(parts[MAGNITUDE])
+        for locator, value in steps:
+            if isinstance(locator, tuple):  # the adapter's new modules_to_save copy
+                _, path, sub = locator
+                model.get_submodule(path).modules_to_save[adapter_name].state_dict(keep_vars=True)[sub].copy_(value)
+            else:  # a tensor the model had before: its old value is kept for a rollback
+                tx.write(locator, value)
+        if not is_trainable:
+            for _, layer in adapter_layers(model):
+                if kinds.holds_adapter(layer, adapter_name):
+                    for p in kinds.adapter_parameters(layer, adapter_name):
+                        p.requires_grad_(False)
+        else:
+            set_adapter(model, adapter_name)
     return model

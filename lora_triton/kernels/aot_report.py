@@ -27,6 +27,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 
 from . import autotune as at
 from . import multi_lora as ml
+from .dora import AOT_KERNELS as DORA_AOT_KERNELS
 from .grouped_kernels import _grouped_shrink_kernel
 from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel, _shrink_kernel
@@ -77,6 +78,9 @@ KERNELS = {
     "ml_fused": (ml._fused_kernel, _ml_config("ml_fused"), dict(HAS_W=True)),
 }
 GEMM_KERNELS = ("fwd_gemm", "dx", "dx_acc")
+# DoRA (kernels/dora.py): its own table of kernels, configs and fp32 pointers; tests/test_dora_aot.py.
+KERNELS.update({name: entry[:3] for name, entry in DORA_AOT_KERNELS.items()})
+_PTR_TYPES.update({name: entry[3] for name, entry in DORA_AOT_KERNELS.items()})
 
 
 def _bin(name: str) -> str:

@@ -14,10 +14,12 @@ import os
 
 import triton
 
-# Families: "gemm" (base GEMM + expand, dgrad GEMM + LoRA epilogue), "shrink" (U = D(x) A^T),
+# Families: "gemm" (base GEMM + expand, dgrad GEMM + LoRA epilogue; pointer loads, the sm_80 path),
+# "gemm_tma" (their persistent tensor-descriptor twins, sm_90+), "shrink" (U = D(x) A^T),
 # "dudb" (dU and dB from one pass over dy), "da" (dA = dU^T D(x)).
 _INTERP_META = {
     "gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+    "gemm_tma": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2),
     "shrink": dict(BLOCK_M=32, BLOCK_K=32),
     "dudb": dict(BLOCK_M=32, BLOCK_N=32),
     "da": dict(BLOCK_M=32, BLOCK_K=32),
@@ -55,6 +57,15 @@ def _gemm_configs():
     return cfgs
 
 
+def _gemm_tma_configs():
+    # First = default: 128x256x64 in 3 stages, one persistent program per SM; fits without spills
+    # because the low-rank term shares the main accumulator (172 registers, sm_90 bf16 r=16).
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
+                                     (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                     (64, 64, 64, 4, 5), (16, 128, 128, 4, 4)]]
+
+
 def _shrink_configs():
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
             for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (32, 128, 4, 4),
@@ -73,7 +84,8 @@ def _da_configs():
                                  (32, 128, 4, 4), (16, 128, 4, 3)]]
 
 
-CONFIGS = {"gemm": _gemm_configs, "shrink": _shrink_configs, "dudb": _dudb_configs, "da": _da_configs}
+CONFIGS = {"gemm": _gemm_configs, "gemm_tma": _gemm_tma_configs, "shrink": _shrink_configs, "dudb": _dudb_configs,
+           "da": _da_configs}
 
 
 def default_config(family: str) -> triton.Config:
@@ -95,9 +107,11 @@ def smem_bytes(family: str, meta: dict, stages: int, esize: int, r_pad: int) -> 
     """Shared memory a config's pipelined operand tiles need (the compiler's own estimate is close)."""
     bm = meta["BLOCK_M"]
     r_blk = min(r_pad, 64)  # all but the shrink walk r in chunks of 64
-    if family == "gemm":
+    if family in ("gemm", "gemm_tma"):
         main = (bm * meta["BLOCK_K"] + meta["BLOCK_K"] * meta["BLOCK_N"]) * stages
         lora = bm * r_blk + r_blk * meta["BLOCK_N"]
+        if family == "gemm_tma":
+            lora += bm * meta["BLOCK_N"] // 2  # TMA store staging: one epilogue half
     elif family == "shrink":
         main = (bm * meta["BLOCK_K"] + meta["BLOCK_K"] * r_pad) * stages
         lora = 0
@@ -111,9 +125,9 @@ def smem_bytes(family: str, meta: dict, stages: int, esize: int, r_pad: int) -> 
 
 
 def _tile_elems(family: str, meta: dict) -> int:
-    """Elements of the tile the dropout mask is generated on."""
-    if family == "gemm":
-        return meta["BLOCK_M"] * meta["BLOCK_N"]
+    """Elements of the tile the dropout mask is generated on at once."""
+    if family in ("gemm", "gemm_tma"):
+        return meta["BLOCK_M"] * meta["BLOCK_N"] // 4  # the masked dgrad epilogue runs on column quarters
     return meta["BLOCK_M"] * meta.get("BLOCK_K", meta.get("BLOCK_N", 0))
 
 
@@ -146,10 +160,15 @@ def _pruner(family: str, tensor_arg: str):
     return early_config_prune
 
 
-def tuned(kernel, family: str, key: list, tensor_arg: str, reset_to_zero=None):
-    """Wrap a plain jit kernel with triton.autotune (GPU only)."""
+def tuned(kernel, family: str, key: list, tensor_arg: str, reset_to_zero=None, pre_hook=None):
+    """Wrap a plain jit kernel with triton.autotune (GPU only); ``pre_hook(nargs)`` runs before each
+    config's launch (the descriptor kernels set their block shapes there)."""
+    configs = CONFIGS[family]()
+    if pre_hook is not None:
+        configs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=pre_hook)
+                   for c in configs]
     return triton.autotune(
-        configs=CONFIGS[family](), key=key,
+        configs=configs, key=key,
         prune_configs_by={"early_config_prune": _pruner(family, tensor_arg)},
         reset_to_zero=reset_to_zero,
     )(kernel)

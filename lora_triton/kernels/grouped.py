@@ -17,19 +17,16 @@ import triton
 
 from ..reference.grouped import rank_offsets
 from . import autotune as at
+from . import gemm_launch as gl
 from .grouped_kernels import _grouped_shrink_kernel
-from .lora_bwd import _dx_kernel
-from .lora_fwd import _fwd_gemm_kernel
-from .lora_linear import _check, _empty, _launch, _nominal, _r_pad, _split, dudb_da
+from .lora_linear import _check, _empty, _nominal, _r_pad, _split, dudb_da
 
 _MAX_R_LAUNCH = 256  # total rank one grouped shrink launch accumulates in registers
 
 
 @functools.cache
 def _tuned(name: str):
-    if name == "gshrink":
-        return at.tuned(_grouped_shrink_kernel, "shrink", ["M_BUCKET", "K", "R"], "x_ptr")
-    return at.tuned(_dx_kernel, "gemm", ["M_BUCKET", "N", "K", "R"], "dy_ptr")
+    return at.tuned(_grouped_shrink_kernel, "shrink", ["M_BUCKET", "K", "R"], "x_ptr")
 
 
 def _launch_own(name: str, kernel, family: str, tensor_arg: str, grid, *args, **kwargs):
@@ -105,31 +102,10 @@ def lora_linear_grouped_fwd(x, weights, biases, lora_As, lora_Bs, scalings, drop
     if m == 0:
         return ys, u_cat
     _shrink(x, lora_As, u_cat, offs, dropout_ps, seeds)
-    ieee, mb = dt == torch.float32, at.m_bucket(m)
+    mb = at.m_bucket(m)
     for g, (w, b, lb, s, y) in enumerate(zip(weights, biases, lora_Bs, scalings, ys)):
-        u = u_cat[:, offs[g]:offs[g + 1]]
-        n, r = lb.shape
-        grid = lambda META, n=n: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
-        _launch("fwd", _fwd_gemm_kernel, "gemm", grid,
-                x, w if w is not None else x, b if b is not None else x, u, lb, y, m, n, k, r, mb,
-                x.stride(0), x.stride(1), w.stride(0) if w is not None else 0, w.stride(1) if w is not None else 0,
-                u.stride(0), u.stride(1), lb.stride(0), lb.stride(1), y.stride(0), y.stride(1),
-                float(s), R_PAD=_r_pad(r), HAS_W=w is not None, HAS_BIAS=b is not None, IEEE=ieee)
+        gl.fwd_gemm(x, w, b, u_cat[:, offs[g]:offs[g + 1]], lb, y, s, _r_pad(lb.shape[1]), mb)
     return ys, u_cat
-
-
-def _dx_acc(dx, dy, w, d_u, lora_A, p, seed, accumulate: bool):
-    m, k = dx.shape
-    n, r = dy.shape[1], lora_A.shape[0]
-    drop = p > 0.0
-    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)
-    _launch_own("dx_acc", _dx_kernel, "gemm", "dy_ptr", grid,
-                dy, w if w is not None else dy, d_u, lora_A, seed if drop else dy, dx, m, n, k, r,
-                at.m_bucket(m), dy.stride(0), dy.stride(1),
-                w.stride(0) if w is not None else 0, w.stride(1) if w is not None else 0,
-                d_u.stride(0), d_u.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-                float(p), 1.0 / (1.0 - p), R_PAD=_r_pad(r), HAS_W=w is not None, HAS_DROPOUT=drop,
-                ACCUMULATE=accumulate, IEEE=dx.dtype == torch.float32)
 
 
 def lora_linear_grouped_bwd(dys, x, weights, lora_As, lora_Bs, u_cat, scalings, dropout_ps, seeds,
@@ -158,5 +134,5 @@ def lora_linear_grouped_bwd(dys, x, weights, lora_As, lora_Bs, u_cat, scalings, 
         d_as.append(d_a)
         d_bs.append(d_b)
         if need_dx:
-            _dx_acc(dx, dy, w, d_u, a, float(p), seed, accumulate=g > 0)
+            gl.dgrad(dy, w, d_u, a, seed, dx, float(p), _r_pad(a.shape[0]), at.m_bucket(m), accumulate=g > 0)
     return dx, d_as, d_bs

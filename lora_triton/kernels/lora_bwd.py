@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_fwd import _dot, _dropout_scale, _grouped_pid, _lora_dot
+from .lora_fwd import _dot, _dropout_scale, _grouped_pid, _lora_acc, _lora_dot
 
 
 @triton.jit
@@ -93,18 +93,22 @@ def _da_kernel(
 
 
 @triton.jit
+def _dx_masked(acc, du_ptr, a_ptr, seed, rows, cols, M, K, R, stride_dum, stride_dur, stride_ar, stride_ak,
+               p, inv_keep, R_PAD: tl.constexpr, IEEE: tl.constexpr):
+    """acc + D'(dU A) over the given columns (fp32), the mask regenerated for exactly them."""
+    lora = _lora_dot(du_ptr, a_ptr, rows, cols, rows < M, cols < K, R, stride_dum, stride_dur, stride_ar, stride_ak,
+                     acc.shape[0], acc.shape[1], R_PAD, IEEE)
+    return acc + lora * _dropout_scale(seed, rows, cols, K, p, inv_keep)
+
+
+@triton.jit
 def _dx_epilogue(acc, du_ptr, a_ptr, dx_ptr, seed, rows, cols, M, K, R, stride_dum, stride_dur,
                  stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep,
-                 R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr):
-    """dx tile = acc + D'(dU A) over the given columns, the mask regenerated for exactly them."""
-    col_ok = cols < K
-    row_ok = rows < M
-    lora = _lora_dot(du_ptr, a_ptr, rows, cols, row_ok, col_ok, R, stride_dum, stride_dur, stride_ar, stride_ak,
-                     acc.shape[0], acc.shape[1], R_PAD, IEEE)
-    if HAS_DROPOUT:
-        lora = lora * _dropout_scale(seed, rows, cols, K, p, inv_keep)
+                 R_PAD: tl.constexpr, IEEE: tl.constexpr):
+    out = _dx_masked(acc, du_ptr, a_ptr, seed, rows, cols, M, K, R, stride_dum, stride_dur, stride_ar, stride_ak,
+                     p, inv_keep, R_PAD, IEEE)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
-             (acc + lora).to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+             out.to(dx_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < K)[None, :])
 
 
 @triton.jit
@@ -152,13 +156,16 @@ def _dx_kernel(
         q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, QN)), (0, 2, 1)))
         q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, QN)), (0, 2, 1)))
         _dx_epilogue(q0, du_ptr, a_ptr, dx_ptr, seed, rows, c0, M, K, R, stride_dum, stride_dur,
-                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, True, IEEE)
+                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, IEEE)
         _dx_epilogue(q1, du_ptr, a_ptr, dx_ptr, seed, rows, c0 + QN, M, K, R, stride_dum, stride_dur,
-                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, True, IEEE)
+                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, IEEE)
         _dx_epilogue(q2, du_ptr, a_ptr, dx_ptr, seed, rows, c0 + 2 * QN, M, K, R, stride_dum, stride_dur,
-                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, True, IEEE)
+                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, IEEE)
         _dx_epilogue(q3, du_ptr, a_ptr, dx_ptr, seed, rows, c0 + 3 * QN, M, K, R, stride_dum, stride_dur,
-                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, True, IEEE)
+                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, IEEE)
     else:
-        _dx_epilogue(acc, du_ptr, a_ptr, dx_ptr, 0, rows, cols, M, K, R, stride_dum, stride_dur,
-                     stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, R_PAD, False, IEEE)
+        # No mask: dU A (dU already scaled) accumulates straight into the dgrad accumulator.
+        acc = _lora_acc(acc, du_ptr, a_ptr, rows, cols, row_ok, col_ok, R, stride_dum, stride_dur,
+                        stride_ar, stride_ak, 1.0, R_PAD, IEEE, False)
+        tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
+                 acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

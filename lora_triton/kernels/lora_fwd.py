@@ -5,7 +5,8 @@
    columns), fp32 accumulate, optional split-K
    over a strided set of K blocks into an fp32 workspace (many programs when M is small).
 2. ``_fwd_gemm_kernel``: y = x W^T + b + s U B^T. The expand is one extra [BM, r] x [r, BN] dot
-   before the epilogue, so the low-rank term never touches HBM as an [M, N] tensor.
+   into the main accumulator (s folded into the B tile) before the epilogue, so the low-rank
+   term never touches HBM as an [M, N] tensor nor needs a second fp32 tile in registers.
    Program ids are grouped along M for L2 reuse of W tiles.
 
 r is padded to R_PAD (a power of two >= 16, tl.dot's minimum) with masks; absent operands
@@ -56,12 +57,15 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _lora_dot(u_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
-              BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr):
-    """[BM, BN] fp32 = U[rows, :R] @ Bt[:R, cols], Bt[j, n] at b_ptr + j*stride_br + n*stride_bn.
-    r is walked in chunks of at most 64 so a rank-256 adapter neither spills nor bloats smem."""
+def _lora_acc(acc, u_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
+              scaling, R_PAD: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr):
+    """acc + U[rows, :R] @ (scaling * Bt[:R, cols]), Bt[j, n] at b_ptr + j*stride_br + n*stride_bn.
+
+    The low-rank term goes straight into the caller's accumulator (the scale folded into the
+    [r, BN] operand tile), so the GEMM holds one fp32 [BM, BN] accumulator, not two: that is
+    what lets a 128x256 tile compile without spills. r is walked in chunks of at most 64 so a
+    rank-256 adapter neither spills nor bloats smem."""
     R_BLOCK: tl.constexpr = R_PAD if R_PAD < 64 else 64
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
     for r0 in tl.static_range(0, R_PAD, R_BLOCK):
         rr = r0 + tl.arange(0, R_BLOCK)
         r_ok = rr < R
@@ -69,8 +73,19 @@ def _lora_dot(u_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur,
                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         b_t = tl.load(b_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn,
                       mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        if SCALE:
+            b_t = (b_t.to(tl.float32) * scaling).to(b_ptr.dtype.element_ty)
         acc = _dot(u, b_t, acc, IEEE)
     return acc
+
+
+@triton.jit
+def _lora_dot(u_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
+              BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr):
+    """[BM, BN] fp32 = U[rows, :R] @ Bt[:R, cols] in its own accumulator (the masked dx epilogue,
+    where the dropout mask multiplies the low-rank term alone)."""
+    return _lora_acc(tl.zeros((BM, BN), dtype=tl.float32), u_ptr, b_ptr, rows, cols, row_ok, col_ok, R,
+                     stride_um, stride_ur, stride_br, stride_bn, 1.0, R_PAD, IEEE, False)
 
 
 @triton.jit
@@ -145,10 +160,9 @@ def _fwd_gemm_kernel(
             w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                           mask=col_ok[None, :] & k_ok[:, None], other=0.0)
             acc = _dot(x, w_t, acc, IEEE)
-    # Expand: one [BM, r] x [r, BN] dot (in r chunks), scaled, before the epilogue.
-    lora = _lora_dot(u_ptr, lb_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
-                     BLOCK_M, BLOCK_N, R_PAD, IEEE)
-    acc += scaling * lora
+    # Expand: one [BM, r] x [r, BN] dot (in r chunks) into the same accumulator, before the epilogue.
+    acc = _lora_acc(acc, u_ptr, lb_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
+                    scaling, R_PAD, IEEE, True)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]

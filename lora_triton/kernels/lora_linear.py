@@ -1,6 +1,7 @@
 """Launchers of the fused LoRA training kernels; same signatures as ``reference/lora_linear.py``.
 
-Forward: shrink (U = D(x) A^T) then base GEMM with the expand folded in (2 launches).
+Forward: shrink (U = D(x) A^T) then base GEMM with the expand folded in (2 launches; the two
+main GEMMs launch through ``gemm_launch``: persistent TMA kernels on sm_90+, pointer kernels else).
 Backward: dU/dB from one pass over dy, dA = dU^T D(x), dx = dy W + D'(dU A) (3 launches,
 dx skipped when not needed). The dropout mask is regenerated from the on-device seed in every
 kernel that needs it; no mask or D(x) is ever stored.
@@ -17,8 +18,9 @@ import torch
 import triton
 
 from . import autotune as at
-from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
-from .lora_fwd import _fwd_gemm_kernel, _shrink_kernel
+from . import gemm_launch as gl
+from .lora_bwd import _da_kernel, _dudb_kernel
+from .lora_fwd import _shrink_kernel
 
 _MAX_R = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -29,17 +31,15 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_TENSOR_ARG = {"shrink": "x_ptr", "fwd": "x_ptr", "dudb": "dy_ptr", "da": "x_ptr", "dx": "dy_ptr"}
+_TENSOR_ARG = {"shrink": "x_ptr", "dudb": "dy_ptr", "da": "x_ptr"}
 
 
 @functools.cache
 def _tuned(name: str):
     kernel, family, reset = {
         "shrink": (_shrink_kernel, "shrink", None),
-        "fwd": (_fwd_gemm_kernel, "gemm", None),
         "dudb": (_dudb_kernel, "dudb", ["db_ptr"]),
         "da": (_da_kernel, "da", None),
-        "dx": (_dx_kernel, "gemm", None),
     }[name]
     tensor_arg = _TENSOR_ARG[name]
     key = ["M_BUCKET", "N", "K", "R"] if "N" in kernel.arg_names and "K" in kernel.arg_names else (
@@ -152,15 +152,7 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
     if split > 1:
         u.copy_(u_out.sum(0))
 
-    w = weight if weight is not None else x
-    b = bias if bias is not None else x
-    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
-    _launch("fwd", _fwd_gemm_kernel, "gemm", grid,
-            x, w, b, u, lora_B, y, m, n, k, r, mb,
-            x.stride(0), x.stride(1),
-            weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 0,
-            u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-            float(scaling), R_PAD=r_pad, HAS_W=weight is not None, HAS_BIAS=bias is not None, IEEE=ieee)
+    gl.fwd_gemm(x, weight, bias, u, lora_B, y, scaling, r_pad, mb)
     return y, u
 
 
@@ -176,22 +168,11 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     if m == 0:
         return dx, torch.zeros((r, k), dtype=torch.float32, device=dev), torch.zeros(
             (n, r), dtype=torch.float32, device=dev)
-    r_pad, mb, ieee = _r_pad(r), at.m_bucket(m), dt == torch.float32
-    drop = dropout_p > 0.0
-    p, inv_keep = float(dropout_p), 1.0 / (1.0 - float(dropout_p))
-    seed_arg = seed if drop else x
-
+    r_pad, mb = _r_pad(r), at.m_bucket(m)
     d_u, d_a, d_b = dudb_da(dy, x, lora_B, u, scaling, dropout_p, seed)
 
     if need_dx:
-        w = weight if weight is not None else x
-        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)
-        _launch("dx", _dx_kernel, "gemm", grid,
-                dy, w, d_u, lora_A, seed_arg, dx, m, n, k, r, mb,
-                dy.stride(0), dy.stride(1),
-                weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 0,
-                d_u.stride(0), d_u.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-                p, inv_keep, R_PAD=r_pad, HAS_W=weight is not None, HAS_DROPOUT=drop, IEEE=ieee)
+        gl.dgrad(dy, weight, d_u, lora_A, seed, dx, float(dropout_p), r_pad, mb)
     return dx, d_a, d_b
 
 

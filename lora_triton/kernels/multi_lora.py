@@ -44,7 +44,7 @@ def _tile_rows(tile, tile_adapter_ptr, tile_row0_ptr, tile_rend_ptr, perm_ptr, N
 
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, u_ptr, perm_ptr, tile_adapter_ptr, tile_row0_ptr, tile_rend_ptr, ranks_ptr,
-                   K, NUM_SLOTS, stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_us, stride_um,
+                   K, NUM_SLOTS, stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_us, stride_um, R,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                    DOT_PREC: tl.constexpr):
     tile = tl.program_id(0)
@@ -54,7 +54,7 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, perm_ptr, tile_adapter_ptr, tile_row0_pt
                                                   NUM_SLOTS, BLOCK_M)
     if adapter < 0:
         return
-    rank = tl.load(ranks_ptr + adapter)
+    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + adapter), 0), R)  # bad ranks never index past r_max
     r0 = pid_r * BLOCK_R
     if r0 >= rank:  # rank tile entirely in the padding of this adapter
         return
@@ -80,7 +80,7 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, perm_ptr, tile_adapter_ptr, tile_row0_pt
 @triton.jit
 def _expand_kernel(u_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr, tile_row0_ptr, tile_rend_ptr, ranks_ptr,
                    scal_ptr, N, NUM_SLOTS, tile_offset, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
-                   stride_us, stride_um, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   stride_us, stride_um, R, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr):
     tile = tile_offset + tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -88,7 +88,7 @@ def _expand_kernel(u_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr, tile_
                                                   NUM_SLOTS, BLOCK_M)
     if adapter < 0:
         return
-    rank = tl.load(ranks_ptr + adapter)
+    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + adapter), 0), R)  # bad ranks never index past r_max
     coef = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scal_ptr + adapter)
     if HAS_W:
         coef *= tl.load(w_ptr + slot, mask=m_ok, other=0.0)
@@ -118,7 +118,7 @@ def _expand_kernel(u_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr, tile_
 def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr, tile_row0_ptr, tile_rend_ptr,
                   ranks_ptr, scal_ptr, K, N, NUM_SLOTS, tile_offset, n_per_prog,
                   stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_bl, stride_bn, stride_br,
-                  stride_ym, stride_yn, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                  stride_ym, stride_yn, R, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     tile = tile_offset + tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -126,7 +126,7 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr,
                                                   NUM_SLOTS, BLOCK_M)
     if adapter < 0:
         return
-    rank = tl.load(ranks_ptr + adapter)
+    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + adapter), 0), R)  # bad ranks never index past r_max
     if rank == 0:
         return
     coef = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scal_ptr + adapter)
@@ -241,7 +241,7 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
             _fused_kernel[(nt, n_split)](
                 x, lora_A, lora_B, y, w, perm, tile_adapter, tile_row0, tile_rend, ranks, scalings,
                 kdim, n, num_slots, c * nt, n_per,
-                x.stride(0), x.stride(1), *lora_A.stride(), *lora_B.stride(), y.stride(0), y.stride(1),
+                x.stride(0), x.stride(1), *lora_A.stride(), *lora_B.stride(), y.stride(0), y.stride(1), R=r_max,
                 HAS_W=has_w, BLOCK_M=bm, BLOCK_R=block_r, BLOCK_K=64, BLOCK_N=block_n, DOT_PREC=prec,
                 num_warps=_NUM_WARPS)
         return y
@@ -254,13 +254,13 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     u = torch.empty((split_k, t * num_slots, r_max), dtype=torch.float32, device=x.device)
     _shrink_kernel[(num_slots * nt, triton.cdiv(r_max, block_r), split_k)](
         x, lora_A, u, perm, tile_adapter, tile_row0, tile_rend, ranks, kdim, num_slots,
-        x.stride(0), x.stride(1), *lora_A.stride(), u.stride(0), u.stride(1),
+        x.stride(0), x.stride(1), *lora_A.stride(), u.stride(0), u.stride(1), R=r_max,
         BLOCK_M=bm, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, DOT_PREC=prec, num_warps=_NUM_WARPS)
     block_n = 64
     for c in range(num_slots):
         _expand_kernel[(nt, triton.cdiv(n, block_n))](
             u, lora_B, y, w, perm, tile_adapter, tile_row0, tile_rend, ranks, scalings, n, num_slots, c * nt,
-            *lora_B.stride(), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
+            *lora_B.stride(), y.stride(0), y.stride(1), u.stride(0), u.stride(1), R=r_max,
             HAS_W=has_w, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_R=block_r, SPLIT_K=split_k, DOT_PREC=prec,
             num_warps=_NUM_WARPS)
     return y

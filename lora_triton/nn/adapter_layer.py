@@ -106,10 +106,17 @@ class AdapterLayer(nn.Module):
         biases = [b for b in (self.delta_bias(n) for n in names) if b is not None]
         merged_b = None
         if biases:
-            if self.base_layer.bias is None:
+            if getattr(self.base_layer, "bias", None) is None:
                 raise ValueError("cannot merge an adapter bias into a base layer that has no bias")
             merged_b = self.merge_value(self.base_layer.bias) + sum(biases)
         return merged_w, merged_b
+
+    def merged_as_stored(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What a merge would write: the merged values rounded once to the base's dtypes (safe_merge checks
+        these: an fp16 / bf16 base can overflow in the cast)."""
+        merged_w, merged_b = self._merged_values(names)
+        w_dtype = self.base_layer.weight.dtype
+        return merged_w.to(w_dtype), None if merged_b is None else merged_b.to(self.base_layer.bias.dtype)
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> list[str]:
         names = list(self.active_adapters if adapter_names is None else adapter_names)
@@ -119,14 +126,13 @@ class AdapterLayer(nn.Module):
                 raise KeyError(f"unknown adapter {name!r}; this layer has {self.adapter_names()}")
         if not names:
             return []
-        merged_w, merged_b = self._merged_values(names)
+        merged_w, merged_b = self.merged_as_stored(names)  # one rounding, from fp32
         if safe_merge and not (merged_w.isfinite().all() and (merged_b is None or merged_b.isfinite().all())):
             raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights; nothing was changed")
         with torch.no_grad():
-            weight = self.base_layer.weight
-            weight.copy_(merged_w.to(weight.dtype))  # one rounding, from fp32
+            self.base_layer.weight.copy_(merged_w)
             if merged_b is not None:
-                self.base_layer.bias.copy_(merged_b.to(self.base_layer.bias.dtype))
+                self.base_layer.bias.copy_(merged_b)
         self.merged_adapters.extend(names)
         return names
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..ops.grouped import lora_linear_grouped
 from .lora_linear import LoraLinear
+from .nf4_linear import NF4Linear
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 _ATTR = "_lora_sibling_group"
@@ -98,10 +99,12 @@ def _state(layer: LoraLinear, x: torch.Tensor) -> Optional[tuple]:
     active adapter, autocast, or a dtype / width mismatch (the plain forward handles those)."""
     if layer.mixed_batch is not None or layer.disable_adapters or layer.merged_adapters:
         return None
+    if isinstance(layer.base_layer, NF4Linear):  # its own fused 4-bit GEMM; grouping would dequantize W
+        return None
     if len(layer.active_adapters) != 1 or torch.is_autocast_enabled(x.device.type):
         return None
     name = layer.active_adapters[0]
-    if name not in layer.lora_A:
+    if name not in layer.lora_A or name in layer.lora_variant:  # variants (DoRA) run their own forward
         return None
     weight = layer.base_weight()
     if x.dtype != weight.dtype or x.device != weight.device or x.shape[-1] != layer.in_features:

@@ -10,9 +10,11 @@ from torch import nn
 from ..config import LOAD_ONLY_INITS, LoraConfig
 from .grouping import group_siblings, ungroup_siblings
 from .kinds import adapter_parameters, attach, check_target, holds_adapter, is_adapter_layer, kind_of, layer_classes
-from .lora_linear import is_supported_base
+from .lora_linear import LoraLinear, is_supported_base, merge_is_finite
 from .modules_to_save import ModulesToSaveWrapper
+from .qlora import unloaded_base
 from .targets import candidate_modules, find_targets, resolve_targets
+from .transaction import transactional
 
 CONFIGS_ATTR = "_lora_triton_configs"
 
@@ -23,7 +25,12 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 
 def lora_layers(model: nn.Module):
-    """Every adapter layer of the model (LoraLinear and the other kinds' layers, nn/kinds.py)."""
+    """The model's LoraLinear layers (LoRA / DoRA on Linear and Conv1D)."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLinear)]
+
+
+def adapter_layers(model: nn.Module):
+    """Every adapter layer of the model: LoraLinear and the other kinds' / layer types' (nn/kinds.py)."""
     return [(p, m) for p, m in model.named_modules() if is_adapter_layer(m)]
 
 
@@ -44,6 +51,7 @@ def _check_name(adapter_name: str) -> None:
         raise ValueError("'__base__' is reserved for 'no adapter' in mixed batches")
 
 
+@transactional  # all of it or none: a failure half-way leaves the model as it was
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Wrap every targeted module of ``model`` in place with an adapter layer holding ``adapter_name``.
 
@@ -56,6 +64,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     same tensor (q/k/v, gate/up) are grouped (``nn.grouping``; ``ungroup_siblings`` undoes it).
     """
     kind_of(config)  # a TypeError naming the accepted config classes
+    config.validate()  # fields may have been changed since construction
     _check_name(adapter_name)
     if getattr(config, "init_lora_weights", None) in LOAD_ONLY_INITS:
         raise NotImplementedError(f"init_lora_weights={config.init_lora_weights!r}: lora_triton loads such "
@@ -103,10 +112,10 @@ def _mark_trainable(model: nn.Module, active: list[str]) -> None:
     configs = adapter_configs(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for _path, layer in lora_layers(model):
+    for _path, layer in adapter_layers(model):
         for name in active:
             if holds_adapter(layer, name):
-                for p in adapter_parameters(layer, name):
+                for p in adapter_parameters(layer, name):  # LoRA factors, DoRA magnitudes, LoHa/LoKr factors
                     p.requires_grad_(True)
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper):
@@ -119,7 +128,7 @@ def _mark_trainable(model: nn.Module, active: list[str]) -> None:
             if name.endswith("bias") and "modules_to_save" not in name and "original_module" not in name:
                 p.requires_grad_(True)
     elif "lora_only" in biases:
-        for _, layer in lora_layers(model):
+        for _, layer in adapter_layers(model):
             if getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
 
@@ -156,36 +165,44 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
     With safe_merge the merged weights are checked first: a non-finite result raises and no layer
     of the model is changed.
     """
-    layers = [m for _, m in lora_layers(model)]
+    layers = [m for _, m in adapter_layers(model)]
     if adapter_names is not None:
         known = adapter_configs(model)
         missing = [n for n in adapter_names if n not in known]
         if missing:
             raise KeyError(f"unknown adapters {missing}; loaded adapters: {sorted(known)}")
+    # adapter_names=[] merges nothing, as in PEFT; only None means "the active adapters".
     if safe_merge:
         for layer in layers:
-            names = [n for n in (adapter_names or layer.active_adapters)
+            names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
                      if holds_adapter(layer, n) and n not in layer.merged_adapters]
-            if names:
-                merged_w, merged_b = layer._merged_values(names)
-                if not (merged_w.isfinite().all() and (merged_b is None or merged_b.isfinite().all())):
-                    raise ValueError(f"safe_merge: merging {names} gives non-finite weights; nothing was changed")
+            merged = layer.merged_as_stored(names) if names else None
+            if merged is not None and not merge_is_finite(*merged):
+                raise ValueError(f"safe_merge: merging {names} gives non-finite weights in "
+                                 f"{merged[0].dtype}; nothing was changed")
     for layer in layers:
-        names = [n for n in (adapter_names or layer.active_adapters) if holds_adapter(layer, n)]
+        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
+                 if holds_adapter(layer, n)]
         layer.merge(names, safe_merge=safe_merge)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_layers(model):
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False):
-    """Merge, then put the plain base layers back; modules_to_save keep the active adapter's copy."""
+def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
+                     requantize: bool = False):
+    """Merge, then put the plain base layers back; modules_to_save keep the active adapter's copy.
+
+    4-bit bases come back as full-precision Linears in their compute dtype (W_deq + s B A, one rounding);
+    ``requantize=True`` quantizes them again, with a warning (``nn.qlora``)."""
     merge_adapter(model, adapter_names, safe_merge)
     ungroup_siblings(model)
     for path, module in list(model.named_modules()):
-        if is_adapter_layer(module):
+        if isinstance(module, LoraLinear):
+            _set_child(model, path, unloaded_base(module, requantize))
+        elif is_adapter_layer(module):
             _set_child(model, path, module.base_layer)
         elif isinstance(module, ModulesToSaveWrapper):
             active = [a for a in module.active_adapters if a in module.modules_to_save]
@@ -199,7 +216,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if adapter_name not in configs:
         raise KeyError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(configs)}")
     remaining_active = [a for a in active_adapters(model) if a != adapter_name]
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_layers(model):
         if holds_adapter(layer, adapter_name):
             layer.delete_adapter(adapter_name)
     for m in model.modules():

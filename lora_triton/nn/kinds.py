@@ -155,6 +155,8 @@ def _lora_linear_tensors(layer: LoraLinear, name: str) -> dict:
     out = {"lora_A.weight": layer.lora_A[name].weight, "lora_B.weight": layer.lora_B[name].weight}
     if layer.lora_B[name].bias is not None:
         out["lora_B.bias"] = layer.lora_B[name].bias
+    if name in layer.lora_magnitude_vector:  # DoRA: PEFT's key has no ".weight"
+        out["lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
     return out
 
 
@@ -172,13 +174,25 @@ def _linear_shapes(base, c: LoraConfig, path: str) -> dict:
 
 
 def _embedding_args(c: LoraConfig, path: str) -> tuple:
+    _no_dora(c, "nn.Embedding")
     return (c.rank_for(path), c.alpha_for(path), c.use_rslora, c.init_lora_weights, c.lora_bias)
+
+
+def _conv_args(c: LoraConfig, path: str) -> tuple:
+    _no_dora(c, "nn.Conv1d/2d/3d")
+    return _linear_args(c, path)
+
+
+def _no_dora(c: LoraConfig, layer_type: str) -> None:
+    if c.use_dora:
+        raise NotImplementedError(f"use_dora=True on {layer_type} is not supported yet (DoRA runs on Linear "
+                                  "layers); exclude these modules or use plain LoRA for them")
 
 
 LORA_LINEAR = LayerType(
     "nn.Linear / transformers Conv1D", is_supported_base, LoraLinear,
-    wrap=lambda base, n, c, p: LoraLinear(base, n, *_linear_args(c, p)),
-    add=lambda layer, n, c, p: layer.add_adapter(n, *_linear_args(c, p)),
+    wrap=lambda base, n, c, p: LoraLinear(base, n, *_linear_args(c, p), use_dora=c.use_dora),
+    add=lambda layer, n, c, p: layer.add_adapter(n, *_linear_args(c, p), use_dora=c.use_dora),
     shapes=_linear_shapes, tensors=_lora_linear_tensors)
 LORA_EMBEDDING = LayerType(
     "nn.Embedding", lambda m: isinstance(m, nn.Embedding), LoraEmbedding,
@@ -188,8 +202,8 @@ LORA_EMBEDDING = LayerType(
     tensors=lambda layer, n: layer.adapter_tensors(n))
 LORA_CONV = LayerType(
     "nn.Conv1d/2d/3d", lambda m: type(m) in CONV_TYPES, LoraConv,
-    wrap=lambda base, n, c, p: LoraConv(base, n, *_linear_args(c, p)),
-    add=lambda layer, n, c, p: layer.add_adapter(n, *_linear_args(c, p)),
+    wrap=lambda base, n, c, p: LoraConv(base, n, *_conv_args(c, p)),
+    add=lambda layer, n, c, p: layer.add_adapter(n, *_conv_args(c, p)),
     shapes=lambda base, c, p: LoraConv.adapter_shapes(base, c.rank_for(p), c.lora_bias),
     tensors=lambda layer, n: layer.adapter_tensors(n))
 

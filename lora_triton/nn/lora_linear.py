@@ -14,6 +14,10 @@ import torch
 from torch import nn
 
 from ..ops.lora_linear import lora_linear
+from .batch_slot import mixed_batch_slot
+from .nf4_linear import NF4Linear, is_bnb_linear4bit
+from .qlora import merge_quantized, qlora_forward, unmerge_quantized
+from .variants import make_variant
 
 
 def is_conv1d(layer: nn.Module) -> bool:
@@ -22,23 +26,36 @@ def is_conv1d(layer: nn.Module) -> bool:
 
 
 def is_supported_base(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Linear) or is_conv1d(layer)
+    return isinstance(layer, (nn.Linear, NF4Linear)) or is_conv1d(layer)
+
+
+def merge_is_finite(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    return bool(weight.isfinite().all()) and (bias is None or bool(bias.isfinite().all()))
 
 
 class LoraLinear(nn.Module):
+    mixed_batch = mixed_batch_slot()  # per thread: other threads never run a batch's adapters
+
     def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = "default", r: int = 8,
                  lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
-                 init_lora_weights=True, lora_bias: bool = False):
+                 init_lora_weights=True, lora_bias: bool = False, use_dora: bool = False):
         super().__init__()
         if not is_supported_base(base_layer):
             raise TypeError(f"LoraLinear wraps nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}")
+        if is_bnb_linear4bit(base_layer):
+            raise TypeError("bitsandbytes' Linear4bit is adopted by lora_triton.quantize(model) (no requantization); "
+                            "call it before adding adapters")
         self.base_layer = base_layer
         self.fan_in_fan_out = is_conv1d(base_layer)
         w = base_layer.weight
         in_out = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        if isinstance(base_layer, NF4Linear):  # packed bytes: the shape is not the layer's
+            in_out = (base_layer.in_features, base_layer.out_features)
         self.in_features, self.out_features = in_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA magnitudes (nn/dora.py), PEFT's name
+        self.lora_variant: dict = {}  # adapter name -> LoraVariant (nn/variants.py); plain LoRA has none
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -49,16 +66,22 @@ class LoraLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.mixed_batch = None
         if adapter_name is not None:
-            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias)
+            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias,
+                             use_dora=use_dora)
             self.active_adapters = [adapter_name]
 
     # -- adapters -------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights=True, lora_bias: bool = False) -> None:
+                    use_rslora: bool = False, init_lora_weights=True, lora_bias: bool = False,
+                    use_dora: bool = False) -> None:
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer (have {list(self.lora_A)})")
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
+        if use_dora and lora_bias:
+            raise ValueError("use_dora=True with lora_bias=True is not supported (PEFT refuses it too)")
+        if use_dora and isinstance(self.base_layer, NF4Linear):
+            raise NotImplementedError("use_dora=True on a 4-bit (NF4/FP4) base layer is not supported yet")
         device = self.base_layer.weight.device
         # Adapters stay fp32 on a half-precision base (PEFT's default); the op casts them, not x.
         dtype = self.base_layer.weight.dtype if self.base_layer.weight.dtype == torch.float64 else torch.float32
@@ -69,6 +92,9 @@ class LoraLinear(nn.Module):
         self.use_rslora[name] = use_rslora
         self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_dropout_p[name] = float(lora_dropout)
+        variant = make_variant(use_dora=use_dora)
+        if variant is not None:
+            self.lora_variant[name] = variant
         self.reset_adapter(name, init_lora_weights)
 
     def reset_adapter(self, name: str, init_lora_weights=True) -> None:
@@ -84,10 +110,15 @@ class LoraLinear(nn.Module):
                 raise NotImplementedError(f"init_lora_weights={init_lora_weights!r} is not supported")
             if b.bias is not None:
                 nn.init.zeros_(b.bias)
+        if name in self.lora_variant:
+            self.lora_variant[name].init(self, name)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        variant = self.lora_variant.pop(name, None)
+        if variant is not None:
+            variant.delete(self, name)
         for table in (self.lora_A, self.lora_B):
             del table[name]
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p, self.use_rslora):
@@ -96,7 +127,9 @@ class LoraLinear(nn.Module):
 
     # -- base weights ---------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
-        """The frozen weight as [out, in] (a view for Conv1D's [in, out] storage)."""
+        """The frozen weight as [out, in] (a view for Conv1D's [in, out] storage; dequantized for NF4)."""
+        if isinstance(self.base_layer, NF4Linear):
+            return self.base_layer.dequantize()
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
@@ -113,6 +146,8 @@ class LoraLinear(nn.Module):
                                                    if a in self.lora_A and a not in self.merged_adapters]
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        if isinstance(self.base_layer, NF4Linear):
+            return qlora_forward(self, x, active)
         weight, bias = self.base_weight(), self.base_bias()
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -129,8 +164,12 @@ class LoraLinear(nn.Module):
                 extra = scale * lora_b.bias.to(x.dtype)
                 term_bias = extra if term_bias is None else term_bias + extra
             p = self.lora_dropout_p[name] if self.training else 0.0
-            out = lora_linear(x, weight if y is None else None, term_bias, self.lora_A[name].weight,
-                              lora_b.weight, scale, p)
+            variant = self.lora_variant.get(name)
+            if variant is not None:
+                out = variant.forward(self, name, x, weight if y is None else None, term_bias, p)
+            else:
+                out = lora_linear(x, weight if y is None else None, term_bias, self.lora_A[name].weight,
+                                  lora_b.weight, scale, p)
             y = out if y is None else y + out
         return y
 
@@ -144,15 +183,52 @@ class LoraLinear(nn.Module):
 
     def _merged_values(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The base weight and bias with these adapters folded in, in fp32 (nothing is written)."""
-        merged_w = self.base_layer.weight.detach().float() + sum(self.delta_weight(n) for n in names)
+        quantized = isinstance(self.base_layer, NF4Linear)  # merged into a new full-precision Linear
+        if quantized:
+            merged_w = self.base_layer.dequantize(torch.float32) + sum(self.delta_weight(n) for n in names)
+        else:
+            merged_w = self._fold_weights(names)
+            merged_w = merged_w.t() if self.fan_in_fan_out else merged_w
         merged_b = None
         lora_biases = [n for n in names if self.lora_B[n].bias is not None]
         if lora_biases:
-            if self.base_layer.bias is None:
+            if self.base_layer.bias is None and not quantized:
                 raise ValueError("cannot merge lora_bias into a base layer that has no bias")
-            merged_b = self.base_layer.bias.detach().float() + sum(
+            b0 = 0.0 if self.base_layer.bias is None else self.base_layer.bias.detach().float()
+            merged_b = b0 + sum(
                 self.scaling[n] * self.lora_B[n].bias.detach().float() for n in lora_biases)
         return merged_w, merged_b
+
+    def merged_as_stored(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What a merge would write: the fp32 merged values rounded once to the base's dtypes. safe_merge
+        checks these, not the fp32 values, since an fp16 / bf16 base can overflow in the cast."""
+        merged_w, merged_b = self._merged_values(names)
+        if isinstance(self.base_layer, NF4Linear):  # merged into a new Linear in the compute dtype
+            w_dtype = b_dtype = self.base_layer.compute_dtype
+        else:
+            w_dtype = self.base_layer.weight.dtype
+            b_dtype = w_dtype if self.base_layer.bias is None else self.base_layer.bias.dtype
+        return merged_w.to(w_dtype), None if merged_b is None else merged_b.to(b_dtype)
+
+    def _fold_weights(self, names: list[str]) -> torch.Tensor:
+        """The current weight [out, in] in fp32 with ``names`` folded in, in order (variants fold their own way)."""
+        w = self.base_weight().detach().float()
+        for n in names:
+            variant = self.lora_variant.get(n)
+            w = variant.merge_weight(self, n, w) if variant is not None else w + self._delta_out_in(n)
+        return w
+
+    def unmerged_weight_fp32(self) -> torch.Tensor:
+        """The base weight [out, in] in fp32 with the merged adapters taken out, last merged first."""
+        w = self.base_weight().detach().float()
+        for n in reversed(self.merged_adapters):
+            variant = self.lora_variant.get(n)
+            w = variant.unmerge_weight(self, n, w) if variant is not None else w - self._delta_out_in(n)
+        return w
+
+    def _delta_out_in(self, name: str) -> torch.Tensor:
+        delta = self.delta_weight(name)
+        return delta.t() if self.fan_in_fan_out else delta
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> list[str]:
         names = list(self.active_adapters if adapter_names is None else adapter_names)
@@ -162,24 +238,28 @@ class LoraLinear(nn.Module):
                 raise KeyError(f"unknown adapter {name!r}; this layer has {list(self.lora_A)}")
         if not names:
             return []
+        if isinstance(self.base_layer, NF4Linear):
+            return merge_quantized(self, names, safe_merge)
         weight = self.base_layer.weight
-        merged_w, merged_b = self._merged_values(names)
-        if safe_merge and not (torch.isfinite(merged_w).all() and (merged_b is None or torch.isfinite(merged_b).all())):
-            raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights; nothing was changed")
+        merged_w, merged_b = self.merged_as_stored(names)
+        if safe_merge and not merge_is_finite(merged_w, merged_b):
+            raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights in "
+                             f"{weight.dtype}; nothing was changed")
         with torch.no_grad():
-            weight.copy_(merged_w.to(weight.dtype))  # one rounding, from fp32
+            weight.copy_(merged_w)
             if merged_b is not None:
-                self.base_layer.bias.copy_(merged_b.to(self.base_layer.bias.dtype))
+                self.base_layer.bias.copy_(merged_b)
         self.merged_adapters.extend(names)
         return names
 
     def unmerge(self) -> None:
-        if not self.merged_adapters:
+        if not self.merged_adapters or unmerge_quantized(self):
             return
         names = list(self.merged_adapters)
         weight = self.base_layer.weight
         with torch.no_grad():
-            weight.copy_((weight.float() - sum(self.delta_weight(n) for n in names)).to(weight.dtype))
+            restored = self.unmerged_weight_fp32()
+            weight.copy_((restored.t() if self.fan_in_fan_out else restored).to(weight.dtype))
             lora_biases = [n for n in names if self.lora_B[n].bias is not None]
             if lora_biases:
                 bias = self.base_layer.bias
@@ -188,5 +268,6 @@ class LoraLinear(nn.Module):
         self.merged_adapters = []
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.lora_A)
+        ranks = ", ".join(f"{n}: r={self.r[n]}" + (f" {self.lora_variant[n].kind}" if n in self.lora_variant else "")
+                          for n in self.lora_A)
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}]"

@@ -6,8 +6,12 @@ import copy
 
 from torch import nn
 
+from .batch_slot import mixed_batch_slot
+
 
 class ModulesToSaveWrapper(nn.Module):
+    mixed_batch = mixed_batch_slot()  # per thread, as LoraLinear's
+
     def __init__(self, module: nn.Module):
         super().__init__()
         self.original_module = module

@@ -8,6 +8,7 @@ from typing import Optional
 
 from torch import nn
 
+from .. import patterns
 from ..config import ALL_LINEAR, LoraConfig
 from .adapter_layer import AdapterLayer
 from .lora_linear import LoraLinear, is_supported_base
@@ -43,7 +44,7 @@ def _layer_index_ok(config: LoraConfig, key: str) -> bool:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
         for pattern in config.layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            match = patterns.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key, "layers_pattern")
             if match is not None:
                 break
     return match is not None and int(match.group("idx")) in indexes
@@ -56,13 +57,15 @@ def _in_list_or_suffix(key: str, names) -> bool:
 def is_target(config: LoraConfig, key: str) -> bool:
     excl = config.exclude_modules
     if excl:
-        if (re.fullmatch(excl, key) if isinstance(excl, str) else _in_list_or_suffix(key, excl)):
+        if (patterns.fullmatch(excl, key, "exclude_modules") if isinstance(excl, str)
+                else _in_list_or_suffix(key, excl)):
             return False
-    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
+    if config.modules_to_save and any(patterns.match(rf"(^|.*\.){m}($|\..*)", key, "modules_to_save")
+                                      for m in config.modules_to_save):
         return False
     targets = config.target_modules
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
+        return patterns.fullmatch(targets, key, "target_modules") is not None
     if key in targets:  # named exactly: PEFT applies no layer filter
         return True
     return any(key.endswith(f".{n}") for n in targets) and _layer_index_ok(config, key)

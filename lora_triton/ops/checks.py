@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -38,9 +41,42 @@ def check_lora_operands(x, weight, bias, lora_A, lora_B, dropout_p: float) -> No
             raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
     if not x.is_floating_point() or not lora_A.is_floating_point() or not lora_B.is_floating_point():
         raise TypeError(f"x, lora_A, lora_B must be floating point, got {x.dtype}, {lora_A.dtype}, {lora_B.dtype}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_dropout_p(dropout_p)
     check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
+
+
+def _real(name: str, value) -> float:
+    """A Python / numpy real number (bool and strings refused) as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_dropout_p(dropout_p) -> float:
+    p = _real("dropout_p", dropout_p)
+    if not 0.0 <= p < 1.0:  # also refuses NaN
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return p
+
+
+def check_scaling(scaling) -> float:
+    """Non-finite scalings are refused: the backends would disagree on them (addmm's alpha=nan acts as 1.0)."""
+    if isinstance(scaling, torch.Tensor) and scaling.numel() == 1 and scaling.is_floating_point():
+        scaling = scaling.item()
+    s = _real("scaling", scaling)
+    if not math.isfinite(s):
+        raise ValueError(f"scaling must be finite, got {scaling!r}")
+    return s
+
+
+# What the fused training kernels take; other operands run the reference on every backend, so the
+# backends never differ in what they accept (ops/lora_linear.py).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_MAX_RANK = 256
+
+
+def kernel_supports(x: torch.Tensor, rank: int) -> bool:
+    return x.dtype in KERNEL_DTYPES and 1 <= rank <= KERNEL_MAX_RANK and x.shape[-1] > 0
 
 
 def make_seed(seed, device: torch.device) -> torch.Tensor:
@@ -51,6 +87,8 @@ def make_seed(seed, device: torch.device) -> torch.Tensor:
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise ValueError(f"seed tensor must hold one int64, got dtype {seed.dtype} shape {tuple(seed.shape)}")
         return seed.reshape(1).to(device)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, an int64 tensor [1] or None, got {type(seed).__name__} {seed!r}")
     seed = int(seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .backend import implementation
-from .checks import check_lora_operands
+from .checks import check_lora_operands, check_scaling
 
 
 def _impl(device: torch.device):
@@ -148,7 +148,7 @@ def lora_linear_grouped(x: Tensor, weights: Sequence[Optional[Tensor]], biases: 
         raise ValueError("lora_linear_grouped needs at least one projection")
     weights, biases = _as_list("weights", weights, g), _as_list("biases", biases, g)
     lora_Bs = _as_list("lora_Bs", lora_Bs, g)
-    scalings = [float(s) for s in _as_list("scalings", scalings, g)]
+    scalings = [check_scaling(s) for s in _as_list("scalings", scalings, g)]
     dropout_ps = [float(p) for p in _as_list("dropout_ps", dropout_ps, g)]
     for i in range(g):
         try:

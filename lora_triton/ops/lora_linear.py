@@ -11,24 +11,30 @@ are regenerated from the seed, never stored.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..reference import lora_linear as _reference
 from .backend import implementation
-from .checks import check_lora_operands, make_seed
+from .checks import check_lora_operands, check_scaling, kernel_supports, make_seed
 
 
-def _impl(device: torch.device):
-    return implementation(device, "lora_linear")
+def _impl(x: Tensor, lora_A: Tensor):
+    # Operands the kernels do not take (fp64, rank 0 or > 256, K = 0) run the reference whatever the
+    # backend, so both backends accept the same inputs and give the same results.
+    if not kernel_supports(x, lora_A.shape[0]):
+        return _reference
+    return implementation(x.device, "lora_linear")
 
 
 @torch.library.custom_op("lora_triton::lora_linear_fwd", mutates_args=())
 def _fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
          scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    return tuple(_impl(x.device).lora_linear_fwd(x, weight, bias, a, b, scaling, dropout_p, seed))
+    return tuple(_impl(x, lora_A).lora_linear_fwd(x, weight, bias, a, b, scaling, dropout_p, seed))
 
 
 @_fwd.register_fake
@@ -39,7 +45,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 @torch.library.custom_op("lora_triton::lora_linear_bwd", mutates_args=())
 def _bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, u: Tensor,
          scaling: float, dropout_p: float, seed: Optional[Tensor], need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, d_a, d_b = _impl(x.device).lora_linear_bwd(
+    dx, d_a, d_b = _impl(x, lora_A).lora_linear_bwd(
         dy, x, weight, lora_A.to(x.dtype), lora_B.to(x.dtype), u, scaling, dropout_p, seed, need_dx)
     # A custom op cannot return None: an empty tensor stands for "not computed".
     return (x.new_empty(0) if dx is None else dx), d_a, d_b
@@ -84,8 +90,9 @@ def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lor
     draws one from torch's generator so ``torch.manual_seed`` makes runs reproducible.
     """
     check_lora_operands(x, weight, bias, lora_A, lora_B, dropout_p)
+    scaling, dropout_p = check_scaling(scaling), float(dropout_p)
     lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(lead), k)  # not -1: K = 0 is a valid (empty) input
     seed_t = make_seed(seed, x.device) if dropout_p > 0.0 else None
-    y, _ = _fwd(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed_t)
+    y, _ = _fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
     return y.reshape(*lead, y.shape[-1])

@@ -63,8 +63,10 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_adapter_ids(adapter_ids: Tensor, num_adapters: int, ranks: Optional[Tensor] = None,
-                      r_max: Optional[int] = None) -> None:
-    """Value checks (one host sync): ids in [-1, num_adapters), ranks in [0, r_max]."""
+                      r_max: Optional[int] = None, scalings: Optional[Tensor] = None) -> None:
+    """Value checks (host syncs): ids in [-1, num_adapters), ranks in [0, r_max], scalings finite."""
+    if scalings is not None and scalings.numel() and not bool(torch.isfinite(scalings).all()):
+        raise ValueError(f"scalings must be finite, got {scalings.tolist()}")
     if adapter_ids.numel():
         lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
         if lo < -1 or hi >= num_adapters:
@@ -150,16 +152,24 @@ def multi_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     else:
         if isinstance(ranks, Tensor) and (ranks.dtype.is_floating_point or ranks.dtype == torch.bool):
             raise TypeError(f"ranks must be integers, got {ranks.dtype}")
-        rk = _as_tensor(ranks, torch.int32, x.device, "ranks")
+        rk = _as_tensor(ranks, ranks.dtype if isinstance(ranks, Tensor) else torch.int64, x.device, "ranks")
         if rk.shape != (num,):
             raise ValueError(f"ranks must be [L={num}], got {tuple(rk.shape)}")
     if torch.is_grad_enabled() and any(
             isinstance(v, Tensor) and v.requires_grad for v in (lora_A, lora_B, scal, adapter_weights)):
         raise RuntimeError("multi_lora_linear is an inference op: lora_A, lora_B, scalings and adapter_weights "
                            "get no gradient; detach them or run under torch.no_grad() (train with lora_linear)")
-    if validate:
-        check_adapter_ids(adapter_ids, num, rk if ranks is not None else None, r_max)
     ids = adapter_ids.reshape(t, k).to(torch.int64)
+    if validate:
+        check_adapter_ids(adapter_ids, num, rk if ranks is not None else None, r_max, scal)
+    elif num:
+        # Unchecked values still never index out of bounds and mean the same on both backends: ids
+        # outside [-1, L) and slots of rank <= 0 are "no adapter" (exactly nothing added, whatever
+        # the scaling); ranks act clamped to [0, r_max] (the kernels clamp each rank where they load
+        # it, the reference masks by it). Device ops, no host sync.
+        ids = torch.where((ids >= 0) & (ids < num) & (rk[ids.clamp(0, num - 1)] > 0), ids, -1)
+    if rk.dtype != torch.int32:  # clamped before the cast: 2**32 + 4 must not become rank 4
+        rk = rk.clamp(0, r_max).to(torch.int32)
     w = None if adapter_weights is None else adapter_weights.reshape(t, k).to(torch.float32)
     y = _op(x.reshape(t, kdim), weight, bias, lora_A, lora_B, scal, ids, rk, w)
     return y.reshape(*lead, n)

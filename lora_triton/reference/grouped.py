@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from . import lora_linear as single
-from .philox import apply_dropout
 
 
 def rank_offsets(lora_As) -> list[int]:
@@ -34,7 +33,7 @@ def lora_linear_grouped_fwd(x, weights, biases, lora_As, lora_Bs, scalings, drop
     if all(p == 0.0 for p in dropout_ps):
         u_cat = x @ torch.cat(list(lora_As), 0).t()  # one shrink GEMM for all projections
     else:
-        u_cat = torch.cat([(apply_dropout(x, seeds[g:g + 1], p) if p > 0.0 else x) @ a.t()
+        u_cat = torch.cat([single.shrink_dropout(x, a, p, seeds[g:g + 1]) if p > 0.0 else x @ a.t()
                            for g, (a, p) in enumerate(zip(lora_As, dropout_ps))], 1)
     ys = [single.base_plus_expand(x, w, b, u_cat[:, offs[g]:offs[g + 1]], lb, s)
           for g, (w, b, lb, s) in enumerate(zip(weights, biases, lora_Bs, scalings))]

@@ -12,21 +12,32 @@ from __future__ import annotations
 
 import torch
 
-from .philox import dropout_keep_mask
+from .philox import keep_mask_chunks, serial_cpu
 
 
-def _masked(x, seed, dropout_p: float):
-    """(x * keep, 1 / (1 - p)): D(x) with its scale left for the rank-r side, one [M, K] pass."""
-    if dropout_p == 0.0:
-        return x, None
-    return x * dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device), 1.0 / (1.0 - dropout_p)
+def _mask_chunks(x, seed, dropout_p: float):
+    """Row chunks (r0, r1, keep) of x's mask, 0/1 in x's dtype (no [M, K] mask or D(x) is built)."""
+    return keep_mask_chunks(seed, x.shape[0], x.shape[1], dropout_p, device=x.device, dtype=x.dtype)
+
+
+def shrink_dropout(x, lora_A, dropout_p: float, seed):
+    """U = D(x) A^T [M, r]: x masked one row chunk at a time into a reused buffer, then one GEMM per chunk."""
+    # K = 0 yields no mask chunk, so nothing would write u: start from zeros there (U = 0 exactly).
+    alloc = torch.zeros if x.shape[1] == 0 else torch.empty
+    u = alloc((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
+    a_t = lora_A.t()
+    buf = None
+    with serial_cpu(x.device):
+        for r0, r1, keep in _mask_chunks(x, seed, dropout_p):
+            if buf is None:
+                buf = torch.empty((r1 - r0, x.shape[1]), dtype=x.dtype, device=x.device)
+            xm = torch.mul(x[r0:r1], keep, out=buf[:r1 - r0])
+            torch.mm(xm, a_t, out=u[r0:r1])
+    return u.mul_(1.0 / (1.0 - dropout_p))  # on [M, r], not on [M, K]
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
-    xm, inv_keep = _masked(x, seed, dropout_p)
-    u = xm @ lora_A.t()
-    if inv_keep is not None:
-        u *= inv_keep  # on [M, r], not on [M, K]
+    u = x @ lora_A.t() if dropout_p == 0.0 else shrink_dropout(x, lora_A, dropout_p, seed)
     return base_plus_expand(x, weight, bias, u, lora_B, scaling), u
 
 
@@ -51,15 +62,37 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     """
     d_b = (dy.t() @ u) * scaling
     d_u = (dy @ lora_B) * scaling
-    # One mask regeneration serves both D(x) for dA and D'(dU A) for dx; the 1/(1-p) scale
-    # goes on the rank-r operand, so each [M, K] tensor takes a single masking pass.
-    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device) if dropout_p > 0.0 else None
-    d_us = d_u if keep is None else d_u * (1.0 / (1.0 - dropout_p))
-    d_a = d_us.t() @ (x if keep is None else x * keep)
+    if dropout_p == 0.0:
+        d_a = d_u.t() @ x
+        dx = None
+        if need_dx:
+            dx = d_u @ lora_A if weight is None else torch.addmm(d_u @ lora_A, dy, weight)
+        return dx, d_a.float(), d_b.float()
+    # One mask regeneration per row chunk serves both D(x) for dA and D'(dU A) for dx; the 1/(1-p)
+    # scale goes on the rank-r operand, so each [M, K] chunk takes a single masking pass.
+    d_us = d_u * (1.0 / (1.0 - dropout_p))
     dx = None
     if need_dx:
-        lora_dx = d_us @ lora_A
-        if keep is not None:
-            lora_dx.mul_(keep)
-        dx = lora_dx if weight is None else torch.addmm(lora_dx, dy, weight)
+        dx = dy @ weight if weight is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    d_a = torch.zeros((lora_A.shape[0], x.shape[1]), dtype=acc, device=x.device)
+    same = x.dtype == acc
+    xbuf = dbuf = None
+    with serial_cpu(x.device):
+        for r0, r1, keep in _mask_chunks(x, seed, dropout_p):
+            n = r1 - r0
+            if xbuf is None:
+                xbuf = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device)
+                dbuf = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device) if need_dx else None
+            xm = torch.mul(x[r0:r1], keep, out=xbuf[:n])
+            if same:
+                d_a.addmm_(d_us[r0:r1].t(), xm)
+            else:  # accumulate the chunks in fp32, not in x's dtype
+                d_a += (d_us[r0:r1].t() @ xm).to(acc)
+            if need_dx:
+                lora_dx = torch.mm(d_us[r0:r1], lora_A, out=dbuf[:n])
+                if weight is None:
+                    torch.mul(lora_dx, keep, out=dx[r0:r1])
+                else:
+                    dx[r0:r1].addcmul_(lora_dx, keep)
     return dx, d_a.float(), d_b.float()

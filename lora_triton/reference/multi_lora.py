@@ -10,8 +10,12 @@ as a padded [adapters, rows, K] block that goes through two bmm's. Rows are take
 whose adapter set shrinks as the small adapters run out, so a skewed batch (one adapter with
 thousands of tokens, many with one) pads at most one chunk per adapter. Ranks are applied by
 zeroing A/B rows beyond r_a (not by slicing), which also makes garbage in the padding harmless.
-The LoRA term is summed over slots in fp32 (fp64 for fp64 inputs) and added once to the
-base output; rows without an adapter are never written, so they equal F.linear bit for bit.
+When every active adapter holds the same number of rows (one sequence per adapter, the usual
+decode batch) the sorted rows are one [adapters, count, K] block with no padding or masks.
+With one slot per token and x in the compute dtype (fp32, fp64) the LoRA term goes into y with
+``index_add_``; otherwise it is summed over slots in fp32 and added once. Rows without an
+adapter are never written, so they equal F.linear bit for bit.
+The sort ("plan") of the last call is kept and reused for equal ids (``token_plan``).
 """
 
 from __future__ import annotations
@@ -30,39 +34,29 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     else:
         y = torch.nn.functional.linear(x, weight, bias)
     k = adapter_ids.shape[1]
-    flat = adapter_ids.reshape(-1).to(torch.int64)
-    sel = torch.nonzero(flat >= 0).flatten()  # slot indices j = token * k + c with an adapter
-    if sel.numel() == 0 or num == 0 or r_max == 0:
-        return y
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ad = flat[sel]
-    order = torch.argsort(ad, stable=True)
-    sel, ad = sel[order], ad[order]
-    counts = torch.bincount(ad, minlength=num)
-    starts = torch.cumsum(counts, 0) - counts
-    max_count = int(counts.max())
-    by_id = max_count * num <= 2 * sel.numel()
+    plan = token_plan(adapter_ids, num)
+    if plan is None or r_max == 0:
+        return y
+    sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts = plan
     if by_id:
         # Low skew (the serving norm): rows laid out by adapter id, one padded block, and the
         # adapter stacks used as they are, with no per-call copy of A and B.
-        active = torch.arange(num, device=x.device)
         a_act, b_act = lora_A.to(cdt), lora_B.to(cdt)
     else:
-        active = torch.nonzero(counts).flatten()
-        active = active[torch.argsort(counts[active], descending=True, stable=True)]
         a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
-    act_counts, act_starts = counts[active], starts[active]
     coef = scalings.to(cdt)[ad]
     if adapter_weights is not None:
         coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
     act_ranks = ranks.to(x.device)[active]
-    if bool((act_ranks < r_max).any()):
-        keep = torch.arange(r_max, device=x.device)[None, :] < act_ranks[:, None]  # [m, R]
-        a_act = torch.where(keep[:, :, None], a_act, 0)  # where, not *: padding may hold NaN
-        b_act = torch.where(keep[:, None, :], b_act, 0)
-    # One output row per (token, slot) pair: every pair is written once, so no scatter-add
-    # (index_add_ is slow on CPU) and k > 1 slots are summed afterwards.
-    acc = torch.zeros((t * k, n), dtype=cdt, device=x.device)
+    direct = k == 1 and y.dtype == cdt  # each row gets one delta: add it straight into y
+    a_act, b_act = _rank_limited(a_act, b_act, act_ranks, r_max)
+    equal = by_id and sel.numel() == max_count * num
+    if equal and sel.numel() * max(x.shape[1], n, r_max) <= _CHUNK_ELEMS:  # no padding, no masks, one block
+        return _equal_counts(x.to(cdt), y, sel.view(num, max_count), coef.view(num, max_count), a_act, b_act,
+                             t, k, direct)
+    # Otherwise one output row per (token, slot) pair, written once; k > 1 slots summed afterwards.
+    acc = y if direct else torch.zeros((t * k, n), dtype=cdt, device=x.device)
     xc = x.to(cdt)
     rows = max(1, min(max_count, _CHUNK_ELEMS // max(1, len(active) * max(x.shape[1], n, r_max))))
     for c0 in range(0, max_count, rows):  # chunks of rows, not adapters
@@ -76,12 +70,94 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
         u = u * torch.where(ok, coef[pos], 0)[:, :, None]
         delta = torch.bmm(u, b_act[:m].transpose(1, 2))  # [m, rows, N]
         if bool(ok.all()):  # no padding rows (even counts): skip the masked copy of delta
-            acc[slot.reshape(-1)] = delta.reshape(-1, n)
+            slot, delta = slot.reshape(-1), delta.reshape(-1, n)
         else:
-            acc[slot[ok]] = delta[ok]
+            slot, delta = slot[ok], delta[ok]
+        if direct:
+            y.index_add_(0, slot, delta)
+        else:
+            acc[slot] = delta
+    if direct:
+        return y
+    return _add_slots(y, acc, adapter_ids, sel, t, k, n, cdt)
+
+
+# The last plan: every layer of one forward (and every decode step of one batch) sees the same ids.
+_LAST_PLAN: tuple | None = None
+
+
+def token_plan(adapter_ids, num: int):
+    """The (token, slot) pairs sorted by adapter and the adapters' row layout, or None when no slot has
+    an adapter: (sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts).
+
+    On CPU the last plan is kept and reused when the ids are equal (a T-element compare instead of the
+    sort), so a model's layers sort the batch once per forward. The entry holds its own copy of the ids
+    and is replaced in one assignment, so concurrent callers at worst recompute.
+    """
+    global _LAST_PLAN
+    cpu = adapter_ids.device.type == "cpu"
+    hit = _LAST_PLAN if cpu else None
+    if hit is not None and hit[1] == num and hit[0].shape == adapter_ids.shape and torch.equal(hit[0], adapter_ids):
+        return hit[2]
+    plan = _sort_tokens(adapter_ids, num)
+    if cpu:
+        _LAST_PLAN = (adapter_ids.clone(), num, plan)
+    return plan
+
+
+def _sort_tokens(adapter_ids, num: int):
+    flat = adapter_ids.reshape(-1).to(torch.int64)
+    sel = torch.nonzero(flat >= 0).flatten()  # slot indices j = token * k + c with an adapter
+    if sel.numel() == 0 or num == 0:
+        return None
+    ad = flat[sel]
+    order = torch.argsort(ad, stable=True)
+    sel, ad = sel[order], ad[order]
+    counts = torch.bincount(ad, minlength=num)
+    starts = torch.cumsum(counts, 0) - counts
+    max_count = int(counts.max())
+    by_id = max_count * num <= 2 * sel.numel()
+    if by_id:
+        active = torch.arange(num, device=adapter_ids.device)
+    else:
+        active = torch.nonzero(counts).flatten()
+        active = active[torch.argsort(counts[active], descending=True, stable=True)]
+    return sel, ad, counts, starts, max_count, by_id, active, counts[active], starts[active]
+
+
+def _rank_limited(a_act, b_act, act_ranks, r_max: int):
+    """A/B with rows (columns) beyond each adapter's rank zeroed; the stacks as they are when all are full."""
+    if bool((act_ranks < r_max).any()):
+        keep = torch.arange(r_max, device=a_act.device)[None, :] < act_ranks[:, None]  # [m, R]
+        a_act = torch.where(keep[:, :, None], a_act, 0)  # where, not *: padding may hold NaN
+        b_act = torch.where(keep[:, None, :], b_act, 0)
+    return a_act, b_act
+
+
+def _equal_counts(xc, y, slots, coef, a_act, b_act, t: int, k: int, direct: bool):
+    """slots [L, c] (sorted by adapter), coef [L, c]: two bmm's over the [L, c, K] block of their rows."""
+    num, count = slots.shape
+    n = y.shape[1]
+    rows = slots.reshape(-1) if k == 1 else slots.reshape(-1) // k
+    u = torch.bmm(xc.index_select(0, rows).view(num, count, -1), a_act.transpose(1, 2))  # [L, c, R]
+    u.mul_(coef[:, :, None])
+    delta = torch.bmm(u, b_act.transpose(1, 2)).view(-1, n)  # [L * c, N]
+    if direct:
+        return y.index_add_(0, rows, delta)
+    acc = torch.zeros((t * k, n), dtype=delta.dtype, device=y.device)
+    acc[slots.reshape(-1)] = delta
+    return _add_slots(y, acc, None, slots, t, k, n, delta.dtype)
+
+
+def _add_slots(y, acc, adapter_ids, sel, t: int, k: int, n: int, cdt):
+    """y + the per-(token, slot) rows of acc summed over slots, in the compute dtype, rows with no adapter
+    untouched."""
     acc = acc.view(t, k, n).sum(1) if k > 1 else acc
     if sel.numel() == t * k and y.dtype == cdt:  # every slot used: one in-place add
         return y.add_(acc)
-    touched = torch.nonzero((adapter_ids >= 0).any(1)).flatten()
+    if adapter_ids is None:  # every adapter in sel: rows holding at least one
+        touched = torch.unique(sel.reshape(-1) // k)
+    else:
+        touched = torch.nonzero((adapter_ids >= 0).any(1)).flatten()
     y[touched] = (y[touched].to(cdt) + acc[touched]).to(y.dtype)
     return y

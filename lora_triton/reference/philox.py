@@ -10,9 +10,21 @@ j = 8g + l takes 16 bits of it: word ``l >> 1``, low half for even l, high half 
 It is kept when those bits are >= ``dropout_threshold(p)``. Groups never straddle rows,
 so a kernel tile whose columns start at a multiple of 8 runs one Philox per 8 elements,
 and so does this reference: the mask costs an eighth of a Philox call per element.
+
+Why the generator looks the way it does (CPU: every aten op costs a pass over memory):
+uint32 words live in int64 tensors; one int64 multiply gives both halves of a 32x32-bit
+product (low word: its low 32 bits, high word: ``>> 32``), so a round is 2 multiplies.
+Only the two words that feed the next multiply are masked to 32 bits; the other two carry
+garbage above bit 31 that no later step reads. Round keys are Python ints for CPU seeds
+(no 0-d tensor ops), every op runs in place on buffers reused across row chunks, and the
+16-bit halves are compared through an int16 view of the words (sign bit flipped by an
+XOR folded into the last round), written straight into the mask's [rows, 8 G] layout.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -21,24 +33,82 @@ _ROUND_A = 0xD2511F53
 _ROUND_B = 0xCD9E8D57
 _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
+_FLIP16 = 0x80008000  # the sign bits of both 16-bit halves: unsigned compare via a signed int16 view
 # Triton's uint_to_uniform_float scale for 32-bit words.
 _UNIFORM_SCALE = 4.6566127342e-10
+# Philox counters per row chunk on CPU: large enough that per-op overhead stops dominating, small
+# enough that the six int64 word buffers (6 x 8 bytes per counter) and the chunk's mask stay in cache.
+_CHUNK = 1 << 15
 
 
-def _umulhi(a: int, b: torch.Tensor) -> torch.Tensor:
-    # uint32 values held in int64: the 64-bit product may wrap, bits 32..63 survive.
-    return ((b * a) >> 32) & _MASK32
+def round_keys(seed: torch.Tensor | int, device=None) -> list[tuple]:
+    """The 10 (k0, k1) round keys of a seed.
+
+    Python ints for int seeds and CPU tensors (reading a CPU tensor costs no sync); 0-d int64
+    tensors for a seed on an accelerator, so the reference never syncs the device for it.
+    """
+    if isinstance(seed, torch.Tensor) and seed.device.type != "cpu":
+        return tensor_round_keys(seed)
+    s = int(seed.reshape(()).item()) if isinstance(seed, torch.Tensor) else int(seed)
+    lo, hi = s & _MASK32, (s >> 32) & _MASK32
+    return [((lo + i * _KEY_A) & _MASK32, (hi + i * _KEY_B) & _MASK32) for i in range(10)]
 
 
-def round_keys(seed: torch.Tensor | int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The 10 (k0, k1) round keys of a seed, as 0-d int64 tensors (no host sync for tensor seeds)."""
-    if not isinstance(seed, torch.Tensor):
-        seed = torch.tensor(int(seed), dtype=torch.int64, device=device)
-    seed = seed.to(device=device, dtype=torch.int64).reshape(())
+def tensor_round_keys(seed: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``round_keys`` as 0-d int64 tensors on the seed's device (no host read of the seed)."""
+    seed = seed.to(dtype=torch.int64).reshape(())
     steps = torch.arange(10, dtype=torch.int64, device=seed.device)
     k0 = ((seed & _MASK32) + steps * _KEY_A) & _MASK32
     k1 = (((seed >> 32) & _MASK32) + steps * _KEY_B) & _MASK32
     return list(zip(k0.unbind(), k1.unbind()))
+
+
+class _Philox:
+    """Reused int64 buffers for up to ``n`` counters; ``run`` leaves the 4 words in ``words``."""
+
+    def __init__(self, n: int, device):
+        self.n = n
+        self.buf = torch.empty((6, n), dtype=torch.int64, device=device)
+
+    def run(self, counters: torch.Tensor, keys, flip16: bool = False) -> list[torch.Tensor]:
+        """Philox4x32-10 of int64 ``counters`` (flat, <= n). Returns [c0, c1, c2, c3] as views of the
+        buffers, exact in bits 0..31 only (bits above are garbage: mask them to read the uint32).
+        ``flip16`` XORs every word with 0x80008000 (for the int16 compare)."""
+        n = counters.numel()
+        c0, c1, c2, c3, pa, pb = (b[:n] for b in self.buf)
+        k0, k1 = keys[0]
+        # Round 1 with c2 = c3 = 0 (umulhi(B, 0) = 0 and B * 0 = 0), so c1 becomes 0.
+        torch.bitwise_and(counters, _MASK32, out=c3)
+        torch.mul(c3, _ROUND_A, out=pa)
+        torch.bitwise_right_shift(counters, 32, out=c0)
+        c0 ^= k0
+        c0 &= _MASK32
+        torch.bitwise_right_shift(pa, 32, out=c2)
+        c2 ^= k1
+        c2 &= _MASK32
+        c3, pa = pa, c3  # lo(A * c0) is pa; c3's old buffer becomes free
+        last = len(keys) - 1
+        for i, (k0, k1) in enumerate(keys[1:], 1):
+            if flip16 and i == last:
+                k0, k1 = k0 ^ _FLIP16, k1 ^ _FLIP16
+            torch.mul(c0, _ROUND_A, out=pa)  # A * c0: lo -> new c3, hi -> new c2
+            torch.mul(c2, _ROUND_B, out=pb)  # B * c2: lo -> new c1, hi -> new c0
+            torch.bitwise_right_shift(pb, 32, out=c0)
+            if i > 1:  # c1 is 0 after round 1
+                c0 ^= c1
+            c0 ^= k0
+            torch.bitwise_right_shift(pa, 32, out=c2)
+            c2 ^= c3
+            c2 ^= k1
+            if i < last:  # c0, c2 feed the next round's multiplies
+                c0 &= _MASK32
+                c2 &= _MASK32
+            c1, pb = pb, c1
+            c3, pa = pa, c3
+        if flip16:
+            c1 ^= _FLIP16
+            c3 ^= _FLIP16
+        return [c0, c1, c2, c3]
 
 
 def philox4x32(seed: torch.Tensor | int, offsets: torch.Tensor, keys=None) -> tuple[torch.Tensor, ...]:
@@ -48,18 +118,9 @@ def philox4x32(seed: torch.Tensor | int, offsets: torch.Tensor, keys=None) -> tu
     """
     offsets = offsets.to(torch.int64)
     keys = round_keys(seed, offsets.device) if keys is None else keys
-    c0 = offsets & _MASK32
-    c1 = (offsets >> 32) & _MASK32
-    # Round 1 with c2 = c3 = 0 (umulhi(B, 0) = 0 and B * 0 = 0).
-    k0, k1 = keys[0]
-    c0, c1, c2, c3 = c1 ^ k0, torch.zeros_like(c0), _umulhi(_ROUND_A, c0) ^ k1, (c0 * _ROUND_A) & _MASK32
-    for k0, k1 in keys[1:]:
-        new_c0 = _umulhi(_ROUND_B, c2) ^ c1 ^ k0
-        new_c2 = _umulhi(_ROUND_A, c0) ^ c3 ^ k1
-        c1 = (c2 * _ROUND_B) & _MASK32
-        c3 = (c0 * _ROUND_A) & _MASK32
-        c0, c2 = new_c0, new_c2
-    return c0, c1, c2, c3
+    flat = offsets.reshape(-1)
+    words = _Philox(flat.numel(), offsets.device).run(flat, keys)
+    return tuple((w & _MASK32).reshape(offsets.shape) for w in words)
 
 
 def philox_randint(seed: torch.Tensor | int, offsets: torch.Tensor) -> torch.Tensor:
@@ -81,17 +142,58 @@ def dropout_threshold(p: float) -> int:
     return int(p32 * 65536.0 + 0.5)
 
 
-# Philox counters per chunk (about): large enough that per-op overhead stops dominating (2048 x
-# 4096 mask: 89 ms at 4K counters, 34 ms at 64K on 2 idle cores), small enough for the cache.
-_CHUNK = 1 << 16
+@contextlib.contextmanager
+def serial_cpu(device):
+    """Runs the block's CPU ops on the calling thread only (torch's intra-op thread count 1, restored after).
+
+    The masked chunk loops issue hundreds of small ops; each parallel one ends in a barrier, and on a
+    loaded machine a barrier waits for whichever worker was descheduled (measured: 3-5x the base layer's
+    time at load 13 on 2 cores, against 1.2x on one thread). The large GEMMs outside stay parallel.
+    """
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _keep_groups(keys, counters: torch.Tensor, thr: int) -> torch.Tensor:
-    """[..., G] counters -> [..., 8 * G] keep flags, lane 2 * word + half."""
-    words = torch.stack(philox4x32(None, counters, keys), dim=-1)  # [..., G, 4]
-    # Compare before interleaving, so only bools get copied.
-    keep = torch.stack(((words & 0xFFFF) >= thr, (words >> 16) >= thr), dim=-1)  # [..., G, 4, 2]
-    return keep.reshape(*counters.shape[:-1], -1)
+def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, device=None,
+                     dtype: torch.dtype = torch.bool, row_offset: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yields (r0, r1, keep) for consecutive row chunks: keep [r1 - r0, cols] in ``dtype`` (1 = kept,
+    0 = dropped) for rows row_offset + r0 .. row_offset + r1 - 1 of the mask stream.
+
+    On CPU the chunk holds about ``_CHUNK`` counters and its buffers are reused by the next chunk:
+    use (or copy) each chunk before advancing. Elsewhere the whole mask comes in one chunk.
+    """
+    if rows == 0 or cols == 0:
+        return
+    if isinstance(seed, torch.Tensor) and device is None:
+        device = seed.device
+    device = torch.device(device or "cpu")
+    thr16 = dropout_threshold(p) - 32768  # the unsigned 16-bit compare on sign-flipped halves
+    keys = round_keys(seed, device)
+    groups = -(-cols // 8)
+    step = max(1, _CHUNK // groups) if device.type == "cpu" else rows
+    step = min(step, rows)
+    gen = _Philox(step * groups, device)
+    gidx = torch.arange(groups, device=device, dtype=torch.int64)
+    counters = torch.empty((step, groups), dtype=torch.int64, device=device)
+    out = torch.empty((step, groups, 4, 2), dtype=dtype, device=device)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        n = r1 - r0
+        ridx = torch.arange(row_offset + r0, row_offset + r1, device=device, dtype=torch.int64)
+        cnt = counters[:n]
+        torch.add(gidx[None, :], ridx[:, None], alpha=groups, out=cnt)
+        words = gen.run(cnt.reshape(-1), keys, flip16=True)
+        for w, word in enumerate(words):
+            halves = word.view(torch.int16).view(n, groups, 4)[:, :, :2]  # little endian: bits 0..15, 16..31
+            torch.ge(halves, thr16, out=out[:n, :, w, :])
+        yield r0, r1, out[:n].view(n, groups * 8)[:, :cols]
 
 
 def dropout_keep_mask(
@@ -102,17 +204,9 @@ def dropout_keep_mask(
     if isinstance(seed, torch.Tensor) and device is None:
         device = seed.device
     keep = torch.empty((rows, cols), dtype=torch.bool, device=device)
-    if rows == 0 or cols == 0:
-        return keep
-    thr = dropout_threshold(p)
-    keys = round_keys(seed, device)
-    groups = -(-cols // 8)
-    gidx = torch.arange(groups, device=device, dtype=torch.int64)
-    step = max(1, _CHUNK // groups) if torch.device(device or "cpu").type == "cpu" else rows
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        ridx = torch.arange(row_offset + r0, row_offset + r1, device=device, dtype=torch.int64)
-        keep[r0:r1] = _keep_groups(keys, ridx[:, None] * groups + gidx[None, :], thr)[:, :cols]
+    with serial_cpu(keep.device):
+        for r0, r1, chunk in keep_mask_chunks(seed, rows, cols, p, device, torch.bool, row_offset):
+            keep[r0:r1] = chunk
     return keep
 
 
@@ -120,6 +214,10 @@ def apply_dropout(x: torch.Tensor, seed: torch.Tensor | int, p: float, keep: tor
     """D(x) = x * mask / (1 - p) for a 2-D x, mask regenerated from the seed (or given)."""
     if p == 0.0:
         return x
-    if keep is None:
-        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
-    return x * keep * (1.0 / (1.0 - p))
+    if keep is not None:
+        return x * keep * (1.0 / (1.0 - p))
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    with serial_cpu(x.device):
+        for r0, r1, chunk in keep_mask_chunks(seed, x.shape[0], x.shape[1], p, x.device, x.dtype):
+            torch.mul(x[r0:r1], chunk, out=out[r0:r1])
+    return out.mul_(1.0 / (1.0 - p))

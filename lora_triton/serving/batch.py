@@ -72,6 +72,9 @@ def _check_layer(path: str, layer: LoraLinear, used: set) -> None:
     with_bias = sorted(n for n in used if n in layer.lora_B and layer.lora_B[n].bias is not None)
     if with_bias:
         raise NotImplementedError(f"{path}: adapters {with_bias} have lora_bias, which mixed batches do not support")
+    variants = sorted(n for n in used if n in layer.lora_variant)
+    if variants:
+        raise NotImplementedError(f"{path}: adapters {variants} are DoRA adapters, which mixed batches do not support")
 
 
 @contextlib.contextmanager

@@ -175,20 +175,31 @@ class AdapterPool:
             tensors = source
             if config is None:
                 raise ValueError("loading from a state dict needs its LoraConfig (config=...)")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
+        config.validate()  # fields may have been changed since construction (e.g. a NaN lora_alpha)
         layers = self._parse(name, config, tensors)
         digest = _digest(layers)
+        # A failed load changes nothing: the slot is chosen (or "no slot" raised) before any write.
         with self._lock:
             old = self._adapters.get(name)
             if old is not None and old.digest == digest:
-                old.pinned = old.pinned or pin
                 self._ensure_resident([name])
+                old.pinned = old.pinned or pin
                 return digest
+            if old is not None and old.slot is not None and any(old.slot in s for s in self._busy):
+                raise RuntimeError(f"adapter {name!r} is in use by a running batch; cannot replace it now")
+            slot = old.slot if old is not None and old.slot is not None else self._pick_slot(name, {name})
+            # New content under a pinned name stays pinned: unpinning is only ever explicit.
+            entry = _Adapter(name, layers, digest, pinned=pin or (old is not None and old.pinned))
+            entry.last_used = next(self._clock)
+            occupant = self._slots[slot]
+            if occupant is not None and occupant != name:
+                self._free(self._adapters[occupant])  # evicted to its CPU copy
             if old is not None:
-                if old.slot is not None and any(old.slot in s for s in self._busy):
-                    raise RuntimeError(f"adapter {name!r} is in use by a running batch; cannot replace it now")
-                self._free(old)
-            self._adapters[name] = _Adapter(name, layers, digest, pinned=pin)
-            self._ensure_resident([name])
+                old.slot = None
+            self._write(entry, slot)
+            self._adapters[name] = entry
             return digest
 
     def unload(self, name: str) -> None:
@@ -203,8 +214,9 @@ class AdapterPool:
     def pin(self, name: str) -> None:
         """Keep the adapter resident: it is never evicted until unpinned."""
         with self._lock:
-            self._get(name).pinned = True
-            self._ensure_resident([name])
+            entry = self._get(name)
+            self._ensure_resident([name])  # first: a pin that finds no slot leaves the adapter unpinned
+            entry.pinned = True
 
     def unpin(self, name: str) -> None:
         with self._lock:
@@ -271,17 +283,22 @@ class AdapterPool:
             entry.last_used = next(self._clock)
             if entry.slot is not None:
                 continue
-            free = [i for i, n in enumerate(self._slots) if n is None]
-            if not free:
-                busy = set().union(*self._busy) if self._busy else set()
-                victims = [self._adapters[n] for n in self._slots
-                           if not self._adapters[n].pinned and n not in want and self._adapters[n].slot not in busy]
-                if not victims:
-                    raise RuntimeError(f"no slot for adapter {name!r}: all {self.num_slots} slots are pinned or in use")
-                victim = min(victims, key=lambda a: a.last_used)
-                free = [victim.slot]
-                self._free(victim)  # evicted to its CPU copy
-            self._write(entry, free[0])
+            slot = self._pick_slot(name, want)
+            if self._slots[slot] is not None:
+                self._free(self._adapters[self._slots[slot]])  # evicted to its CPU copy
+            self._write(entry, slot)
+
+    def _pick_slot(self, name: str, want: set) -> int:
+        """A free slot, else the least recently used evictable one; raises, changing nothing, if none."""
+        free = [i for i, n in enumerate(self._slots) if n is None]
+        if free:
+            return free[0]
+        busy = set().union(*self._busy) if self._busy else set()
+        victims = [self._adapters[n] for n in self._slots
+                   if not self._adapters[n].pinned and n not in want and self._adapters[n].slot not in busy]
+        if not victims:
+            raise RuntimeError(f"no slot for adapter {name!r}: all {self.num_slots} slots are pinned or in use")
+        return min(victims, key=lambda a: a.last_used).slot
 
     def _write(self, entry: _Adapter, slot: int) -> None:
         with torch.no_grad():

@@ -1,0 +1,231 @@
+"""Pure-PyTorch 4-bit (NF4 / FP4) quantization in bitsandbytes' format, and the twin of ``kernels/nf4.py``.
+
+Format (bitsandbytes 0.50, REFERENCE.md §5): W flattened row-major into blocks of ``blocksize``; each
+block keeps an fp32 absmax; value / absmax goes to the nearest of 16 codes; flat element 2i sits in the
+high nibble of byte i, 2i+1 in the low nibble; packed bytes are [ceil(numel/2), 1] uint8. Double quant
+stores absmax - mean(absmax) blockwise (256) in 8 bits with the signed dynamic map, plus one fp32 absmax
+per 256 absmaxes and the mean as ``offset``.
+
+The quantizers reproduce bitsandbytes' CPU path bit for bit: 4-bit codes by midpoint bucketing of
+``w * (1 / absmax)`` (``w / absmax`` in a trailing partial block), 8-bit codes by "largest code <= v, then
+the right neighbour if strictly closer" on ``v = a / absmax``.
+
+Dequantization works on flat ranges, so the GEMM twins below hold at most ``CHUNK_ELEMENTS`` dequantized
+values at a time (plus their fp32 codes): extra memory is bounded by about 8 * CHUNK_ELEMENTS bytes,
+whatever the layer size, and the full-precision W is never built by the training path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+# bitsandbytes' tables, in index order (its NF4 table is sorted; its FP4 table is in bit-pattern order).
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+_FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+CHUNK_ELEMENTS = 1 << 22
+
+
+def code_table(quant_type: str, device=None) -> torch.Tensor:
+    """The 16 fp32 code values of ``quant_type`` (index = nibble)."""
+    if quant_type == "nf4":
+        return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    if quant_type == "fp4":
+        return torch.tensor(_FP4_RAW, dtype=torch.float32, device=device) / 12.0
+    raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def dynamic_map(device=None) -> torch.Tensor:
+    """The signed 8-bit dynamic map of double quantization (256 sorted fp32 values).
+
+    Each of 7 decades 10^(e-6), e = 0..6, holds 2^e evenly spaced magnitudes (midpoints of a linspace
+    over [0.1, 1]) with both signs; plus 0 and 1. This is the table stored as ``nested_quant_map``
+    and used to decode; ``quantize_blockwise_8bit`` searches a copy whose first entry is pinned to -1,
+    as bitsandbytes' CPU quantizer does.
+    """
+    values: list[float] = []
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        # the products are rounded to fp32, as bitsandbytes builds them
+        values += ((10.0 ** (e - 6)) * mids).tolist() + ((-(10.0 ** (e - 6))) * mids).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def _blocks(flat: torch.Tensor, blocksize: int):
+    """(full blocks [n_full, blocksize], the trailing partial block or None)."""
+    full = flat.numel() - flat.numel() % blocksize
+    tail = flat[full:] if full < flat.numel() else None
+    return flat[:full].view(-1, blocksize), tail
+
+
+def quantize_4bit(weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
+    """(packed uint8 [ceil(n/2), 1], absmax fp32 [ceil(n/blocksize)]) of ``weight`` (any float dtype)."""
+    _check_blocksize(blocksize)
+    code = code_table(quant_type, weight.device)
+    order = torch.argsort(code)
+    mids = (code[order[:-1]] + code[order[1:]]) / 2
+    flat = weight.detach().reshape(-1).float()
+    if flat.numel() == 0:
+        raise ValueError("cannot quantize an empty weight")
+    n = flat.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
+    # Chunks of whole blocks (an even count of elements): bounded temporaries on big weights.
+    step = max(blocksize, CHUNK_ELEMENTS - CHUNK_ELEMENTS % blocksize)
+    for start in range(0, n, step):
+        part = flat[start:start + step]
+        body, tail = _blocks(part, blocksize)
+        amax = body.abs().amax(dim=1)
+        scaled = (body * (1.0 / amax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).reshape(-1)
+        if tail is not None:
+            t_amax = tail.abs().amax().clamp(min=1e-38)
+            amax = torch.cat([amax, t_amax.reshape(1)])
+            scaled = torch.cat([scaled, (tail / t_amax).clamp_(-1, 1)])
+        b0 = start // blocksize
+        absmax[b0:b0 + amax.numel()] = amax
+        if scaled.numel() % 2:  # the unused low nibble of an odd count encodes 0.0, as in bitsandbytes
+            scaled = torch.cat([scaled, scaled.new_zeros(1)])
+        idx = order[torch.bucketize(scaled, mids)].to(torch.uint8)
+        pairs = idx.view(-1, 2)
+        packed[start // 2:start // 2 + pairs.shape[0]] = (pairs[:, 0] << 4) | pairs[:, 1]
+    return packed.unsqueeze(1), absmax
+
+
+def quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
+    """(uint8 codes like ``values``, absmax fp32 per block): bitsandbytes' CPU 8-bit blockwise quantizer."""
+    flat = values.reshape(-1).float()
+    n = flat.numel()
+    nb = -(-n // blocksize)
+    padded = torch.cat([flat, flat.new_zeros(nb * blocksize - n)]).view(nb, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    normed = (padded / absmax.unsqueeze(1)).reshape(-1)[:n]
+    search = code.clone()
+    search[0] = -1.0  # the search table spans [-1, 1]; distances use the stored table
+    left = (torch.searchsorted(search, normed, right=True) - 1).clamp_(0, code.numel() - 1)
+    right = (left + 1).clamp_(max=code.numel() - 1)
+    closer = (normed - code[right]).abs() < (normed - code[left]).abs()
+    idx = torch.where(closer, right, left)
+    idx.masked_fill_(normed.isnan(), 0)  # an all-zero block (0 / 0): bitsandbytes stores code 0
+    return idx.to(torch.uint8).reshape(values.shape), absmax
+
+
+def double_quantize(absmax: torch.Tensor):
+    """(qabsmax uint8, nested_absmax fp32, nested_code fp32 [256], offset float) of a 4-bit absmax."""
+    offset = absmax.mean()
+    code = dynamic_map(absmax.device)
+    q, nested = quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
+    return q, nested, code, float(offset)
+
+
+def decode_absmax(absmax, nested_absmax=None, nested_code=None, offset: float = 0.0,
+                  nested_blocksize: int = NESTED_BLOCKSIZE, start: int = 0, stop: Optional[int] = None):
+    """fp32 absmax[start:stop]; a double-quantized absmax is decoded as code2[q] * absmax2[i // 256] + offset."""
+    stop = absmax.numel() if stop is None else min(stop, absmax.numel())
+    if nested_absmax is None:
+        return absmax[start:stop].float()
+    i = torch.arange(start, stop, device=absmax.device)
+    return nested_code[absmax[start:stop].long()] * nested_absmax[i // nested_blocksize] + offset
+
+
+def dequantize_range(packed, absmax, code, blocksize: int, start: int, stop: int, dtype,
+                     nested_absmax=None, nested_code=None, offset: float = 0.0) -> torch.Tensor:
+    """Flat elements [start, stop) of the dequantized weight (fp32 math, one rounding to ``dtype``).
+
+    ``start`` must be a multiple of ``blocksize`` (so also even)."""
+    if start % blocksize:
+        raise ValueError(f"start={start} must be a multiple of blocksize={blocksize}")
+    flat = packed.reshape(-1)
+    n = stop - start
+    b = flat[start // 2:(stop + 1) // 2]
+    nib = torch.stack((b >> 4, b & 15), dim=1).reshape(-1)[:n]
+    vals = code[nib.long()]
+    nb = -(-n // blocksize)
+    amax = decode_absmax(absmax, nested_absmax, nested_code, offset, start=start // blocksize,
+                         stop=start // blocksize + nb)
+    if n % blocksize:
+        vals = torch.cat([vals, vals.new_zeros(nb * blocksize - n)])
+    return (vals.view(nb, blocksize) * amax.unsqueeze(1)).reshape(-1)[:n].to(dtype)
+
+
+def dequantize_4bit(packed, absmax, code, blocksize: int, shape, dtype, nested_absmax=None, nested_code=None,
+                    offset: float = 0.0) -> torch.Tensor:
+    """The whole dequantized weight of ``shape`` (what bitsandbytes' ``dequantize_4bit`` returns)."""
+    n = math.prod(shape)
+    return dequantize_range(packed, absmax, code, blocksize, 0, n, dtype, nested_absmax, nested_code,
+                            offset).view(*shape)
+
+
+class NF4Weight(NamedTuple):
+    """A 4-bit weight [out_features, in_features] in bitsandbytes' layout (what the GEMMs read).
+
+    absmax is fp32 [blocks], or uint8 codes when nested_absmax (fp32 [ceil(blocks/256)]) and
+    nested_code (fp32 [256]) are given; offset is the double-quant mean."""
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    nested_absmax: Optional[torch.Tensor]
+    nested_code: Optional[torch.Tensor]
+    offset: float
+    blocksize: int
+    out_features: int
+    in_features: int
+
+    def rows(self, r0: int, r1: int, dtype) -> torch.Tensor:
+        """Rows [r0, r1) dequantized to ``dtype``; r0 * in_features must be a multiple of blocksize."""
+        k = self.in_features
+        w = dequantize_range(self.packed, self.absmax, self.code, self.blocksize, r0 * k, r1 * k, dtype,
+                             self.nested_absmax, self.nested_code, self.offset)
+        return w.view(r1 - r0, k)
+
+    def row_chunks(self):
+        """Row ranges starting on block boundaries, each about CHUNK_ELEMENTS values."""
+        k, bs = self.in_features, self.blocksize
+        unit = bs // math.gcd(k, bs)
+        rows = max(unit, (CHUNK_ELEMENTS // max(k, 1)) // unit * unit)
+        for r0 in range(0, self.out_features, rows):
+            yield r0, min(self.out_features, r0 + rows)
+
+
+# -- the twin of kernels/nf4.py ------------------------------------------------------------------
+# u = D(x) A^T [M, r] (the shrink, computed by the op) or None: no LoRA term.
+
+def nf4_linear_fwd(x, weight: NF4Weight, bias, u, lora_B, scaling: float):
+    """y = x deq(W)^T + bias + s u B^T [M, N] in x's dtype, dequantizing W a chunk of rows at a time."""
+    y = torch.empty((x.shape[0], weight.out_features), dtype=x.dtype, device=x.device)
+    for r0, r1 in weight.row_chunks():
+        w = weight.rows(r0, r1, x.dtype)
+        if bias is None:
+            y[:, r0:r1] = x @ w.t()
+        else:
+            y[:, r0:r1] = torch.addmm(bias[r0:r1], x, w.t())
+    if u is not None:
+        y.addmm_(u, lora_B.t(), alpha=scaling)
+    return y
+
+
+def nf4_linear_dgrad(dy, weight: NF4Weight, d_u, lora_A):
+    """dx = dy deq(W) + d_u A [M, K] in dy's dtype (the LoRA term skipped when d_u is None)."""
+    if d_u is None:
+        dx = torch.zeros((dy.shape[0], weight.in_features), dtype=dy.dtype, device=dy.device)
+    else:
+        dx = d_u @ lora_A
+    for r0, r1 in weight.row_chunks():
+        dx.addmm_(dy[:, r0:r1], weight.rows(r0, r1, dy.dtype))
+    return dx

@@ -1,0 +1,84 @@
+"""The serving reference's fast paths (equal counts per adapter, index_add_ into y) vs the fp64 loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_triton.ops import multi_lora as ops
+from lora_triton.reference import multi_lora as ref
+from tests.test_multi_lora import check, make
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "reference")
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = ref._equal_counts
+
+    def spy(*args, **kwargs):
+        calls.append(args[-1])  # direct: added into y with index_add_
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ref, "_equal_counts", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("per_adapter", [1, 3])
+def test_equal_counts_block(monkeypatch, dtype, per_adapter):
+    """Every adapter on the same number of tokens (a decode batch, one sequence per adapter), shuffled."""
+    calls = _spy(monkeypatch)
+    x, w, b, a, bb, s, _, ranks = make(3 * per_adapter, ranks=(1, 8, 64), dtype=dtype, seed=per_adapter)
+    ids = torch.arange(3).repeat_interleave(per_adapter)[torch.randperm(3 * per_adapter)]
+    a[0, 1:] = float("nan")  # beyond rank 1: never read
+    bb[0, :, 1:] = float("nan")
+    y = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks)
+    check(y, x, w, b, a, bb, s, ids, ranks)
+    assert calls == [dtype == torch.float32]
+
+
+def test_equal_counts_with_slots_and_base_rows(monkeypatch):
+    """k = 2 slots, weighted, each adapter in 4 slots, some tokens with no adapter at all."""
+    calls = _spy(monkeypatch)
+    x, w, b, a, bb, s, _, ranks = make(7, ranks=(4, 4), seed=3, slots=2)
+    ids = torch.tensor([[0, 1], [-1, -1], [1, 0], [0, -1], [-1, 1], [-1, -1], [0, 1]])
+    weights = torch.rand(ids.shape) + 0.25
+    y = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks, weights)
+    check(y, x, w, b, a, bb, s, ids, ranks, weights)
+    assert calls == [False]
+    assert torch.equal(y[[1, 5]], F.linear(x, w, b)[[1, 5]])
+
+
+def test_uneven_counts_add_into_y(monkeypatch):
+    """Uneven counts take the padded chunks, adding into y with index_add_ (k = 1, fp32), chunk by chunk."""
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr(ref, "_CHUNK_ELEMS", 3 * 64)  # a few rows per chunk
+    x, w, b, a, bb, s, _, ranks = make(23, ranks=(2, 8, 3), seed=5)
+    ids = torch.tensor([0] * 11 + [1] * 6 + [2] * 3 + [-1] * 3)[torch.randperm(23)]
+    y = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks)
+    check(y, x, w, b, a, bb, s, ids, ranks)
+    assert calls == []
+
+
+def test_token_plan_reused_for_equal_ids_only(monkeypatch):
+    """Layers of one forward share the sort; other ids, or the same tensor written in place, sort again."""
+    sorts = []
+    real = ref._sort_tokens
+    monkeypatch.setattr(ref, "_sort_tokens", lambda ids, num: sorts.append(1) or real(ids, num))
+    monkeypatch.setattr(ref, "_LAST_PLAN", None)
+    x, w, b, a, bb, s, _, ranks = make(8, ranks=(2, 8, 3), seed=7)
+    ids = torch.tensor([0, 1, 2, 0, 1, 2, -1, 0])
+    for _ in range(3):  # three "layers"
+        check(ops.multi_lora_linear(x, w, b, a, bb, s, ids.clone(), ranks), x, w, b, a, bb, s, ids, ranks)
+    assert len(sorts) == 1
+    ids[6] = 1  # in place: the cache holds its own copy, so this is a new batch
+    check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
+    a2, bb2 = a[:2].contiguous(), bb[:2].contiguous()  # same ids, fewer adapters: not the same plan
+    ids2 = torch.tensor([0, 1, 1, 0, 1, 0, -1, 0])
+    check(ops.multi_lora_linear(x, w, b, a2, bb2, s[:2], ids2, ranks[:2]), x, w, b, a2, bb2, s[:2], ids2, ranks[:2])
+    assert len(sorts) == 3
