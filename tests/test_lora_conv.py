@@ -107,14 +107,6 @@ def test_conv_transpose_is_refused_by_name():
         lt.inject_lora(net, lt.LoraConfig(target_modules=["c2"]))
 
 
-def test_mixed_batch_refuses_conv_adapters_instead_of_applying_one_to_all_rows():
-    net = conv_net()
-    lt.inject_lora(net, lt.LoraConfig(target_modules=["c2", "proj"], r=2), "a")
-    with pytest.raises(NotImplementedError, match="Linear layers only"):
-        with lt.adapter_batch(net, ["a", None, "a"]):
-            pass
-
-
 def test_failed_inject_half_way_leaves_the_model_bit_identical():
     net = conv_net(groups=1)
     net.c3 = torch.nn.Conv3d(10, 6, (1, 2, 2), groups=2)  # r=3 does not divide by its groups: fails after c1, c2
@@ -125,3 +117,24 @@ def test_failed_inject_half_way_leaves_the_model_bit_identical():
     assert [type(m) for m in net.modules()] == kinds_before
     assert set(net.state_dict()) == set(before)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_mixed_batch_rows_on_conv_embedding_loha_lokr_match_one_adapter_per_call():
+    net = conv_net(groups=1)
+    lt.inject_lora(net, lt.LoraConfig(target_modules=["emb", "c1", "c3", "proj"], r=2, init_lora_weights=False),
+                   "lora")
+    lt.inject_lora(net, lt.LoHaConfig(target_modules=["c2"], r=2, init_weights=False), "loha")
+    lt.inject_lora(net, lt.LoKrConfig(target_modules=["head"], r=1, init_weights=False), "lokr")
+    names = ["lora", None, "loha", "lokr", "lora"]
+    inputs = conv_inputs(batch=5)
+    with torch.no_grad(), lt.adapter_batch(net, names):
+        mixed = call(net, inputs)
+    for i, name in enumerate(names):
+        if name is None:
+            with lt.disable_adapters(net):
+                alone = call(net, {k: v[i:i + 1] for k, v in inputs.items()})
+        else:
+            lt.set_adapter(net, name)
+            alone = call(net, {k: v[i:i + 1] for k, v in inputs.items()})
+        assert max_diff(mixed[i:i + 1], alone) <= 1e-5, (i, name)
+    assert net.c2.mixed_batch is None  # the hooks are gone after the block

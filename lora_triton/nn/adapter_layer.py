@@ -15,9 +15,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .batch_slot import mixed_batch_slot
+
 
 class AdapterLayer(nn.Module):
     param_dicts: tuple[str, ...] = ()
+    mixed_batch = mixed_batch_slot()  # per thread (nn/batch_slot.py): set by serving.adapter_batch
     setting_dicts: tuple[str, ...] = ("scaling",)  # per-adapter plain dicts, forgotten on delete
 
     def __init__(self, base_layer: nn.Module):
@@ -27,7 +30,6 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.mixed_batch = None
 
     # -- adapters -------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
