@@ -156,3 +156,23 @@ def test_kinds_benchmark_runs_and_matches_peft_on_tiny_layers():
     for r in results:
         assert r["max_abs_diff_vs_peft"] <= 1e-5 and set(r["saved_bytes"]) == {"base", "lora_triton", "peft"}
     assert "loha-linear-16" in kinds_bench.format_table(results)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_keeps_fp32_adapters_and_its_dtype(dtype, tmp_path):
+    inputs = conv_inputs()
+    ref = conv_net(groups=1)
+    lt.inject_lora(ref, lt.LoraConfig(target_modules=["emb", "c1"], r=2, init_lora_weights=False), "lora")
+    lt.inject_lora(ref, lt.LoHaConfig(target_modules=["c2", "proj"], r=2, init_weights=False), "loha")
+    lt.inject_lora(ref, lt.LoKrConfig(target_modules=["head"], r=1, init_weights=False), "lokr")
+    lt.set_adapter(ref, ["lora", "loha", "lokr"])
+    want = call(ref, inputs)
+    half = conv_net(groups=1).to(dtype)
+    for name in ("lora", "loha", "lokr"):
+        lt.save_adapter(ref, str(tmp_path / name), name)
+        lt.load_adapter(half, str(tmp_path / name), name)
+    lt.set_adapter(half, ["lora", "loha", "lokr"])
+    assert half.proj.hada_w1_a["loha"].dtype == torch.float32  # adapters stay fp32 (PEFT's default)
+    got = call(half, {"ids": inputs["ids"], "img": inputs["img"].to(dtype)})
+    assert got.dtype == dtype
+    assert max_diff(got, want) <= 0.05 * (1 + want.abs().max().item())
