@@ -15,7 +15,7 @@ from .patterns import check_pattern, match
 
 CONFIG_NAME = "adapter_config.json"
 ALL_LINEAR = "all-linear"
-INIT_CHOICES = (True, False, "gaussian", "orthogonal", "eva")
+INIT_CHOICES = (True, False, "gaussian", "orthogonal", "eva", "loftq")
 # Initialisations that leave the base weights alone and give a plain LoRA adapter: such adapters
 # load and run here, but lora_triton cannot initialise new ones this way.
 LOAD_ONLY_INITS = ("orthogonal", "eva")
@@ -26,7 +26,6 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 _UNSUPPORTED_AT_DEFAULT: dict[str, Any] = {
     "megatron_config": None,
     "trainable_token_indices": None,
-    "loftq_config": {},
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
@@ -63,6 +62,7 @@ class LoraConfig:
     layers_pattern: Optional[Union[list[str], str]] = None
     modules_to_save: Optional[list[str]] = None
     lora_bias: bool = False
+    loftq_config: dict = field(default_factory=dict)  # init_lora_weights="loftq": nn/loftq.py
     peft_type: str = "LORA"
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
@@ -110,8 +110,12 @@ class LoraConfig:
                 not isinstance(self.init_lora_weights, bool):
             raise NotImplementedError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported (supported: True, False, "
-                "'gaussian'; 'orthogonal'/'eva' adapters load); pissa/olora/corda/loftq initialisations modify "
+                "'gaussian', 'loftq'; 'orthogonal'/'eva' adapters load); pissa/olora/corda initialisations modify "
                 "the base weights, mica changes the forward")
+        if self.init_lora_weights == "loftq":
+            from .nn.loftq import check_loftq_config
+
+            check_loftq_config(self.loftq_config, self.use_dora)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -215,6 +219,19 @@ def read_config_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def as_lora_config(config) -> LoraConfig:
+    """Ours unchanged; PEFT's ``peft.LoraConfig`` converted field by field (unsupported values refused
+    exactly as when reading its adapter_config.json); anything else is a TypeError."""
+    if isinstance(config, LoraConfig):
+        return config
+    if type(config).__name__ == "LoraConfig" and type(config).__module__.startswith("peft.") and \
+            callable(getattr(config, "to_dict", None)):
+        data = dict(config.to_dict())
+        data["task_type"] = getattr(data.get("task_type"), "value", data.get("task_type"))
+        return LoraConfig.from_dict(data)
+    raise TypeError(f"config must be a lora_triton.LoraConfig or a peft.LoraConfig, got {type(config).__name__}")
 
 
 def _pattern_key(patterns: dict, module_path: str, field: str = "rank_pattern / alpha_pattern") -> Optional[str]:

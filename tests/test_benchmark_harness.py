@@ -226,11 +226,13 @@ def test_device_check_dry_run(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "--suite all --device cuda" in res.stdout and str(tmp_path / "out") + "/bench.json" in res.stdout
     assert "PYTHONPATH=" + str(REPO) in res.stdout
-    # Both bf16 kernel checks run before the benchmarks, each under its own time limit.
+    # Both bf16 kernel checks and the fused/composed path check run before the benchmarks, each
+    # under its own time limit.
     assert "device_check_kernels.py" in res.stdout and "device_check_serving.py" in res.stdout
+    assert "device_check_paths.py" in res.stdout
     limits = [int(w) for line in res.stdout.splitlines() if line.startswith("+ timeout ")
               for w in line.split()[2:3]]
-    assert len(limits) == 3 and sum(limits) <= 8 * 60 - 20, limits
+    assert len(limits) == 4 and sum(limits) <= 8 * 60 - 20, limits
     assert not (tmp_path / "out").exists()  # dry mode creates nothing
     res = _device_check(str(tmp_path / "o2"), env={"DRY_RUN": "1"})
     assert res.returncode == 0 and "dry run" in res.stdout and not (tmp_path / "o2").exists()
@@ -271,3 +273,15 @@ def test_quick_suite_plots_curves(cuda):
     for c in suite_cases("quick", parse_models("llama-8b"), cuda=cuda):
         tokens.setdefault(c.series, set()).add(c.tokens)
     assert len(tokens) == 4 and all(len(t) >= 2 for t in tokens.values()), tokens
+
+
+def test_tiny_llama_step_benchmark_runs(tmp_path, capsys):
+    pytest.importorskip("transformers", reason="the tiny Llama step needs transformers")
+    from lora_triton.benchmark import tiny_llama
+
+    out = tmp_path / "step.json"
+    assert tiny_llama.main(["--hidden", "64", "--layers", "1", "--tokens", "8", "--repeats", "2",
+                            "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {"lora_triton", "base"} <= set(doc["stats"]) and doc["stats"]["lora_triton"]["n"] == 2
+    assert "lora_dropout=0.05" in capsys.readouterr().out

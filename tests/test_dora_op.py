@@ -7,7 +7,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import model_input, tiny_mlp
 
+import lora_triton
 from lora_triton.ops.dora import dora_linear, dora_weight_norm, dora_weight_sq
 from lora_triton.reference.philox import dropout_keep_mask
 
@@ -187,3 +189,25 @@ def test_custom_ops_pass_opcheck():
             t["mag"].requires_grad_(True), norm, s, 0.0, None)
     torch.library.opcheck(ops._fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(ops._weight_norm, (t["w"], t["a"].detach(), t["b"].detach(), s, dora_weight_sq(t["w"])))
+
+
+def test_dora_model_compiles_fullgraph_with_the_same_gradients():
+    """torch.compile(fullgraph=True) traces DoRA layers (norm and op are custom ops; no cache while tracing)."""
+    torch._dynamo.reset()
+    cfg = lora_triton.LoraConfig(target_modules=["up", "down"], r=3, lora_alpha=6, lora_dropout=0.2, use_dora=True,
+                                 init_lora_weights=False)
+    model = lora_triton.inject_lora(tiny_mlp(), cfg).train()
+    x = model_input("mlp")["x"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert any(p.dim() == 1 for p in params)  # the magnitudes train
+
+    def step(fn):
+        torch.manual_seed(7)
+        loss = (fn(x) ** 2).mean()
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    eager = step(model)
+    compiled = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

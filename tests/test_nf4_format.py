@@ -138,9 +138,8 @@ def test_state_dict_layout_both_ways():
 
 
 def test_quantize_model_round_trips_through_safetensors(tmp_path):
+    from models import model_input, run, tiny_gpt2
     from safetensors.torch import load_file, save_file
-
-    from tests.models import model_input, run, tiny_gpt2
 
     model = tiny_gpt2()
     inputs = model_input("gpt2")

@@ -64,3 +64,30 @@ def test_empty_adapter_names_merges_nothing(fn):
         inputs = model_input("mlp")
         with torch.no_grad():
             assert torch.equal(run(model, inputs), run(tiny_mlp(), inputs))
+
+
+def _two_layer_model():
+    """Adapters 'a' and 'b' (lora_bias) on both up layers; layers.1.up's base has no bias."""
+    model = tiny_mlp()
+    model.layers[1].up = torch.nn.Linear(32, 48, bias=False)
+    lora_triton.inject_lora(model, lora_triton.LoraConfig(target_modules=["up"], r=2), "a")
+    lora_triton.inject_lora(model, lora_triton.LoraConfig(target_modules=["up"], r=2, lora_bias=True), "b")
+    randomize_lora(model)
+    return model
+
+
+def test_merge_refused_by_one_layer_changes_no_layer():
+    model = _two_layer_model()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=r"layers\.1\.up: cannot merge lora_bias.*nothing was changed"):
+        lora_triton.merge_adapter(model, adapter_names=["a", "b"])
+    assert_same(before, fingerprint(model))
+
+
+def test_delete_refused_by_one_layer_changes_no_layer():
+    model = _two_layer_model()
+    model.layers[1].up.merge(["a"])
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=r"is merged; unmerge before deleting it \(merged in \['layers\.1\.up'\]\)"):
+        lora_triton.delete_adapter(model, "a")
+    assert_same(before, fingerprint(model))

@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads while the demo runs (default 1: the demo's matrices are small, and "
                         "more threads spin-wait on a busy machine; 0 keeps torch's setting)")
     p.add_argument("--quiet", action="store_true", help="print only the summary table")
+    p.add_argument("--qlora", action="store_true",
+                   help="quantize the encoder to 4-bit NF4 first (QLoRA), and check an adapter in PEFT over "
+                        "bitsandbytes' Linear4bit where those are installed")
     return p
 
 
@@ -291,6 +294,11 @@ def run(args: argparse.Namespace, kind: str, out_dir: str, temporary: bool = Fal
         base = models.tiny(args.seed, train_texts, save_dir=os.path.join(out_dir, "base_model"))
     if args.epochs is None:
         args.epochs = base.epochs
+    steps = STEPS
+    if args.qlora:
+        from . import qlora
+
+        base, steps = qlora.quantized(base), STEPS + qlora.STEPS
     log(f"lora-triton demo: model {base.description}")
     if kind == "tiny":
         log(f"  (no pretrained model installed or chosen: the base is random, saved to {out_dir}/base_model; "
@@ -299,7 +307,7 @@ def run(args: argparse.Namespace, kind: str, out_dir: str, temporary: bool = Fal
         f"seed {args.seed}, {args.epochs} epoch(s), batch {BATCH_SIZE}, lr {base.lr:g}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
     ctx = DemoContext(args, base, tasks, out_dir, log)
-    for _name, step in STEPS:
+    for _name, step in steps:
         step(ctx)
     where = f"{out_dir} (temporary, removed; use --out DIR to keep)" if temporary else out_dir
     print(f"\nlora-triton demo summary ({kind}, {time.perf_counter() - start:.1f} s total; adapters in {where})")

@@ -9,9 +9,19 @@ from torch import nn
 
 from ..config import LOAD_ONLY_INITS, LoraConfig
 from .grouping import group_siblings, ungroup_siblings
-from .kinds import adapter_parameters, attach, check_target, holds_adapter, is_adapter_layer, kind_of, layer_classes
+from .kinds import (
+    adapter_parameters,
+    attach,
+    check_target,
+    coerce_config,
+    holds_adapter,
+    is_adapter_layer,
+    layer_classes,
+)
+from .loftq import loftq_layer
 from .lora_linear import LoraLinear, is_supported_base, merge_is_finite
 from .modules_to_save import ModulesToSaveWrapper
+from .nf4_linear import NF4Linear
 from .qlora import unloaded_base
 from .targets import candidate_modules, find_targets, resolve_targets
 from .transaction import transactional
@@ -63,7 +73,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     stay as they were (``set_adapter`` switches), as in PEFT. Sibling projections that read the
     same tensor (q/k/v, gate/up) are grouped (``nn.grouping``; ``ungroup_siblings`` undoes it).
     """
-    kind_of(config)  # a TypeError naming the accepted config classes
+    config = coerce_config(config)  # ours (LoRA / LoHa / LoKr) or PEFT's LoraConfig; else a TypeError
     config.validate()  # fields may have been changed since construction
     _check_name(adapter_name)
     if getattr(config, "init_lora_weights", None) in LOAD_ONLY_INITS:
@@ -83,13 +93,20 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     first = not configs
     previous_active = active_adapters(model)  # before new LoraLinears (active = [adapter_name]) exist
     for path, module in targets:
+        if getattr(config, "init_lora_weights", None) == "loftq":  # quantizes the base itself
+            args = (config.rank_for(path), config.alpha_for(path), config.lora_dropout, config.use_rslora,
+                    config.init_lora_weights, config.lora_bias)
+            _set_child(model, path, loftq_layer(module, adapter_name, args, config.loftq_config))
+            continue
         wrapped = attach(module, adapter_name, config, path)  # nn/kinds.py: the layer type's wrapper
         if wrapped is not module:
-            _set_child(model, path, wrapped)
+            # A new module starts in training mode: take the wrapped layer's, or an eval model drops out.
+            _set_child(model, path, wrapped.train(module.training))
     for path, module in list(candidate_modules(model)):
         # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
         if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
-            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else \
+                ModulesToSaveWrapper(module).train(module.training)
             wrapper.add_adapter(adapter_name)
             if wrapper is not module:
                 _set_child(model, path, wrapper)
@@ -99,6 +116,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     # Sibling projections (q/k/v, gate/up) share one shrink when they are provably called on
     # the same tensor (nn/grouping.py); anything else runs each layer's own forward.
     group_siblings(model)
+    from ..io.hf_integration import install_peft_methods  # io imports nn: resolved at call time
+
+    install_peft_methods(model)  # transformers models: save_pretrained writes PEFT's adapter format
     return model
 
 
@@ -172,6 +192,12 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
         if missing:
             raise KeyError(f"unknown adapters {missing}; loaded adapters: {sorted(known)}")
     # adapter_names=[] merges nothing, as in PEFT; only None means "the active adapters".
+    # Whatever a layer would refuse is refused here, before the first layer changes.
+    for path, layer in lora_layers(model):
+        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names) if n in layer.lora_A]
+        if layer.base_layer.bias is None and not isinstance(layer.base_layer, NF4Linear) and any(
+                layer.lora_B[n].bias is not None for n in names if n not in layer.merged_adapters):
+            raise ValueError(f"{path}: cannot merge lora_bias into a base layer that has no bias; nothing was changed")
     if safe_merge:
         for layer in layers:
             names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
@@ -215,6 +241,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise KeyError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(configs)}")
+    merged = [p for p, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
+    if merged:  # checked before any layer forgets the adapter
+        raise ValueError(f"adapter {adapter_name!r} is merged; unmerge before deleting it (merged in {merged[:3]})")
     remaining_active = [a for a in active_adapters(model) if a != adapter_name]
     for _, layer in adapter_layers(model):
         if holds_adapter(layer, adapter_name):

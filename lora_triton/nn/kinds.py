@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import CONFIG_NAME, LoraConfig
+from ..config import CONFIG_NAME, LoraConfig, as_lora_config
 from ..config_lycoris import LoHaConfig, LoKrConfig
 from .adapter_layer import AdapterLayer
 from .loha import LOHA_BASES, LoHaLayer
@@ -76,6 +76,19 @@ def kind_of(config) -> AdapterKind:
             return kind
     names = ", ".join(k.config_class.__name__ for k in KINDS.values())
     raise TypeError(f"config must be one of lora_triton's {names}, got {type(config).__name__}")
+
+
+def coerce_config(config):
+    """``config`` if it is one of the registered config classes; PEFT's LoraConfig converted to ours
+    (``config.as_lora_config``); anything else a TypeError naming the accepted classes."""
+    if any(type(config) is kind.config_class for kind in KINDS.values()):
+        return config
+    try:
+        return as_lora_config(config)
+    except TypeError:
+        others = ", ".join(k.config_class.__name__ for k in KINDS.values() if k.config_class is not LoraConfig)
+        raise TypeError(f"config must be one of lora_triton's {others}, a lora_triton.LoraConfig or a "
+                        f"peft.LoraConfig, got {type(config).__name__}") from None
 
 
 def layer_classes() -> tuple[type, ...]:

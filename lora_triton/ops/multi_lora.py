@@ -162,12 +162,12 @@ def multi_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     ids = adapter_ids.reshape(t, k).to(torch.int64)
     if validate:
         check_adapter_ids(adapter_ids, num, rk if ranks is not None else None, r_max, scal)
-    elif num:
+    else:
         # Unchecked values still never index out of bounds and mean the same on both backends: ids
-        # outside [-1, L) and slots of rank <= 0 are "no adapter" (exactly nothing added, whatever
-        # the scaling); ranks act clamped to [0, r_max] (the kernels clamp each rank where they load
-        # it, the reference masks by it). Device ops, no host sync.
-        ids = torch.where((ids >= 0) & (ids < num) & (rk[ids.clamp(0, num - 1)] > 0), ids, -1)
+        # outside [0, L) and slots of rank <= 0 are "no adapter" (exactly nothing added, whatever the
+        # scaling); ranks act clamped to [0, r_max]. Both backends read them so; this one device op
+        # (no sync) only keeps ids above L from indexing past the kernels' plan.
+        ids = ids.clamp(max=num)
     if rk.dtype != torch.int32:  # clamped before the cast: 2**32 + 4 must not become rank 4
         rk = rk.clamp(0, r_max).to(torch.int32)
     w = None if adapter_weights is None else adapter_weights.reshape(t, k).to(torch.float32)

@@ -62,10 +62,13 @@ def _bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, ne
     """(dx or empty, dA fp32 or empty, dB fp32 or empty)."""
     w = _weight(packed, absmax, code, nested_absmax, nested_code, offset, blocksize, dy.shape[1], x.shape[1])
     impl = _impl(x.device)
-    empty = x.new_empty(0)
+
+    def empty(dtype=x.dtype):  # a custom op's outputs may not alias each other: one fresh tensor each
+        return x.new_empty(0, dtype=dtype)
+
     if lora_A is None:
-        dx = impl.nf4_linear_dgrad(dy, w, None, None) if need_dx else empty
-        return dx, empty.float(), empty.float()
+        dx = impl.nf4_linear_dgrad(dy, w, None, None) if need_dx else empty()
+        return dx, empty(torch.float32), empty(torch.float32)
     a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
     d_b = (dy.t() @ u) * scaling
     d_us = (dy @ b) * scaling
@@ -73,7 +76,7 @@ def _bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, ne
     if keep is not None:
         d_us = d_us * (1.0 / (1.0 - dropout_p))
     d_a = d_us.t() @ (x if keep is None else x * keep)
-    dx = empty
+    dx = empty()
     if need_dx:
         if keep is None:  # the LoRA term folds into the dgrad GEMM as r more columns of its K-loop
             dx = impl.nf4_linear_dgrad(dy, w, d_us, a)

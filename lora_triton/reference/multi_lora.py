@@ -45,7 +45,7 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
         a_act, b_act = lora_A.to(cdt), lora_B.to(cdt)
     else:
         a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
-    coef = scalings.to(cdt)[ad]
+    coef = torch.where(ranks.to(x.device)[ad] > 0, scalings.to(cdt)[ad], 0)  # rank <= 0 adds nothing, as in the kernels
     if adapter_weights is not None:
         coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
     act_ranks = ranks.to(x.device)[active]
@@ -107,7 +107,7 @@ def token_plan(adapter_ids, num: int):
 
 def _sort_tokens(adapter_ids, num: int):
     flat = adapter_ids.reshape(-1).to(torch.int64)
-    sel = torch.nonzero(flat >= 0).flatten()  # slot indices j = token * k + c with an adapter
+    sel = torch.nonzero((flat >= 0) & (flat < num)).flatten()  # slots j = token * k + c with an adapter
     if sel.numel() == 0 or num == 0:
         return None
     ad = flat[sel]

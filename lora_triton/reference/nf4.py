@@ -10,9 +10,10 @@ The quantizers reproduce bitsandbytes' CPU path bit for bit: 4-bit codes by midp
 ``w * (1 / absmax)`` (``w / absmax`` in a trailing partial block), 8-bit codes by "largest code <= v, then
 the right neighbour if strictly closer" on ``v = a / absmax``.
 
-Dequantization works on flat ranges, so the GEMM twins below hold at most ``CHUNK_ELEMENTS`` dequantized
-values at a time (plus their fp32 codes): extra memory is bounded by about 8 * CHUNK_ELEMENTS bytes,
-whatever the layer size, and the full-precision W is never built by the training path.
+Dequantization works on flat ranges, so the GEMM twins below hold at most ``CHUNK_ELEMENTS`` (2^20)
+dequantized values at a time: extra memory is bounded by about 6 bytes per chunk element (fp32 values, an
+int32 index per byte) plus the [M, rows] product of one chunk, whatever the layer size; the full-precision
+W is never built by the training path.
 """
 
 from __future__ import annotations
@@ -140,8 +141,10 @@ def decode_absmax(absmax, nested_absmax=None, nested_code=None, offset: float = 
     stop = absmax.numel() if stop is None else min(stop, absmax.numel())
     if nested_absmax is None:
         return absmax[start:stop].float()
-    i = torch.arange(start, stop, device=absmax.device)
-    return nested_code[absmax[start:stop].long()] * nested_absmax[i // nested_blocksize] + offset
+    i0, i1 = start // nested_blocksize, (stop - 1) // nested_blocksize + 1
+    scale = nested_absmax[i0:i1].repeat_interleave(nested_blocksize)[start - i0 * nested_blocksize:
+                                                                     stop - i0 * nested_blocksize]
+    return (nested_code[absmax[start:stop].long()] * scale).add_(offset)
 
 
 def dequantize_range(packed, absmax, code, blocksize: int, start: int, stop: int, dtype,
@@ -154,14 +157,17 @@ def dequantize_range(packed, absmax, code, blocksize: int, start: int, stop: int
     flat = packed.reshape(-1)
     n = stop - start
     b = flat[start // 2:(stop + 1) // 2]
-    nib = torch.stack((b >> 4, b & 15), dim=1).reshape(-1)[:n]
-    vals = code[nib.long()]
+    # One lookup per byte in a [256, 2] table of (high, low) code pairs: no nibble or int64 index tensors.
+    pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1)
+    vals = pairs.index_select(0, b.int()).view(-1)[:n]
     nb = -(-n // blocksize)
     amax = decode_absmax(absmax, nested_absmax, nested_code, offset, start=start // blocksize,
                          stop=start // blocksize + nb)
-    if n % blocksize:
-        vals = torch.cat([vals, vals.new_zeros(nb * blocksize - n)])
-    return (vals.view(nb, blocksize) * amax.unsqueeze(1)).reshape(-1)[:n].to(dtype)
+    full = n - n % blocksize
+    vals[:full].view(-1, blocksize).mul_(amax[:full // blocksize].unsqueeze(1))
+    if full < n:
+        vals[full:].mul_(amax[-1])
+    return vals.to(dtype)
 
 
 def dequantize_4bit(packed, absmax, code, blocksize: int, shape, dtype, nested_absmax=None, nested_code=None,
@@ -208,8 +214,13 @@ class NF4Weight(NamedTuple):
 
 def nf4_linear_fwd(x, weight: NF4Weight, bias, u, lora_B, scaling: float):
     """y = x deq(W)^T + bias + s u B^T [M, N] in x's dtype, dequantizing W a chunk of rows at a time."""
+    chunks = list(weight.row_chunks())
+    if len(chunks) == 1:  # the whole W fits one chunk: no output slices to copy
+        w = weight.rows(0, weight.out_features, x.dtype)
+        y = x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
+        return y if u is None else y.addmm_(u, lora_B.t(), alpha=scaling)
     y = torch.empty((x.shape[0], weight.out_features), dtype=x.dtype, device=x.device)
-    for r0, r1 in weight.row_chunks():
+    for r0, r1 in chunks:
         w = weight.rows(r0, r1, x.dtype)
         if bias is None:
             y[:, r0:r1] = x @ w.t()

@@ -21,6 +21,7 @@ from ..nn.adapter_layer import AdapterLayer
 from ..nn.lora_linear import LoraLinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from ._hook import BASE, run_layer
+from .dora_batch import dora_mixed_forward
 
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, stack tuple)
 
@@ -74,9 +75,6 @@ def _check_layer(path: str, layer: LoraLinear, used: set) -> None:
     with_bias = sorted(n for n in used if n in layer.lora_B and layer.lora_B[n].bias is not None)
     if with_bias:
         raise NotImplementedError(f"{path}: adapters {with_bias} have lora_bias, which mixed batches do not support")
-    variants = sorted(n for n in used if n in layer.lora_variant)
-    if variants:
-        raise NotImplementedError(f"{path}: adapters {variants} are DoRA adapters, which mixed batches do not support")
 
 
 @contextlib.contextmanager
@@ -129,10 +127,12 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
 
 def _make_hook(seq_ids: torch.Tensor):
     def hook(layer, x):
-        _, a, b, scal, ranks = layer_stack(layer, x.dtype if not torch.is_autocast_enabled(x.device.type)
-                                           else torch.get_autocast_dtype(x.device.type))
+        names, a, b, scal, ranks = layer_stack(layer, x.dtype if not torch.is_autocast_enabled(x.device.type)
+                                               else torch.get_autocast_dtype(x.device.type))
         if a.shape[0] == 0:
             return layer.base_layer(x)
+        if layer.lora_variant:  # DoRA rows: per-row magnitudes (serving/dora_batch.py)
+            return dora_mixed_forward(layer, x, names, a, b, scal, ranks, seq_ids)
         return run_layer(layer, x, a, b, scal, ranks, seq_ids)
     return hook
 

@@ -1,0 +1,101 @@
+"""A whole training step of a small Llama with LoRA on every linear layer: lora_triton vs PEFT vs the
+frozen model, interleaved in one process (the per-call fixed cost of the op shows here, not in the
+single-layer suites).
+
+    python -m lora_triton.benchmark.tiny_llama [--hidden 256] [--layers 2] [--tokens 64] [--dropout 0.05]
+                                               [--repeats 30] [--threads N] [--json out.json]
+
+Step = forward, cross-entropy loss, backward (no optimizer). Same weights and inputs for every
+provider; PEFT's model is a deep copy wrapped by ``get_peft_model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+
+import torch
+
+from .stats import summarize
+from .timing import measure_interleaved
+
+
+def build(hidden: int, layers: int, r: int, dropout: float):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+                      vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=False)
+    base = LlamaForCausalLM(cfg).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    import lora_triton as lt
+
+    ours = copy.deepcopy(base)
+    lt.inject_lora(ours, lt.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets))
+    models = {"lora_triton": ours, "base": base}
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        models["peft"] = get_peft_model(copy.deepcopy(base), LoraConfig(
+            r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets))
+    except ImportError:
+        pass
+    for m in models.values():
+        m.train()  # dropout on
+    return models
+
+
+def step_fn(model, ids):
+    def step(_i):
+        out = model(input_ids=ids, labels=ids)
+        torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad])
+    return step
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lora_triton.benchmark.tiny_llama", description=__doc__)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    models = build(args.hidden, args.layers, args.rank, args.dropout)
+    ids = torch.randint(0, 512, (1, args.tokens))
+    base_model = models["base"]
+    # The frozen model's step backpropagates to its embeddings: the same activation backward, no LoRA.
+    base_model.model.embed_tokens.weight.requires_grad_(True)
+    fns = {name: step_fn(m, ids) for name, m in models.items()}
+    for f in fns.values():
+        f(0)
+    samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3, n_sets=1)
+    stats = {k: summarize(v) for k, v in samples.items()}
+    end = os.getloadavg()
+    print(f"tiny Llama step: hidden {args.hidden}, {args.layers} layers, {args.tokens} tokens, r={args.rank}, "
+          f"lora_dropout={args.dropout}, fp32 cpu, {torch.get_num_threads()} threads; "
+          f"load {load[0]:.2f} -> {end[0]:.2f}")
+    for k, s in stats.items():
+        rel = f"  x peft {s.median_s / stats['peft'].median_s:.3f}" if "peft" in stats else ""
+        print(f"  {k:12s} median {s.median_s * 1e3:8.2f} ms  p20..p80 {s.p20_s * 1e3:.2f}..{s.p80_s * 1e3:.2f}{rel}")
+    if args.json:
+        doc = {"args": vars(args), "load_average": list(load), "load_average_end": list(end),
+               "threads": torch.get_num_threads(), "stats": {k: s.to_dict() for k, s in stats.items()}}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

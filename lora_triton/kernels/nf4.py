@@ -1,0 +1,294 @@
+"""Fused 4-bit GEMMs: W is dequantized tile by tile inside the K-loop, never materialized.
+
+Same functions and signatures as ``reference/nf4.py``'s twin:
+``nf4_linear_fwd(x, weight, bias, u, lora_B, scaling)`` -> y = x deq(W)^T + b + s U B^T and
+``nf4_linear_dgrad(dy, weight, d_u, lora_A)`` -> dx = dy deq(W) + dU A.
+
+A W element (n, k) is flat index f = n*K + k of bitsandbytes' layout: byte f // 2 (high nibble when f is
+even), code table entry of the nibble, times absmax[f // BLOCKSIZE]; with double quant that absmax is
+decoded on the fly as code2[q] * absmax2[(f // BLOCKSIZE) // 256] + offset. The products are formed in
+fp32 and rounded once to the compute dtype (bitsandbytes' dequantization, bit for bit), then fed to
+tl.dot. The 16 code values sit in registers (``tl.gather``). When K is a multiple of the blocksize and
+the tile does not cross a block (K_ALIGNED), one absmax is decoded per W row of the tile; otherwise
+blocks may straddle rows and the absmax is gathered per element from flat indices.
+With K_ALIGNED and a tile spanning several blocks, one absmax per block is decoded and broadcast.
+The LoRA expand is one more [BM, r] x [r, BN] dot before the epilogue (forward); in dgrad the dU A term
+is r more columns of the reduction.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import autotune as at
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_R = 256
+
+
+def _empty(shape, dtype, device):
+    # Single allocation point for outputs: tests patch it to NaN-fill and check every element is written.
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:  # fp32 operands: exact fp32 products (no TF32), to match the reference
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _absmax(blk, ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED: tl.constexpr):
+    """fp32 absmax of 4-bit blocks ``blk`` (any shape); double quant decoded as code2[q] * absmax2 + offset."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(ncode_ptr + q, mask=ok, other=0.0) * tl.load(nabs_ptr + (blk >> 8), mask=ok, other=0.0)
+        return scale + offset
+    else:
+        return tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+
+
+@triton.jit
+def _codes(flat, ok, packed_ptr, table):
+    """fp32 code values at flat indices ``flat`` [A, B]: byte f // 2, high nibble for even f, looked up
+    in the 16-entry ``table`` held in registers (tl.gather), not in memory."""
+    A: tl.constexpr = flat.shape[0]
+    B: tl.constexpr = flat.shape[1]
+    byte = tl.load(packed_ptr + (flat >> 1), mask=ok, other=0).to(tl.int32)
+    nib = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
+    return tl.reshape(tl.gather(table, tl.reshape(nib, (A * B,)), 0), (A, B))
+
+
+@triton.jit
+def _grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Consecutive programs sweep GROUP_M row tiles per column tile, so the packed W tile stays in L2.
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _nf4_fwd_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, bias_ptr, u_ptr, lb_ptr, y_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_um, stride_ur, stride_bn, stride_br, stride_ym, stride_yn,
+    offset, scaling,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, K_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    col_base = cols.to(tl.int64) * K
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_ok = k_ok[:, None] & col_ok[None, :]
+        flat = col_base[None, :] + ks[:, None]  # [BK, BN]: the tile of deq(W)^T
+        vals = _codes(flat, w_ok, packed_ptr, table)
+        if K_ALIGNED and BLOCKSIZE % BLOCK_K == 0:  # one absmax per column of the tile
+            scale = _absmax((col_base + k0) // BLOCKSIZE, col_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset,
+                            NESTED)[None, :]
+        elif K_ALIGNED and BLOCK_K % BLOCKSIZE == 0:  # BLOCK_K / BLOCKSIZE absmaxes per column
+            NB: tl.constexpr = BLOCK_K // BLOCKSIZE
+            sub = k0 // BLOCKSIZE + tl.arange(0, NB)
+            blk = (col_base // BLOCKSIZE)[None, :] + sub[:, None]
+            s_nb = _absmax(blk, (sub[:, None] * BLOCKSIZE < K) & col_ok[None, :], absmax_ptr, nabs_ptr, ncode_ptr,
+                           offset, NESTED)  # [NB, BN]
+            scale = tl.reshape(tl.broadcast_to(s_nb[:, None, :], (NB, BLOCKSIZE, BLOCK_N)), (BLOCK_K, BLOCK_N))
+        else:
+            scale = _absmax(flat // BLOCKSIZE, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED)
+        acc = _dot(x, (vals * scale).to(x_ptr.dtype.element_ty), acc, IEEE)
+    if HAS_LORA:
+        R_BLOCK: tl.constexpr = R_PAD if R_PAD < 64 else 64
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in tl.static_range(0, R_PAD, R_BLOCK):
+            rr = r0 + tl.arange(0, R_BLOCK)
+            r_ok = rr < R
+            u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :] * stride_ur,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            b_t = tl.load(lb_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn,
+                          mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            lora = _dot(u, b_t, lora, IEEE)
+        acc += scaling * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _nf4_dgrad_kernel(
+    dy_ptr, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, du_ptr, a_ptr, dx_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_dum, stride_dur, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    offset,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, K_ALIGNED: tl.constexpr, HAS_LORA: tl.constexpr,
+    R_PAD: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Output tile [BLOCK_M, BLOCK_N] of dx [M, K]; the reduction runs over W's rows in steps of BLOCK_K.
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    kcols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    kc_ok = kcols < K
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        ns = n0 + tl.arange(0, BLOCK_K)
+        n_ok = ns < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        w_ok = n_ok[:, None] & kc_ok[None, :]
+        row_base = ns.to(tl.int64) * K
+        flat = row_base[:, None] + kcols[None, :]  # [BK, BN]: rows ns of deq(W)
+        vals = _codes(flat, w_ok, packed_ptr, table)
+        if K_ALIGNED and BLOCKSIZE % BLOCK_N == 0:  # one absmax per W row of the tile
+            scale = _absmax((row_base + pid_k * BLOCK_N) // BLOCKSIZE, n_ok, absmax_ptr, nabs_ptr, ncode_ptr,
+                            offset, NESTED)[:, None]
+        elif K_ALIGNED and BLOCK_N % BLOCKSIZE == 0:  # BLOCK_N / BLOCKSIZE absmaxes per W row
+            NB: tl.constexpr = BLOCK_N // BLOCKSIZE
+            sub = (pid_k * BLOCK_N) // BLOCKSIZE + tl.arange(0, NB)
+            blk = (row_base // BLOCKSIZE)[:, None] + sub[None, :]
+            s_nb = _absmax(blk, n_ok[:, None] & (sub[None, :] * BLOCKSIZE < K), absmax_ptr, nabs_ptr, ncode_ptr,
+                           offset, NESTED)  # [BK, NB]
+            scale = tl.reshape(tl.broadcast_to(s_nb[:, :, None], (BLOCK_K, NB, BLOCKSIZE)), (BLOCK_K, BLOCK_N))
+        else:
+            scale = _absmax(flat // BLOCKSIZE, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED)
+        acc = _dot(dy, (vals * scale).to(dy_ptr.dtype.element_ty), acc, IEEE)
+    if HAS_LORA:
+        R_BLOCK: tl.constexpr = R_PAD if R_PAD < 64 else 64
+        for r0 in tl.static_range(0, R_PAD, R_BLOCK):
+            rr = r0 + tl.arange(0, R_BLOCK)
+            r_ok = rr < R
+            du = tl.load(du_ptr + rows[:, None] * stride_dum + rr[None, :] * stride_dur,
+                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + kcols[None, :] * stride_ak,
+                        mask=r_ok[:, None] & kc_ok[None, :], other=0.0)
+            acc = _dot(du, a, acc, IEEE)
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + kcols[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & kc_ok[None, :])
+
+
+_TENSOR_ARG = {"fwd": "x_ptr", "dgrad": "dy_ptr"}
+_KERNELS = {"fwd": _nf4_fwd_kernel, "dgrad": _nf4_dgrad_kernel}
+
+
+@functools.cache
+def _tuned(name: str):
+    return at.tuned(_KERNELS[name], "gemm", ["M_BUCKET", "N", "K", "R", "NESTED", "BLOCKSIZE", "K_ALIGNED"],
+                    _TENSOR_ARG[name])
+
+
+def _launch(name: str, grid, *args, **kwargs):
+    kernel = _KERNELS[name]
+    if at.interpreting():
+        kernel[grid](*args, **kwargs, **at.interp_meta("gemm"))
+    elif not at.autotune_enabled():
+        named = dict(zip(kernel.arg_names, args), **kwargs)
+        cfg = at.select_config("gemm", named[_TENSOR_ARG[name]].element_size(), named["R_PAD"], named["M_BUCKET"])
+        kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        _tuned(name)[grid](*args, **kwargs)
+
+
+def _check(t, name, weight):
+    if t.dim() != 2 or t.dtype not in _DTYPES:
+        raise ValueError(f"{name} must be 2-D in one of {_DTYPES}, got {t.dtype} {tuple(t.shape)}")
+    for part, v in (("packed", weight.packed), ("absmax", weight.absmax), ("code", weight.code),
+                    ("nested_absmax", weight.nested_absmax), ("nested_code", weight.nested_code)):
+        if v is not None and (v.device != t.device or not v.is_contiguous()):
+            raise ValueError(f"weight.{part} must be contiguous on {t.device}")
+    if weight.out_features * weight.in_features >= 2**62:
+        raise ValueError("weight too large for 64-bit flat indexing")
+
+
+def _r_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _quant_args(weight):
+    nested = weight.nested_absmax is not None
+    # Absent double-quant tensors: any valid pointer; NESTED=False never reads them.
+    nabs = weight.nested_absmax if nested else weight.code
+    ncode = weight.nested_code if nested else weight.code
+    return (weight.packed, weight.absmax, weight.code, nabs, ncode), nested
+
+
+def nf4_linear_fwd(x, weight, bias, u, lora_B, scaling: float):
+    """y = x deq(W)^T + bias + s u B^T [M, N] in x's dtype."""
+    _check(x, "x", weight)
+    m, k = x.shape
+    n = weight.out_features
+    if k != weight.in_features:
+        raise ValueError(f"x must be [M, {weight.in_features}], got {tuple(x.shape)}")
+    has_lora = u is not None
+    r = u.shape[1] if has_lora else 1
+    if has_lora and (lora_B.shape != (n, r) or not 1 <= r <= _MAX_R or u.dtype != x.dtype or lora_B.dtype != x.dtype):
+        raise ValueError(f"u [M, r] and lora_B [{n}, r] must be {x.dtype} with 1 <= r <= {_MAX_R}, got "
+                         f"{tuple(u.shape)} {u.dtype} and {tuple(lora_B.shape)} {lora_B.dtype}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{n}] in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    y = _empty((m, n), x.dtype, x.device)
+    if m == 0:
+        return y
+    quant, nested = _quant_args(weight)
+    u_ = u if has_lora else x
+    b_ = lora_B if has_lora else x
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _launch("fwd", grid, x, *quant, bias if bias is not None else x, u_, b_, y,
+            m, n, k, r, at.m_bucket(m),
+            x.stride(0), x.stride(1), u_.stride(0), u_.stride(1),
+            b_.stride(0) if has_lora else 0, b_.stride(1) if has_lora else 0, y.stride(0), y.stride(1),
+            float(weight.offset), float(scaling),
+            BLOCKSIZE=weight.blocksize, NESTED=nested, K_ALIGNED=k % weight.blocksize == 0,
+            HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+            R_PAD=_r_pad(r), IEEE=x.dtype == torch.float32)
+    return y
+
+
+def nf4_linear_dgrad(dy, weight, d_u, lora_A):
+    """dx = dy deq(W) + d_u A [M, K] in dy's dtype (the LoRA term skipped when d_u is None)."""
+    _check(dy, "dy", weight)
+    m, n = dy.shape
+    k = weight.in_features
+    if n != weight.out_features:
+        raise ValueError(f"dy must be [M, {weight.out_features}], got {tuple(dy.shape)}")
+    has_lora = d_u is not None
+    r = d_u.shape[1] if has_lora else 1
+    if has_lora and (lora_A.shape != (r, k) or not 1 <= r <= _MAX_R or d_u.dtype != dy.dtype
+                     or lora_A.dtype != dy.dtype):
+        raise ValueError(f"d_u [M, r] and lora_A [r, {k}] must be {dy.dtype} with 1 <= r <= {_MAX_R}, got "
+                         f"{tuple(d_u.shape)} {d_u.dtype} and {tuple(lora_A.shape)} {lora_A.dtype}")
+    dx = _empty((m, k), dy.dtype, dy.device)
+    if m == 0:
+        return dx
+    quant, nested = _quant_args(weight)
+    du_ = d_u if has_lora else dy
+    a_ = lora_A if has_lora else dy
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
+    _launch("dgrad", grid, dy, *quant, du_, a_, dx,
+            m, n, k, r, at.m_bucket(m),
+            dy.stride(0), dy.stride(1), du_.stride(0), du_.stride(1), a_.stride(0), a_.stride(1),
+            dx.stride(0), dx.stride(1), float(weight.offset),
+            BLOCKSIZE=weight.blocksize, NESTED=nested, K_ALIGNED=k % weight.blocksize == 0, HAS_LORA=has_lora,
+            R_PAD=_r_pad(r),
+            IEEE=dy.dtype == torch.float32)
+    return dx
