@@ -4,6 +4,7 @@ Importing the package touches no GPU and does not import triton; kernels load on
 """
 
 from .config import LoraConfig
+from .config_lycoris import LoHaConfig, LoKrConfig
 from .io.adalora_format import load_adalora, save_adalora
 from .io.peft_format import adapter_state_dict, load_adapter, read_peft_adapter, save_adapter
 from .io.xlora_format import load_xlora, save_xlora
@@ -43,6 +44,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterPool",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "LoraLinear",
     "NF4Linear",

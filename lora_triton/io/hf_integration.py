@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn.inject import adapter_configs, lora_layers
+from ..nn.adapter_layer import AdapterLayer
+from ..nn.inject import adapter_configs, adapter_layers, lora_layers
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from ..nn.summary import print_trainable_parameters
 from .peft_format import PREFIX, adapter_state_dict, save_adapter
@@ -48,6 +49,12 @@ def _internal_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
             for part in ("lora_A.weight", "lora_B.weight", "lora_B.bias"):
                 table, leaf = part.split(".")
                 out[f"{PREFIX}{path}.{part}"] = f"{path}.{table}.{adapter_name}.{leaf}"
+    own_names = {id(p): n for n, p in model.named_parameters()}
+    for path, layer in adapter_layers(model):  # other kinds / layer types (nn/kinds.py): their own keys
+        if isinstance(layer, AdapterLayer) and layer.has_adapter(adapter_name):
+            for suffix, tensor in layer.adapter_tensors(adapter_name).items():
+                if id(tensor) in own_names:
+                    out[f"{PREFIX}{path}.{suffix}"] = own_names[id(tensor)]
     for path, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for key in module.modules_to_save[adapter_name].state_dict():

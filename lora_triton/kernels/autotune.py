@@ -198,9 +198,10 @@ def _pruner(family: str, tensor_arg: str):
     return early_config_prune
 
 
-def tuned(kernel, family: str, key: list, tensor_arg: str, reset_to_zero=None, pre_hook=None):
+def tuned(kernel, family: str, key: list, tensor_arg: str, reset_to_zero=None, pre_hook=None, restore_value=None):
     """Wrap a plain jit kernel with triton.autotune (GPU only); ``pre_hook(nargs)`` runs before each
-    config's launch (the descriptor kernels set their block shapes there)."""
+    config's launch (the descriptor kernels set their block shapes there). ``reset_to_zero`` /
+    ``restore_value``: outputs a kernel accumulates into, zeroed / restored around each timed run."""
     configs = CONFIGS[family]()
     if pre_hook is not None:
         configs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=pre_hook)
@@ -208,5 +209,5 @@ def tuned(kernel, family: str, key: list, tensor_arg: str, reset_to_zero=None, p
     return triton.autotune(
         configs=configs, key=key,
         prune_configs_by={"early_config_prune": _pruner(family, tensor_arg)},
-        reset_to_zero=reset_to_zero,
+        reset_to_zero=reset_to_zero, restore_value=restore_value,
     )(kernel)

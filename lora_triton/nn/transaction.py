@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import threading
 
 import torch
@@ -26,8 +27,16 @@ from torch import nn
 
 class Transaction:
     def __init__(self, model: nn.Module):
-        self._modules = [(m, {k: _copy(v) for k, v in m.__dict__.items()}) for m in model.modules()]
-        self._grads = [(p, p.requires_grad) for p in model.parameters()]
+        # Tens of thousands of small copies would trigger full collections of a large heap (a 3001-module
+        # snapshot took ~6x longer with the collector on); none of them can form a cycle.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._modules = [(m, {k: _copy(v) for k, v in m.__dict__.items()}) for m in model.modules()]
+            self._grads = [(p, p.requires_grad) for p in model.parameters()]
+        finally:
+            if collecting:
+                gc.enable()
         self._values: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def write(self, target: torch.Tensor, value: torch.Tensor) -> None:
