@@ -6,7 +6,7 @@
 #
 #   bench/device_check.sh [--dry-run] [OUTDIR]     (DRY_RUN=1 works too; PYTHON=... picks python)
 #
-# Writes OUTDIR/{kernels.log,serving.log,bench.json,bench.png,bench.log,device_check.log} and prints a short
+# Writes OUTDIR/{kernels.log,serving.log,nf4.log,nf4.json,bench.json,bench.png,bench.log,device_check.log} and prints a short
 # table last. Exit status: 0 when every step passed, else the first failing step's status.
 set -uo pipefail
 
@@ -85,6 +85,10 @@ if [ -f "$repo/bench/device_check_serving.py" ]; then
   run "$serving_timeout" "${outdir}/serving.log" "$py" "$repo/bench/device_check_serving.py" "$outdir"
 else
   echo "skip: bench/device_check_serving.py not found (multi-adapter kernel check)" | tee -a "${log:-/dev/null}"
+fi
+
+if [ -f "$repo/bench/device_check_nf4.py" ]; then  # QLoRA: fused 4-bit GEMMs, bf16 check + timing (issue 11)
+  run "${NF4_TIMEOUT:-45}" "${outdir}/nf4.log" "$py" "$repo/bench/device_check_nf4.py" "$outdir"
 fi
 
 # 3. Benchmarks: all suites on CUDA, capped by a time budget.
