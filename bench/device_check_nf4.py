@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HBM_BYTES_PER_S = 4.3e12
 FULL = dict(k=4096, n=4096, ms=(1, 8, 16, 128, 1024, 8192), r=16, dtype="bfloat16")
-TINY = dict(k=128, n=96, ms=(33,), r=4, dtype="float16")
+TINY = dict(k=64, n=40, ms=(17,), r=4, dtype="float16")
 
 
 def _time(fn, cuda: bool, reps: int = 20) -> float:
