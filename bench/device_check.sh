@@ -6,8 +6,8 @@
 #
 #   bench/device_check.sh [--dry-run] [OUTDIR]     (DRY_RUN=1 works too; PYTHON=... picks python)
 #
-# Writes OUTDIR/{kernels.log,serving.log,nf4.log,nf4.json,bench.json,bench.png,bench.log,device_check.log} and prints a short
-# table last. Exit status: 0 when every step passed, else the first failing step's status.
+# Writes OUTDIR/{kernels.log,serving.log,paths.log,paths.json,nf4.log,nf4.json,bench.json,bench.png,bench.log,device_check.log}
+# and prints a short table last (the fused/composed table and the path auto chose are in paths.log). Exit status: 0 when every step passed, else the first failing step's status.
 set -uo pipefail
 
 usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -30,10 +30,11 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 outdir="${outdir:-$repo/bench/results/gpu-$(date -u +%Y-%m-%d)}"
 py="${PYTHON:-python}"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-# Budgets (seconds) keep the whole script under 8 minutes: 140 + 60 + 260 + ~20 for the rest.
+# Budgets (seconds) keep the whole script under 8 minutes: 140 + 60 + 100 + 160 + ~15 for the rest.
 kernels_timeout="${KERNELS_TIMEOUT:-140}"
 serving_timeout="${SERVING_TIMEOUT:-60}"
-bench_timeout="${BENCH_TIMEOUT:-260}"
+paths_timeout="${PATHS_TIMEOUT:-100}"
+bench_timeout="${BENCH_TIMEOUT:-160}"
 bench_budget=$((bench_timeout - 60))  # the harness stops starting cases after this; the rest is slack
 
 status=0
@@ -87,6 +88,12 @@ else
   echo "skip: bench/device_check_serving.py not found (multi-adapter kernel check)" | tee -a "${log:-/dev/null}"
 fi
 
+# Fused vs composed training path vs the frozen base and PEFT, and the path auto picks here.
+if [ -f "$repo/bench/device_check_paths.py" ]; then
+  run "$paths_timeout" "${outdir}/paths.log" "$py" "$repo/bench/device_check_paths.py" "$outdir"
+else
+  echo "skip: bench/device_check_paths.py not found (fused vs composed paths)" | tee -a "${log:-/dev/null}"
+fi
 if [ -f "$repo/bench/device_check_nf4.py" ]; then  # QLoRA: fused 4-bit GEMMs, bf16 check + timing (issue 11)
   run "${NF4_TIMEOUT:-45}" "${outdir}/nf4.log" "$py" "$repo/bench/device_check_nf4.py" "$outdir"
 fi

@@ -4,7 +4,9 @@ Importing the package touches no GPU and does not import triton; kernels load on
 """
 
 from .config import LoraConfig
+from .io.adalora_format import load_adalora, save_adalora
 from .io.peft_format import adapter_state_dict, load_adapter, read_peft_adapter, save_adapter
+from .io.xlora_format import load_xlora, save_xlora
 from .nn import (
     LoraLinear,
     NF4Linear,
@@ -18,8 +20,17 @@ from .nn import (
     set_adapter,
     unmerge_adapter,
 )
+from .nn.adalora import (
+    AdaLoraConfig,
+    adalora_callback,
+    inject_adalora,
+    orth_regularization,
+    update_and_allocate,
+)
 from .nn.loraplus import create_loraplus_optimizer
 from .nn.weighted_merge import add_weighted_adapter
+from .nn.xlora import XLoraModel
+from .nn.xlora_config import XLoraConfig
 from .ops.dora import dora_linear, dora_weight_norm
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora import multi_lora_linear
@@ -54,4 +65,15 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "unmerge_adapter",
+    "AdaLoraConfig",
+    "adalora_callback",
+    "inject_adalora",
+    "load_adalora",
+    "orth_regularization",
+    "save_adalora",
+    "update_and_allocate",
+    "XLoraConfig",
+    "XLoraModel",
+    "load_xlora",
+    "save_xlora",
 ]

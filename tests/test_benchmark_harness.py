@@ -226,11 +226,13 @@ def test_device_check_dry_run(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "--suite all --device cuda" in res.stdout and str(tmp_path / "out") + "/bench.json" in res.stdout
     assert "PYTHONPATH=" + str(REPO) in res.stdout
-    # Both bf16 kernel checks run before the benchmarks, each under its own time limit.
+    # Both bf16 kernel checks and the fused/composed path check run before the benchmarks, each
+    # under its own time limit.
     assert "device_check_kernels.py" in res.stdout and "device_check_serving.py" in res.stdout
+    assert "device_check_paths.py" in res.stdout
     limits = [int(w) for line in res.stdout.splitlines() if line.startswith("+ timeout ")
               for w in line.split()[2:3]]
-    assert len(limits) == 3 and sum(limits) <= 8 * 60 - 20, limits
+    assert len(limits) == 4 and sum(limits) <= 8 * 60 - 20, limits
     assert not (tmp_path / "out").exists()  # dry mode creates nothing
     res = _device_check(str(tmp_path / "o2"), env={"DRY_RUN": "1"})
     assert res.returncode == 0 and "dry run" in res.stdout and not (tmp_path / "o2").exists()

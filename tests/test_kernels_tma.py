@@ -3,7 +3,8 @@ tensor-descriptor (TMA) kernels of ``kernels/lora_tma.py`` and their pointer twi
 path), each vs the PyTorch reference and fp64 (max|kernel - fp64| <= 2 max|reference - fp64| + atol).
 
 Shapes keep rows 16-byte aligned (K, N multiples of 8) so the descriptor kernels can run, but
-off the interpreter's 32x32x16 block grid, with M = 1 and odd M, r from 1 to 256, a transposed
+off the interpreter's 32x32x16 block grid, with M = 1 and odd M, r from 1 to 64 (256: the
+pointer kernels run, as on a GPU), a transposed
 (GPT-2 Conv1D) weight read through its [K, N] storage, p = 0 and p > 0.
 """
 
@@ -26,7 +27,7 @@ grouped = pytest.importorskip("lora_triton.kernels.grouped")
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 # (M, K, N, r, transposed weight, bias)
 SHAPES = [(1, 48, 40, 1, False, True), (37, 80, 56, 16, True, False), (70, 40, 72, 3, False, True),
-          (5, 32, 24, 256, True, True)]
+          (9, 64, 40, 64, False, False), (5, 32, 24, 256, True, True)]
 
 
 @pytest.fixture
@@ -92,7 +93,8 @@ def test_main_gemms_match_reference(idx, p, dtype, family, kinds, monkeypatch):
                                             seed_t, True))
     for name, gv, rv, tv in zip(("y", "u", "dx", "dA", "dB"), got, refv, truth):
         _check(name, gv, rv, tv, dtype)
-    assert kinds == [("fwd_gemm", family), ("dgrad", family)]
+    ran = family if r <= 64 else "pointer"  # beyond r_pad 64 the persistent tiles do not fit (gemm_launch)
+    assert kinds == [("fwd_gemm", ran), ("dgrad", ran)]
 
 
 def test_unaligned_operands_fall_back_to_pointer_kernels(kinds):

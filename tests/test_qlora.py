@@ -101,7 +101,7 @@ def test_qlora_trains_saves_loads_and_merges(tmp_path):
     labels = inputs["input_ids"]
     model.train()
     losses = []
-    for _ in range(8):
+    for _ in range(4):
         loss = model(**inputs, labels=labels).loss
         opt.zero_grad()
         loss.backward()

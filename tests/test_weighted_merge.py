@@ -198,3 +198,58 @@ def test_combine_matches_peft_merge_utils_with_frequency_sign():
     got = combine("ties", tensors, w, 0.6, "frequency")
     want = merge_utils.ties(tensors, torch.tensor(w), 0.6, "frequency")
     assert torch.equal(got, want)
+
+
+def test_dora_sources_combine_exactly(tmp_path):
+    # A DoRA adapter's whole change (m / ||W + sBA||)(W + sBA) - W enters the combination (PEFT drops m).
+    model = tiny_mlp_double()
+    lora_triton.inject_lora(model, lora_triton.LoraConfig(target_modules=["up", "down"], r=2, use_dora=True), "a")
+    lora_triton.inject_lora(model, lora_triton.LoraConfig(target_modules=["up"], r=3), "b")
+    randomize_lora(model, scale=0.3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.add_(1.0)
+    model.eval()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    lora_triton.add_weighted_adapter(model, ["a"], [1.0], "same", combination_type="cat")
+    with torch.no_grad():
+        lora_triton.set_adapter(model, "a")
+        expected = model(x)
+        lora_triton.set_adapter(model, "same")
+        assert max_diff(model(x), expected) <= 1e-6  # DoRA's forward takes its row norm in fp32
+    lora_triton.add_weighted_adapter(model, ["a", "b"], [0.6, -0.4], "mix", combination_type="linear")
+    for _path, layer in lora_layers(model):
+        w = layer.base_weight().double()
+        d = _delta(layer, "a")
+        m = layer.lora_magnitude_vector["a"].weight.double().reshape(-1, 1)
+        want = 0.6 * ((m / (w + d).norm(dim=1, keepdim=True)) * (w + d) - w)
+        if "b" in layer.lora_A:
+            want = want - 0.4 * _delta(layer, "b")
+        assert (_delta(layer, "mix") - want).abs().max() <= 1e-10 * want.abs().max()
+    with pytest.raises(ValueError, match="DoRA"):
+        lora_triton.add_weighted_adapter(model, ["a"], [1.0], "fw", combination_type="linear_factorwise")
+
+
+def tiny_mlp_double():
+    return BUILDERS["mlp"](dtype=torch.float64)
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "svd"])
+def test_pool_merge_equals_the_model_merge(combination_type, tmp_path):
+    # The pool's CPU copies give the same new adapter as add_weighted_adapter on a model.
+    from lora_triton.serving.pool_merge import merge_pool_adapters
+
+    kw = dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4)
+    _, ours = _pair("llama", kw, {**kw, "r": 3}, tmp_path)
+    pool = lora_triton.AdapterPool(BUILDERS["llama"](), num_slots=3, max_rank=8, target_modules=["q_proj", "v_proj"])
+    for name in ("a", "b"):
+        pool.load(name, str(tmp_path / name))
+    merge_pool_adapters(pool, ["a", "b"], [0.7, -0.3], "m", combination_type=combination_type)
+    lora_triton.add_weighted_adapter(ours, ["a", "b"], [0.7, -0.3], "m", combination_type=combination_type)
+    ids = model_input("llama")["input_ids"]
+    with torch.no_grad(), pool.batch(["m", "m"]):
+        got = pool.model(input_ids=ids).logits
+    assert max_diff(got, _logits(ours, "m", "llama")) <= TOL
+    with pytest.raises(ValueError, match="full rank"):
+        merge_pool_adapters(pool, ["a", "b"], [1.0, 1.0], "t", combination_type="ties", density=0.5)

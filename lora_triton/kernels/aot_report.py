@@ -27,10 +27,13 @@ from triton.backends.nvidia.compiler import get_ptxas
 
 from . import autotune as at
 from . import multi_lora as ml
+from . import sass_stats
 from .dora import AOT_KERNELS as DORA_AOT_KERNELS
+from .gemm_launch import _set_blocks, fuse_da_fits
 from .grouped_kernels import _grouped_shrink_kernel
 from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel, _shrink_kernel
+from .lora_tma import _dx_tma_kernel, _fwd_gemm_tma_kernel
 from .nf4 import _nf4_dgrad_kernel, _nf4_fwd_kernel
 
 _TL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -72,10 +75,17 @@ KERNELS = {
     "fwd_gemm": (_fwd_gemm_kernel, "gemm", dict(HAS_W=True, HAS_BIAS=True)),
     "dudb": (_dudb_kernel, "dudb", dict(ATOMIC=True)),
     "da": (_da_kernel, "da", dict(HAS_DROPOUT=True)),
-    "dx": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=False)),
+    "dx": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=False, FUSE_DA=True)),
+    "dx_p0": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=False, ACCUMULATE=False, FUSE_DA=False)),
+    # persistent tensor-descriptor (TMA) twins of the main GEMMs: sm_90+ only (kernels/lora_tma.py)
+    "fwd_gemm_tma": (_fwd_gemm_tma_kernel, "gemm_tma", dict(HAS_BIAS=True, W_KN=False, EPI_SPLIT=2)),
+    "dx_tma": (_dx_tma_kernel, "gemm_tma", dict(HAS_DROPOUT=True, W_KN=False, EPI_SPLIT=2, ACCUMULATE=False,
+                                                 FUSE_DA=True)),
+    "dx_tma_p0": (_dx_tma_kernel, "gemm_tma", dict(HAS_DROPOUT=False, W_KN=False, EPI_SPLIT=2, ACCUMULATE=False,
+                                                    FUSE_DA=False)),
     # grouped projections (q/k/v, gate/up): shrink once over x, dgrad accumulating into dx
     "grouped_shrink": (_grouped_shrink_kernel, "shrink", dict(HAS_DROPOUT=True)),
-    "dx_acc": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=True)),
+    "dx_acc": (_dx_kernel, "gemm", dict(HAS_W=True, HAS_DROPOUT=True, ACCUMULATE=True, FUSE_DA=True)),
     # multi-adapter serving (kernels/multi_lora.py)
     "ml_shrink": (ml._shrink_kernel, _ml_config("ml_shrink"), {}),
     "ml_expand": (ml._expand_kernel, _ml_config("ml_expand"), dict(HAS_W=True)),
@@ -85,7 +95,8 @@ KERNELS = {
                                                         HAS_LORA=True)),
     "nf4_dgrad": (_nf4_dgrad_kernel, "gemm", dict(BLOCKSIZE=64, NESTED=True, K_ALIGNED=True, HAS_LORA=True)),
 }
-GEMM_KERNELS = ("fwd_gemm", "dx", "dx_acc", "nf4_fwd", "nf4_dgrad")
+GEMM_KERNELS = ("fwd_gemm", "dx", "dx_p0", "dx_acc", "fwd_gemm_tma", "dx_tma", "dx_tma_p0", "nf4_fwd", "nf4_dgrad")
+TMA_KERNELS = ("fwd_gemm_tma", "dx_tma", "dx_tma_p0")  # compiled for sm_90+ only (never launched on sm_80)
 # DoRA (kernels/dora.py): its own table of kernels, configs and fp32 pointers; tests/test_dora_aot.py.
 KERNELS.update({name: entry[:3] for name, entry in DORA_AOT_KERNELS.items()})
 _PTR_TYPES.update({name: entry[3] for name, entry in DORA_AOT_KERNELS.items()})
@@ -96,6 +107,20 @@ def _bin(name: str) -> str:
 
 
 _SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+# Shared memory per SM (the per-CTA limit above plus the 1 KB each resident CTA reserves).
+_SMEM_PER_SM = {"sm_80": 167936, "sm_90": 233472}
+
+
+class _Block:
+    block_shape = None
+
+
+def _desc_blocks(kernel, constexprs: dict) -> dict:
+    """Block shape of each tensor-descriptor argument under this config (as the launcher sets them)."""
+    descs = {name: _Block() for name in kernel.arg_names if name.endswith("_desc")}
+    if descs:
+        _set_blocks(dict(constexprs, **descs))
+    return {name: d.block_shape for name, d in descs.items()}
 
 
 def _spec(kernel, family, flags: dict, dtype: str, r_pad: int, arch: str = "sm_90", ptr_types=None):
@@ -106,6 +131,7 @@ def _spec(kernel, family, flags: dict, dtype: str, r_pad: int, arch: str = "sm_9
         cfg = at.select_config(family, esize, r_pad, 4096, flags.get("HAS_DROPOUT", False), _SMEM_LIMIT[arch])
     constexprs = dict(cfg.kwargs, **flags)
     constexprs.update({k: v for k, v in (("R_PAD", r_pad), ("IEEE", False)) if k in kernel.arg_names})
+    blocks = _desc_blocks(kernel, constexprs)
     ptr_types = ptr_types or {}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -114,6 +140,8 @@ def _spec(kernel, family, flags: dict, dtype: str, r_pad: int, arch: str = "sm_9
         elif name in _UNIT_STRIDES:
             signature[name] = "constexpr"
             constexprs[name] = 1
+        elif name.endswith("_desc"):
+            signature[name] = f"tensordesc<{_TL[dtype]}{list(blocks[name])}>".replace(" ", "")
         elif name in ptr_types:
             signature[name] = ptr_types[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -152,20 +180,34 @@ def _ptxas(ptx: str, arch: str) -> dict:
                 wgmma_serialized="wgmma.mma_async instructions are serialized" in log)
 
 
-def _sass_mma(cubin: bytes) -> str:
+def _sass(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+
+
+def _sass_mma(sass: str) -> str:
     for op in ("HGMMA", "HMMA"):
         if op in sass:
             return op
     return "-"
 
 
+def ctas_per_sm(regs: int, smem: int, num_warps: int, arch: str) -> int:
+    """Resident CTAs per SM allowed by registers (allocated per warp in units of 256), shared
+    memory (1 KB reserved per CTA) and threads (2048 per SM)."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = (65536 // per_warp) // num_warps
+    by_smem = _SMEM_PER_SM[arch] // (smem + 1024)
+    return max(0, min(by_regs, by_smem, 2048 // (32 * num_warps), 32))
+
+
 def compile_one(name: str, arch: str, dtype: str, r_pad: int = 16) -> dict:
     kernel, family, flags = KERNELS[name]
     cc = int(arch.removeprefix("sm_"))
+    if flags.get("FUSE_DA") and not fuse_da_fits(cc // 10, r_pad):
+        flags = dict(flags, FUSE_DA=False)  # what the launcher runs there (gemm_launch.fuse_da_fits)
     signature, constexprs, attrs, cfg = _spec(kernel, family, flags, dtype, r_pad, arch, _PTR_TYPES.get(name))
     t0 = time.perf_counter()
     compiled = triton.compile(
@@ -180,10 +222,14 @@ def compile_one(name: str, arch: str, dtype: str, r_pad: int = 16) -> dict:
         mma = "mma.sync"
     else:
         mma = "none"
+    sass = _sass(compiled.asm["cubin"])
     row = dict(kernel=name, arch=arch, dtype=dtype, r_pad=r_pad, config=dict(cfg.kwargs), num_warps=cfg.num_warps,
-               num_stages=cfg.num_stages, mma=mma, sass_mma=_sass_mma(compiled.asm["cubin"]),
+               num_stages=cfg.num_stages, mma=mma, sass_mma=_sass_mma(sass),
                smem=int(compiled.metadata.shared), compile_s=round(time.perf_counter() - t0, 2))
+    row["flags"] = dict(flags)
     row.update(_ptxas(ptx, arch))
+    row.update(sass_stats.summary(sass))
+    row["ctas_per_sm"] = ctas_per_sm(row["regs"], row["smem"], cfg.num_warps, arch)
     return row
 
 
@@ -191,7 +237,7 @@ def compile_report(arch: str, dtypes=("bfloat16", "float16"), ranks=(16,), kerne
     """One row per (rank, dtype, kernel): regs, spills, shared memory, MMA family. Needs no GPU.
     ``ranks`` are LoRA ranks; each compiles with its padded R_PAD (power of two >= 16);
     ``kernels``: names from KERNELS (default: all)."""
-    kernels = list(KERNELS) if kernels is None else list(kernels)
+    kernels = [k for k in KERNELS if arch != "sm_80" or k not in TMA_KERNELS] if kernels is None else list(kernels)
     if arch not in ("sm_80", "sm_90"):
         raise ValueError(f"arch must be sm_80 or sm_90, got {arch!r}")
     if at.interpreting():
@@ -214,14 +260,18 @@ def compile_report(arch: str, dtypes=("bfloat16", "float16"), ranks=(16,), kerne
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'kernel':<14} {'r_pad':>5} {'dtype':<9} {'tile (BMxBNxBK)':<16} {'w/s':<5} {'regs':>4} {'spills':>6} {'smem':>7} {'mma':<9} sass"
+    head = (f"{'kernel':<14} {'r_pad':>5} {'dtype':<9} {'tile (BMxBNxBK)':<16} {'w/s':<5} {'regs':>4} {'spills':>6} "
+            f"{'smem':>7} {'cta/sm':>6} {'mma':<9} {'sass':<6} {'tma':<4} {'serial':<6} {'loop':>5} {'int%':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         c = r["config"]
         tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)
         spills = r["spill_stores"] + r["spill_loads"]
+        yes = lambda flag: "yes" if flag else "no"
         lines.append(f"{r['kernel']:<14} {r['r_pad']:>5} {r['dtype']:<9} {tile:<16} {r['num_warps']}/{r['num_stages']:<3} "
-                     f"{r['regs']:>4} {spills:>6} {r['smem']:>7} {r['mma']:<9} {r['sass_mma']}")
+                     f"{r['regs']:>4} {spills:>6} {r['smem']:>7} {r['ctas_per_sm']:>6} {r['mma']:<9} "
+                     f"{r['sass_mma']:<6} {yes(r['tma']):<4} {yes(r['wgmma_serialized']):<6} "
+                     f"{r['main_loop_instrs']:>5} {100 * r['main_loop_int_share']:>5.1f}")
     return "\n".join(lines)
 
 

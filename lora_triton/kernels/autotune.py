@@ -19,7 +19,7 @@ import triton
 # "dudb" (dU and dB from one pass over dy), "da" (dA = dU^T D(x)).
 _INTERP_META = {
     "gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
-    "gemm_tma": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2),
+    "gemm_tma": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, FLATTEN=True),
     "shrink": dict(BLOCK_M=32, BLOCK_K=32),
     "dudb": dict(BLOCK_M=32, BLOCK_N=32),
     "da": dict(BLOCK_M=32, BLOCK_K=32),
@@ -60,10 +60,14 @@ def _gemm_configs():
 def _gemm_tma_configs():
     # First = default: 128x256x64 in 3 stages, one persistent program per SM; fits without spills
     # because the low-rank term shares the main accumulator (172 registers, sm_90 bf16 r=16).
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
-                                     (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                     (64, 64, 64, 4, 5), (16, 128, 128, 4, 4)]]
+    # FLATTEN=False (tile loop around the K loop: no epilogue overlap, a tighter K loop) is tuned
+    # against it on the two large tiles.
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FLATTEN=fl), num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s, fl in [(128, 256, 64, 8, 3, True), (128, 128, 64, 8, 4, True),
+                                         (128, 256, 64, 8, 3, False), (128, 128, 64, 8, 4, False),
+                                         (256, 128, 64, 8, 3, True), (128, 128, 64, 4, 4, True),
+                                         (128, 64, 64, 4, 4, True), (64, 128, 64, 4, 4, True),
+                                         (64, 64, 64, 4, 5, True), (16, 128, 128, 4, 4, True)]]
 
 
 def _shrink_configs():
@@ -124,23 +128,42 @@ def smem_bytes(family: str, meta: dict, stages: int, esize: int, r_pad: int) -> 
     return (main + lora) * esize
 
 
-def _tile_elems(family: str, meta: dict) -> int:
-    """Elements of the tile the dropout mask is generated on at once."""
+def _live_fp32(family: str, meta: dict, num_warps: int, has_dropout: bool, r_pad: int = 0) -> int:
+    """fp32 values a thread keeps live at the peak, from the tiles the kernel really holds.
+
+    GEMMs: the [BM, BN] accumulator (the low-rank term shares it); with dropout the masked dgrad
+    epilogue works on column quarters next to it, and Philox keeps about four words per masked
+    element, so the quarter costs about as much again as the accumulator. The others: only the
+    masked [BM, BK] (or [BM, BN]) operand tile counts, Philox's words on it dominate."""
+    threads = 32 * num_warps
     if family in ("gemm", "gemm_tma"):
-        return meta["BLOCK_M"] * meta["BLOCK_N"] // 4  # the masked dgrad epilogue runs on column quarters
-    return meta["BLOCK_M"] * meta.get("BLOCK_K", meta.get("BLOCK_N", 0))
+        acc = meta["BLOCK_M"] * meta["BLOCK_N"] // threads
+        live = 2 * acc if has_dropout else acc
+        if family == "gemm_tma" and r_pad:
+            # The persistent kernels also carry one r chunk of U and B ([BM + BN, <= 64], 16-bit)
+            # through registers on their way to shared memory.
+            live += (meta["BLOCK_M"] + meta["BLOCK_N"]) * min(r_pad, 64) // (2 * threads)
+        return live
+    return meta["BLOCK_M"] * meta.get("BLOCK_K", meta.get("BLOCK_N", 0)) // threads if has_dropout else 0
 
 
 def prune(family: str, configs, esize: int, r_pad: int, m: int = 4096, has_dropout: bool = False,
           smem_limit: int | None = None):
-    """Drop configs over the shared-memory limit, configs whose dropout tile would spill, and
-    tiles much taller than the (bucketed) M; always keeps at least one config."""
+    """Drop configs over the shared-memory limit, configs whose live registers would spill (or
+    serialize wgmma), and tiles much taller than the (bucketed) M; always keeps at least one config."""
     limit = smem_limit or _smem_limit()
     fits = [c for c in configs if smem_bytes(family, c.kwargs, c.num_stages, esize, r_pad) <= limit]
     fits = fits or configs[-1:]
-    if has_dropout:
-        # Philox keeps several words live per element: > 64 masked elements per thread spill.
-        fits = [c for c in fits if _tile_elems(family, c.kwargs) // (32 * c.num_warps) <= 64] or fits[-1:]
+    # Caps calibrated on `lora-triton kernels --arch sm_90` (bf16/fp16): pointer GEMMs at 128 live
+    # fp32 compile at 109-185 registers (r 16-256); persistent GEMMs at <= 160 at 183-239 without
+    # spills (128x256 up to r = 32, 128x128 with dropout up to r = 64), 176 (128x256, r = 64) at 255;
+    # other kernels spill beyond 64 masked elements per thread.
+    cap = {"gemm": 128, "gemm_tma": 160}.get(family, 64)
+    fits = [c for c in fits if _live_fp32(family, c.kwargs, c.num_warps, has_dropout, r_pad) <= cap] or fits[-1:]
+    if family == "gemm_tma" and has_dropout:
+        # The masked dgrad epilogue inside a flattened tile loop makes ptxas serialize the wgmma
+        # pipeline (C7515; 128x128x64: serialized flattened, clean nested): nested loops only.
+        fits = [c for c in fits if not c.kwargs.get("FLATTEN", True)] or fits[-1:]
     # Tall tiles on a handful of tokens waste the tensor cores; keep the short ones.
     return [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m)] or fits[-1:]
 

@@ -3,8 +3,8 @@ grouped ops: ``fwd_gemm`` (y = x W^T + b + s U B^T) and ``dgrad`` (dx (+)= dy W 
 
 Each picks between the persistent tensor-descriptor kernels (``lora_tma.py``; sm_90+, and the
 interpreter, which runs descriptors on CPU tensors) and the pointer kernels (``lora_fwd.py`` /
-``lora_bwd.py``; sm_80, and operands a descriptor cannot address: inner stride != 1, rows or
-bases not 16-byte aligned, no weight). Both compute the same thing; the choice is per call.
+``lora_bwd.py``; sm_80, ranks above 64, and operands a descriptor cannot address: inner
+stride != 1, rows or bases not 16-byte aligned, no weight). Both compute the same thing; the choice is per call.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from .lora_bwd import _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel
 from .lora_tma import _dx_tma_kernel, _fwd_gemm_tma_kernel
 
+# Above this padded rank the persistent kernels' U/B chunks no longer fit beside a 128-wide tile
+# (r_pad 256: spills and serialized wgmma in the AOT report); the pointer kernels stay clean there.
+MAX_TMA_R_PAD = 64
 # Programs of a persistent launch under the interpreter: fewer than the tiles of most test
 # shapes, so each program walks several tiles as on a GPU.
 _INTERP_PROGRAMS = 3
@@ -29,6 +32,19 @@ def tma_device(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 9
     return at.interpreting()
+
+
+def fuse_da_fits(cc_major: int, r_pad: int) -> bool:
+    """Whether the masked dgrad epilogue may also compute dA (FUSE_DA) without spilling: sm_90 AOT
+    at r_pad 16-256 shows none (200-255 registers); sm_80 spills 512 bytes from r_pad 64 on."""
+    return cc_major >= 9 or r_pad <= 32
+
+
+def fuse_da_ok(device: torch.device, r_pad: int) -> bool:
+    """FUSE_DA for a dgrad launch on ``device`` (the interpreter checks it on every shape)."""
+    if device.type != "cuda":
+        return True
+    return fuse_da_fits(torch.cuda.get_device_capability(device)[0], r_pad)
 
 
 def _desc_ok(t) -> bool:
@@ -58,7 +74,7 @@ def _set_blocks(nargs):
     else:
         nargs["dy_desc"].block_shape = [bm, bk]
         nargs["w_desc"].block_shape = [bn, bk] if nargs["W_KN"] else [bk, bn]
-        nargs["dx_desc"].block_shape = [bm, bn // (4 if nargs["HAS_DROPOUT"] else nargs["EPI_SPLIT"])]
+        nargs["dx_desc"].block_shape = [bm, bn // nargs["EPI_SPLIT"]]
 
 
 @functools.cache
@@ -117,7 +133,7 @@ def fwd_gemm(x, weight, bias, u, lora_B, y, scaling: float, r_pad: int, m_bucket
     ieee = x.dtype == torch.float32
     wd = _weight_desc(weight) if weight is not None else None
     b = bias if bias is not None else x
-    if wd is not None and tma_device(x.device) and _desc_ok(x) and _desc_ok(y):
+    if wd is not None and r_pad <= MAX_TMA_R_PAD and tma_device(x.device) and _desc_ok(x) and _desc_ok(y):
         w_t, w_kn = wd
         _launch("fwd_tma", _fwd_gemm_tma_kernel, "gemm_tma", _persistent_grid(m, n, x.device), x.element_size(),
                 _desc(x), _desc(w_t), _desc(y), b, u, lora_B, m, n, k, r, m_bucket,
@@ -135,32 +151,38 @@ def fwd_gemm(x, weight, bias, u, lora_B, y, scaling: float, r_pad: int, m_bucket
     return "pointer"
 
 
-def dgrad(dy, weight, d_u, lora_A, seed, dx, p: float, r_pad: int, m_bucket: int, accumulate: bool = False) -> str:
-    """dx (+)= dy W + D'(dU A) (dU already scaled); ``seed`` is used only when p > 0.
-    Returns the kernel kind that ran."""
+def dgrad(dy, weight, d_u, lora_A, seed, dx, p: float, r_pad: int, m_bucket: int, accumulate: bool = False,
+          x=None, d_a=None) -> str:
+    """dx (+)= dy W + D'(dU A) (dU already scaled); ``seed`` is used only when p > 0. With p > 0,
+    ``x`` and a zeroed fp32 ``d_a`` [r, K], the epilogue also adds dU^T D(x) into d_a from the mask
+    tiles it generates anyway (FUSE_DA). Returns the kernel kind that ran."""
     m, k = dx.shape
     n = dy.shape[1]
     r = lora_A.shape[0]
     drop = p > 0.0
+    fuse_da = drop and d_a is not None
+    xs = (x.stride(0), x.stride(1)) if fuse_da else (0, 0)
+    das = (d_a.stride(0), d_a.stride(1)) if fuse_da else (0, 0)
+    x_arg, da_arg = (x, d_a) if fuse_da else (dy, dy)
     seed_arg = seed if drop else dy
     inv_keep = 1.0 / (1.0 - p)
     ieee = dx.dtype == torch.float32
     wd = _weight_desc(weight) if weight is not None else None
-    if wd is not None and tma_device(dy.device) and _desc_ok(dy) and _desc_ok(dx):
+    if wd is not None and r_pad <= MAX_TMA_R_PAD and tma_device(dy.device) and _desc_ok(dy) and _desc_ok(dx):
         w_t, w_kn = wd
         _launch("dx_tma", _dx_tma_kernel, "gemm_tma", _persistent_grid(m, k, dy.device), dy.element_size(),
-                _desc(dy), _desc(w_t), _desc(dx), d_u, lora_A, seed_arg, dx, m, n, k, r, m_bucket,
+                _desc(dy), _desc(w_t), _desc(dx), d_u, lora_A, seed_arg, dx, x_arg, da_arg, m, n, k, r, m_bucket,
                 d_u.stride(0), d_u.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-                float(p), inv_keep, R_PAD=r_pad, W_KN=w_kn, HAS_DROPOUT=drop, IEEE=ieee, EPI_SPLIT=2,
-                ACCUMULATE=accumulate)
+                *xs, *das, float(p), inv_keep, R_PAD=r_pad, W_KN=w_kn, HAS_DROPOUT=drop, IEEE=ieee, EPI_SPLIT=2,
+                ACCUMULATE=accumulate, FUSE_DA=fuse_da)
         return "tma"
     w = weight if weight is not None else dy
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(k, META["BLOCK_N"]),)
     _launch("dx", _dx_kernel, "gemm", grid, dy.element_size(),
-            dy, w, d_u, lora_A, seed_arg, dx, m, n, k, r, m_bucket,
+            dy, w, d_u, lora_A, seed_arg, dx, x_arg, da_arg, m, n, k, r, m_bucket,
             dy.stride(0), dy.stride(1),
             weight.stride(0) if weight is not None else 0, weight.stride(1) if weight is not None else 0,
             d_u.stride(0), d_u.stride(1), lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
-            float(p), inv_keep, R_PAD=r_pad, HAS_W=weight is not None, HAS_DROPOUT=drop, IEEE=ieee,
-            ACCUMULATE=accumulate)
+            *xs, *das, float(p), inv_keep, R_PAD=r_pad, HAS_W=weight is not None, HAS_DROPOUT=drop, IEEE=ieee,
+            ACCUMULATE=accumulate, FUSE_DA=fuse_da)
     return "pointer"

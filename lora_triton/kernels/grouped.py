@@ -130,9 +130,14 @@ def lora_linear_grouped_bwd(dys, x, weights, lora_As, lora_Bs, u_cat, scalings, 
     d_as, d_bs = [], []
     for g, (dy, w, a, lb, s, p) in enumerate(zip(dys, weights, lora_As, lora_Bs, scalings, dropout_ps)):
         seed = _seed_g(seeds, g, p)
-        d_u, d_a, d_b = dudb_da(dy, x, lb, u_cat[:, offs[g]:offs[g + 1]], s, float(p), seed)
+        # dA from the dgrad epilogue's mask tiles (one mask per projection).
+        fuse = need_dx and p > 0.0 and gl.fuse_da_ok(dev, _r_pad(a.shape[0]))
+        d_u, d_a, d_b = dudb_da(dy, x, lb, u_cat[:, offs[g]:offs[g + 1]], s, float(p), seed, with_da=not fuse)
+        if fuse:
+            d_a = torch.zeros(a.shape, dtype=torch.float32, device=dev)
         d_as.append(d_a)
         d_bs.append(d_b)
         if need_dx:
-            gl.dgrad(dy, w, d_u, a, seed, dx, float(p), _r_pad(a.shape[0]), at.m_bucket(m), accumulate=g > 0)
+            gl.dgrad(dy, w, d_u, a, seed, dx, float(p), _r_pad(a.shape[0]), at.m_bucket(m), accumulate=g > 0,
+                     x=x if fuse else None, d_a=d_a if fuse else None)
     return dx, d_as, d_bs

@@ -119,20 +119,35 @@ def _shrink_kernel(
     r_ok = rr < R
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)  # on-device seed: no host sync
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     # Split s takes K blocks s, s + SPLIT_K, ...: no K_PER_SPLIT to keep aligned with BLOCK_K.
-    for kb in range(pid_s, tl.cdiv(K, BLOCK_K), SPLIT_K):
-        cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = (x.to(tl.float32) * _dropout_scale(seed, rows, cols, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
-        a_t = tl.load(a_ptr + rr[None, :] * stride_ar + cols[:, None] * stride_ak,
-                      mask=r_ok[None, :] & col_ok[:, None], other=0.0)
-        acc = _dot(x, a_t, acc, IEEE)
-    u_ptrs = u_ptr + pid_s * stride_us + rows[:, None] * stride_um + rr[None, :] * stride_ur
-    tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+    if HAS_DROPOUT:
+        # U^T = A D(x)^T: the masked tile, computed in registers, is the MMA's B operand, which
+        # goes through shared memory; as the A operand from registers it made ptxas serialize the
+        # wgmma pipeline (C7515). r is the MMA's M side here (wgmma from r_pad 64, mma.sync below).
+        acc_t = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
+        for kb in range(pid_s, tl.cdiv(K, BLOCK_K), SPLIT_K):
+            cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            xm = (x.to(tl.float32) * _dropout_scale(seed, rows, cols, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak,
+                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_t = _dot(a, tl.trans(xm), acc_t, IEEE)
+        u_ptrs = u_ptr + pid_s * stride_us + rr[:, None] * stride_ur + rows[None, :] * stride_um
+        tl.store(u_ptrs, acc_t.to(u_ptr.dtype.element_ty), mask=r_ok[:, None] & row_ok[None, :])
+    else:
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for kb in range(pid_s, tl.cdiv(K, BLOCK_K), SPLIT_K):
+            cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            a_t = tl.load(a_ptr + rr[None, :] * stride_ar + cols[:, None] * stride_ak,
+                          mask=r_ok[None, :] & col_ok[:, None], other=0.0)
+            acc = _dot(x, a_t, acc, IEEE)
+        u_ptrs = u_ptr + pid_s * stride_us + rows[:, None] * stride_um + rr[None, :] * stride_ur
+        tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit

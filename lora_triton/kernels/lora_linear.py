@@ -1,5 +1,8 @@
 """Launchers of the fused LoRA training kernels; same signatures as ``reference/lora_linear.py``.
 
+``lora_linear_fwd`` / ``lora_linear_bwd`` run the fused path (``fused_fwd`` / ``fused_bwd``) or
+the composed one (``composed.py``: base GEMMs on cuBLAS), as ``path_choice.pick`` says.
+
 Forward: shrink (U = D(x) A^T) then base GEMM with the expand folded in (2 launches; the two
 main GEMMs launch through ``gemm_launch``: persistent TMA kernels on sm_90+, pointer kernels else).
 Backward: dU/dB from one pass over dy, dA = dU^T D(x), dx = dy W + D'(dU A) (3 launches,
@@ -128,31 +131,47 @@ def _last_offset(t) -> int:
     return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
 
 
-def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
-    m, k, n, r = _check(x, weight, bias, lora_A, lora_B, dropout_p, seed)
-    dev, dt = x.device, x.dtype
-    y = _empty((m, n), dt, dev)
-    u = _empty((m, r), dt, dev)
-    if m == 0:
-        return y, u
-    r_pad, mb, ieee = _r_pad(r), at.m_bucket(m), dt == torch.float32
+def shrink(x, lora_A, u, dropout_p: float, seed) -> None:
+    """U = D(x) A^T into ``u`` [M, r] (x's dtype); split K over a strided set of blocks into an
+    fp32 workspace when M gives too few programs."""
+    m, k = x.shape
+    r = lora_A.shape[0]
+    dev = x.device
     drop = dropout_p > 0.0
-    p, inv_keep = float(dropout_p), 1.0 / (1.0 - float(dropout_p))
-    seed_arg = seed if drop else x
-
-    # Shrink: split K over a strided set of blocks when M gives too few programs.
     split = _split(triton.cdiv(m, _nominal("M")), triton.cdiv(k, _nominal("K")), dev)
     u_out = u if split == 1 else _empty((split, m, r), torch.float32, dev)
     us = (0, u.stride(0), u.stride(1)) if split == 1 else u_out.stride()
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]), split)
     _launch("shrink", _shrink_kernel, "shrink", grid,
-            x, lora_A, u_out, seed_arg, m, k, r, mb,
+            x, lora_A, u_out, seed if drop else x, m, k, r, at.m_bucket(m),
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), *us,
-            p, inv_keep, split, R_PAD=r_pad, HAS_DROPOUT=drop, IEEE=ieee)
+            float(dropout_p), 1.0 / (1.0 - float(dropout_p)), split,
+            R_PAD=_r_pad(r), HAS_DROPOUT=drop, IEEE=x.dtype == torch.float32)
     if split > 1:
         u.copy_(u_out.sum(0))
 
-    gl.fwd_gemm(x, weight, bias, u, lora_B, y, scaling, r_pad, mb)
+
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+    m, k, n, r = _check(x, weight, bias, lora_A, lora_B, dropout_p, seed)
+    if m == 0:
+        return _empty((m, n), x.dtype, x.device), _empty((m, r), x.dtype, x.device)
+    from . import path_choice
+
+    args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    if path_choice.pick("fwd", x, weight, lora_A, lora_B, dropout_p, args) == "composed":
+        from . import composed
+
+        return composed.lora_linear_fwd(*args)
+    return fused_fwd(*args)
+
+
+def fused_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+    """Shrink, then the base GEMM with the expand in its accumulator (2 launches)."""
+    m, n, r = x.shape[0], lora_B.shape[0], lora_A.shape[0]
+    y = _empty((m, n), x.dtype, x.device)
+    u = _empty((m, r), x.dtype, x.device)
+    shrink(x, lora_A, u, dropout_p, seed)
+    gl.fwd_gemm(x, weight, bias, u, lora_B, y, scaling, _r_pad(r), at.m_bucket(m))
     return y, u
 
 
@@ -163,22 +182,39 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     if dy.shape != (m, n) or u.shape != (m, r) or dy.dtype != x.dtype or u.dtype != x.dtype:
         raise ValueError(f"dy must be [{m}, {n}] and u [{m}, {r}] in {x.dtype}, "
                          f"got {tuple(dy.shape)} {dy.dtype}, {tuple(u.shape)} {u.dtype}")
-    dev, dt = x.device, x.dtype
-    dx = _empty((m, k), dt, dev) if need_dx else None
+    dev = x.device
     if m == 0:
-        return dx, torch.zeros((r, k), dtype=torch.float32, device=dev), torch.zeros(
-            (n, r), dtype=torch.float32, device=dev)
-    r_pad, mb = _r_pad(r), at.m_bucket(m)
-    d_u, d_a, d_b = dudb_da(dy, x, lora_B, u, scaling, dropout_p, seed)
+        return (_empty((m, k), x.dtype, dev) if need_dx else None), torch.zeros(
+            (r, k), dtype=torch.float32, device=dev), torch.zeros((n, r), dtype=torch.float32, device=dev)
+    from . import path_choice
 
+    # Without dx both paths launch the same two kernels (dU/dB, dA): nothing to choose.
+    args = (dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+    if need_dx and path_choice.pick("bwd", x, weight, lora_A, lora_B, dropout_p, args) == "composed":
+        from . import composed
+
+        return composed.lora_linear_bwd(*args)
+    return fused_bwd(*args)
+
+
+def fused_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p: float, seed, need_dx: bool = True):
+    """dU/dB, then the dgrad GEMM with D'(dU A) in its epilogue; dA in its own launch without
+    dropout (or without dx), else from the dgrad epilogue's mask tiles (2 launches, one mask)."""
+    m, k = x.shape
+    dx = _empty((m, k), x.dtype, x.device) if need_dx else None
+    fuse = need_dx and dropout_p > 0.0 and gl.fuse_da_ok(x.device, _r_pad(lora_A.shape[0]))
+    d_u, d_a, d_b = dudb_da(dy, x, lora_B, u, scaling, dropout_p, seed, with_da=not fuse)
+    if fuse:
+        d_a = torch.zeros((lora_A.shape[0], k), dtype=torch.float32, device=x.device)
     if need_dx:
-        gl.dgrad(dy, weight, d_u, lora_A, seed, dx, float(dropout_p), r_pad, mb)
+        gl.dgrad(dy, weight, d_u, lora_A, seed, dx, float(dropout_p), _r_pad(lora_A.shape[0]), at.m_bucket(m),
+                 x=x if fuse else None, d_a=d_a if fuse else None)
     return dx, d_a, d_b
 
 
-def dudb_da(dy, x, lora_B, u, scaling: float, p: float, seed):
-    """dU = s dy B [M, r] (x's dtype), dA fp32 [r, K], dB fp32 [N, r]: the two backward launches
-    before dgrad, shared by the single-adapter and the grouped op."""
+def dudb_da(dy, x, lora_B, u, scaling: float, p: float, seed, with_da: bool = True):
+    """dU = s dy B [M, r] (x's dtype), dA fp32 [r, K] (None unless ``with_da``), dB fp32 [N, r]:
+    the backward launches before dgrad, shared by the single-adapter and the grouped op."""
     m, k = x.shape
     n, r = lora_B.shape
     dev, dt = x.device, x.dtype
@@ -197,6 +233,8 @@ def dudb_da(dy, x, lora_B, u, scaling: float, p: float, seed):
             dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
             d_u.stride(0), d_u.stride(1), d_b.stride(0), d_b.stride(1),
             float(scaling), R_PAD=r_pad, ATOMIC=atomic, IEEE=ieee)
+    if not with_da:
+        return d_u, None, d_b
     # dA: split M into an fp32 workspace when K gives too few programs.
     split = _split(triton.cdiv(k, _nominal("K")), triton.cdiv(m, _nominal("M")), dev)
     d_a = _empty((r, k), torch.float32, dev)

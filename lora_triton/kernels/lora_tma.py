@@ -6,11 +6,13 @@ way Hopper GEMMs reach cuBLAS speed:
 
 * operands stream through host-built tensor descriptors (``TensorDescriptor``): on sm_90+ the
   loads become TMA bulk copies (UTMALDG in SASS) completing on mbarriers, no address arithmetic
-  in the main loop; the stores go out through TMA too (UTMASTG), in column halves/quarters
-  (epilogue subtiling: a 128x256 tile is never staged in shared memory whole);
+  in the main loop; the stores go out through TMA too (UTMASTG), in column halves (epilogue
+  subtiling: a 128x256 tile is never staged in shared memory whole), except the masked dgrad
+  epilogue, which stores its column quarters with pointers;
 * a persistent grid of one program per SM walks the output tiles in grouped order
-  (``_grouped_pid``: GROUP_M row tiles per column tile, so W tiles stay in L2), and
-  ``flatten=True`` lets the pipeliner prefetch the next tile's first K blocks during the epilogue;
+  (``_grouped_pid``: GROUP_M row tiles per column tile, so W tiles stay in L2); with
+  ``FLATTEN`` (default, autotuned against the nested loops) the tile loop and the K loop are one
+  software-pipelined loop, so the next tile's first K blocks load during this tile's epilogue;
 * the low-rank term goes into the main accumulator (``lora_fwd._lora_acc``): one fp32 tile, so
   128x256x64 with 3 stages compiles without spills (``lora-triton kernels --arch sm_90``).
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_bwd import _dx_masked
+from .lora_bwd import _dx_quarters
 from .lora_fwd import _dot, _grouped_pid, _lora_acc
 
 
@@ -58,11 +60,11 @@ def _fwd_gemm_tma_kernel(
     scaling,
     R_PAD: tl.constexpr, W_KN: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPI_SPLIT: tl.constexpr,
+    EPI_SPLIT: tl.constexpr, FLATTEN: tl.constexpr = True,
 ):
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_n = _grouped_pid(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -85,22 +87,25 @@ def _fwd_gemm_tma_kernel(
 
 @triton.jit
 def _dx_tma_kernel(
-    dy_desc, w_desc, dx_desc, du_ptr, a_ptr, seed_ptr, dx_ptr,
+    dy_desc, w_desc, dx_desc, du_ptr, a_ptr, seed_ptr, dx_ptr, x_ptr, da_ptr,
     M, N, K, R, M_BUCKET,
-    stride_dum, stride_dur, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    stride_dum, stride_dur, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_xm, stride_xk,
+    stride_dar, stride_dak,
     p, inv_keep,
     R_PAD: tl.constexpr, W_KN: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPI_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr = False,
+    EPI_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr = False, FLATTEN: tl.constexpr = True,
+    FUSE_DA: tl.constexpr = False,
 ):
     # As _dx_kernel: output tile [BLOCK_M, BLOCK_N] of dx [M, K], reduction over the layer's N in
-    # BLOCK_K steps. With dropout the masked epilogue runs on column quarters (EPI_SPLIT = 4), each
-    # stored by its own TMA store; ACCUMULATE reads the old dx tile with pointers (grouped op).
+    # BLOCK_K steps. With dropout the masked epilogue runs on column quarters and stores them with
+    # pointers: staging quarters for TMA stores next to the Philox words spilled at r = 64 (255
+    # registers + 8 bytes; pointer stores: 239, none). ACCUMULATE reads the old dx tile with pointers.
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_N)
     n_tiles = tl.cdiv(N, BLOCK_K)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_k = _grouped_pid(tile, M, K, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_k = pid_k * BLOCK_N
@@ -121,23 +126,9 @@ def _dx_tma_kernel(
                 w = w_desc.load([nt * BLOCK_K, off_k])
             acc = _dot(dy, w, acc, IEEE)
         if HAS_DROPOUT:
-            QN: tl.constexpr = BLOCK_N // 4
-            h0, h1 = _halves(acc)
-            q0, q1 = _halves(h0)
-            q2, q3 = _halves(h1)
-            c0 = off_k + tl.arange(0, QN)
-            q0 = _dx_masked(q0, du_ptr, a_ptr, seed, rows, c0, M, K, R, stride_dum, stride_dur,
-                            stride_ar, stride_ak, p, inv_keep, R_PAD, IEEE)
-            dx_desc.store([off_m, off_k], q0.to(dx_desc.dtype))
-            q1 = _dx_masked(q1, du_ptr, a_ptr, seed, rows, c0 + QN, M, K, R, stride_dum, stride_dur,
-                            stride_ar, stride_ak, p, inv_keep, R_PAD, IEEE)
-            dx_desc.store([off_m, off_k + QN], q1.to(dx_desc.dtype))
-            q2 = _dx_masked(q2, du_ptr, a_ptr, seed, rows, c0 + 2 * QN, M, K, R, stride_dum, stride_dur,
-                            stride_ar, stride_ak, p, inv_keep, R_PAD, IEEE)
-            dx_desc.store([off_m, off_k + 2 * QN], q2.to(dx_desc.dtype))
-            q3 = _dx_masked(q3, du_ptr, a_ptr, seed, rows, c0 + 3 * QN, M, K, R, stride_dum, stride_dur,
-                            stride_ar, stride_ak, p, inv_keep, R_PAD, IEEE)
-            dx_desc.store([off_m, off_k + 3 * QN], q3.to(dx_desc.dtype))
+            _dx_quarters(acc, du_ptr, a_ptr, dx_ptr, seed, rows, off_k, M, K, R, stride_dum, stride_dur,
+                         stride_ar, stride_ak, stride_dxm, stride_dxk, p, inv_keep, x_ptr, da_ptr,
+                         stride_xm, stride_xk, stride_dar, stride_dak, R_PAD, IEEE, FUSE_DA)
         else:
             acc = _lora_acc(acc, du_ptr, a_ptr, rows, cols, row_ok, col_ok, R, stride_dum, stride_dur,
                             stride_ar, stride_ak, 1.0, R_PAD, IEEE, False)

@@ -150,8 +150,11 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr,
     n_lo = pid_n * n_per_prog
     n_hi = tl.minimum(n_lo + n_per_prog, N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_hi
+        # n_per_prog is a multiple of BLOCK_N (launcher), so no block crosses n_hi except at N:
+        # masking with N alone, from a block start the compiler knows is aligned, lets y's loads and
+        # stores go 128 bits wide (st.global.v4 in PTX; with `< n_hi`, 16-bit scalar ones).
+        offs_n = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_N), BLOCK_N), BLOCK_N)
+        n_ok = offs_n < N
         bt = tl.load(b_base + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                      mask=n_ok[None, :] & r_ok[:, None], other=0.0)
         delta = tl.dot(u_c, bt.to(u_c.dtype), input_precision=DOT_PREC)
@@ -210,6 +213,27 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, n)))
 
 
+_BYTES_PER_PROGRAM = 32 * 1024  # bytes one shrink program streams before split-K cuts it
+
+
+def _shrink_split(t: int, kdim: int, nt: int, num_slots: int, block_r: int, esize: int) -> int:
+    """Split-K of the prefill/batch shrink, sized from the bytes each program streams.
+
+    A tile streams its rows of x and its adapter's [BLOCK_R, K] slice of A: with many adapters
+    and few tokens (decode-like batches, T=256 on 256 adapters: one row per tile) that is ~140 KB
+    through one program, latency-bound, while counting programs (nt * slots = 260 ~ two waves)
+    says the GPU is full. Splitting until a program streams ~32 KB (at most 8 ways, >= 256 K
+    columns per split) keeps several loads in flight per SM. Above 256 tokens the tiles are full
+    and the MMA work hides the latency: no split."""
+    if t > 256:
+        return 1
+    rows = max(1, -(-t // max(1, nt)))  # tokens per tile on average (nt: an upper bound on the tiles)
+    per_tile = kdim * esize * (min(rows, 64) + block_r)
+    by_bytes = -(-per_tile // _BYTES_PER_PROGRAM)
+    by_programs = max(1, _TARGET_PROGRAMS // max(1, num_slots * nt))
+    return max(1, min(8, kdim // 256, max(by_bytes, by_programs)))
+
+
 def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights=None, *,
                       mode: str | None = None, split_k: int | None = None, block_m: int | None = None):
     """Validated, normalized inputs (see ``ops/multi_lora.py``): x [T, K]; weight [N, K] or None; bias [N] or None;
@@ -248,8 +272,8 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     if mode != "split":
         raise ValueError(f"mode must be None, 'fused' or 'split', got {mode!r}")
     block_r = 16 if r_max <= 16 else 32
-    if split_k is None:  # few tokens: split K so the shrink fills the GPU
-        split_k = max(1, min(8, kdim // 512, _TARGET_PROGRAMS // max(1, num_slots * nt))) if t <= 256 else 1
+    if split_k is None:
+        split_k = _shrink_split(t, kdim, nt, num_slots, block_r, x.element_size())
     block_k = 64
     u = torch.empty((split_k, t * num_slots, r_max), dtype=torch.float32, device=x.device)
     _shrink_kernel[(num_slots * nt, triton.cdiv(r_max, block_r), split_k)](

@@ -17,8 +17,10 @@ lora_bias), never on A and B separately:
 
 The new adapter has lora_alpha = r per layer (scaling 1, also for rsLoRA sources, where PEFT's copy
 keeps use_rslora and scales by sqrt(r)), lora_bias if any source has it (PEFT drops the biases), and
-targets exactly the layers holding any source. It is not activated. Bad input raises before anything
-changes.
+targets exactly the layers holding any source. A DoRA source contributes the whole change it makes,
+(m / ||W + s B A||_row)(W + s B A) - W (dense), so on layers with a DoRA source ``cat`` / ``linear`` are
+stored exactly like the pruned types (PEFT drops the magnitudes); the new adapter is plain LoRA.
+It is not activated. Bad input raises before anything changes.
 """
 
 from __future__ import annotations
@@ -115,10 +117,11 @@ def _check(model, adapters, weights, adapter_name, combination_type, svd_rank, s
     if svd_clamp is not None and not (isinstance(svd_clamp, (int, float)) and 0 <= svd_clamp <= 1):
         raise ValueError(f"svd_clamp must be a quantile in [0, 1] or None, got {svd_clamp!r}")
     for _, layer in lora_layers(model):
-        dora = [a for a in adapters if a in getattr(layer, "lora_magnitude_vector", {})]
-        if dora:
-            raise NotImplementedError(f"weighted merging of DoRA adapters {dora} is not supported yet")
         held = [a for a in adapters if a in layer.lora_A]
+        dora = [a for a in held if _is_dora(layer, a)]
+        if dora and combination_type in FACTORWISE_TYPES:
+            raise ValueError(f"{combination_type} combines factors and cannot carry DoRA magnitudes ({dora}); "
+                             "use a type that works on the deltas")
         merged = [a for a in held if a in layer.merged_adapters]
         if merged:
             raise ValueError(f"adapters {merged} are merged into the base weights; unmerge them first")
@@ -138,10 +141,21 @@ def _compute_dtype(layer: LoraLinear, name: str) -> torch.dtype:
     return torch.promote_types(layer.lora_A[name].weight.dtype, torch.float32)
 
 
+def _is_dora(layer: LoraLinear, name: str) -> bool:
+    return name in getattr(layer, "lora_magnitude_vector", {})
+
+
 def _delta_stored(layer: LoraLinear, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """s B A in the layout of the stored base weight ([in, out] for GPT-2 Conv1D), as PEFT's get_delta_weight."""
+    """s B A in the layout of the stored base weight ([in, out] for GPT-2 Conv1D), as PEFT's get_delta_weight.
+
+    DoRA: the whole change it makes, (m / ||W + s B A||_row) (W + s B A) - W (dense; its eval forward)."""
     a, b = layer.lora_A[name].weight.detach().to(dtype), layer.lora_B[name].weight.detach().to(dtype)
     delta = (b @ a) * layer.scaling[name]
+    if _is_dora(layer, name):
+        w = layer.unmerged_weight_fp32().to(dtype) if layer.merged_adapters else layer.base_weight().detach().to(dtype)
+        m = layer.lora_magnitude_vector[name].weight.detach().to(dtype).reshape(-1)
+        directed = w + delta
+        delta = (m / directed.norm(dim=1))[:, None] * directed - w
     return delta.t() if layer.fan_in_fan_out else delta
 
 
@@ -167,7 +181,7 @@ def _layer_factors(layer: LoraLinear, held: list[str], weights: list[float], com
     """(A' [r, in], B' [out, r], bias' or None) of the new adapter on one layer, scaling 1."""
     method = _method_of(combination_type)
     dtype = _compute_dtype(layer, held[0])
-    if combination_type in ("cat", "linear"):
+    if combination_type in ("cat", "linear") and not any(_is_dora(layer, n) for n in held):
         a = torch.cat([layer.lora_A[n].weight.detach().to(dtype) * (w * layer.scaling[n])
                        for n, w in zip(held, weights)])
         b = torch.cat([layer.lora_B[n].weight.detach().to(dtype) for n in held], dim=1)
@@ -242,8 +256,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         if not held:
             continue
         names = [a for a, _ in held]
-        layer_rank = rank if rank is not None else (
-            layer.r[names[0]] if combination_type in FACTORWISE_TYPES else min(layer.in_features, layer.out_features))
+        dora = any(_is_dora(layer, a) for a in names)
+        exact_dense = rank is None or (combination_type in ("cat", "linear") and dora)
+        layer_rank = layer.r[names[0]] if combination_type in FACTORWISE_TYPES else (
+            min(layer.in_features, layer.out_features) if exact_dense else rank)
         has_bias = any(layer.lora_B[n].bias is not None for n in names)
         plan.append((path, layer, names, [w for _, w in held], layer_rank, has_bias))
     top = max(p[4] for p in plan)
@@ -254,6 +270,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     saved = [a for a in adapters if configs[a].modules_to_save]
     config = dataclasses.replace(
         first, r=top, lora_alpha=top, rank_pattern=dict(patterns), alpha_pattern=dict(patterns), use_rslora=False,
+        use_dora=False,
         target_modules=targets, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
         exclude_modules=exclude, lora_bias=any(p[5] for p in plan),
         modules_to_save=sorted({m for a in saved for m in configs[a].modules_to_save}) or None)

@@ -3,7 +3,8 @@
 CUDA tensors go to the Triton kernels when triton imports; everything else runs the
 pure-PyTorch reference. ``LORA_TRITON_BACKEND=triton|reference|auto`` overrides;
 with ``TRITON_INTERPRET=1`` and ``LORA_TRITON_BACKEND=triton`` the kernels run on CPU
-tensors through Triton's interpreter (how CI tests them).
+tensors through Triton's interpreter (how CI tests them). Within the Triton backend,
+``LORA_TRITON_PATH=fused|composed|auto`` picks how a training linear runs (``requested_path``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
+# How the Triton backend runs a training linear: "fused" (our GEMMs with the LoRA term inside),
+# "composed" (base GEMM on cuBLAS via torch.addmm, the LoRA term through our side kernels), or
+# "auto" (per shape bucket and dtype, whichever a short on-device measurement finds faster;
+# kernels/path_choice.py).
+PATHS = ("auto", "fused", "composed")
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,6 +38,14 @@ def requested_backend() -> str:
     value = os.environ.get("LORA_TRITON_BACKEND", "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"LORA_TRITON_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def requested_path() -> str:
+    """``LORA_TRITON_PATH`` (default auto); an unknown value is an error naming the valid ones."""
+    value = os.environ.get("LORA_TRITON_PATH", "auto").strip().lower() or "auto"
+    if value not in PATHS:
+        raise ValueError(f"LORA_TRITON_PATH must be one of {PATHS}, got {value!r}")
     return value
 
 

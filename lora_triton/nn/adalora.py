@@ -1,0 +1,335 @@
+"""AdaLoRA (Zhang et al., 2023): SVD-form adapters whose rank budget is reallocated during training.
+
+A layer holds ``lora_A`` [r, in], ``lora_E`` [r, 1] (the singular values) and ``lora_B`` [out, r] (PEFT's
+names, ParameterDicts: no ``.weight``) and adds s D(x) (A * E)^T B^T with s = lora_alpha / (ranknum + 1e-5),
+ranknum = init_r. The forward is our fused ``lora_linear`` op on A * E (an [r, in] product, tiny), so
+autograd carries exact gradients to A, E and B through it.
+
+The rank allocator follows PEFT 0.21.2 step for step (``RankAllocator``): importance |p * grad| smoothed
+by beta1, its uncertainty by beta2, per-triplet score = E score + mean A-row score + mean B-column score,
+a cubic budget schedule between tinit and total_step - tfinal, singular values at or below the global
+k-th score zeroed (nothing is resized during training), the final mask at total_step - tfinal and kept
+afterwards. ``update_and_allocate(model, global_step)`` is the call for a training loop (after
+``backward`` and ``optimizer.step``, before ``zero_grad``); ``adalora_callback(model)`` does the same
+from the HF Trainer. The orthogonal regulariser is ``orth_regularization(model)``; as in PEFT it is also
+added to ``outputs.loss`` whenever the model returns a loss (a forward hook, while trainable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..ops.lora_linear import lora_linear
+from .lora_linear import is_conv1d, is_supported_base
+from .targets import candidate_modules, find_targets, resolve_targets
+from .transaction import transactional
+
+STATE_ATTR = "_lora_triton_adalora"
+
+
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: Optional[int] = None
+    rank_pattern: Optional[dict] = None  # "<path>.lora_E" -> [bool] * init_r (the kept singular values)
+    peft_type: str = "ADALORA"
+
+    def validate(self) -> None:
+        peft_type = getattr(self.peft_type, "value", self.peft_type)
+        if peft_type != "ADALORA":
+            raise ValueError(f"peft_type must be 'ADALORA' for an AdaLoraConfig, got {peft_type!r}")
+        pattern = self.rank_pattern
+        # LoRA's checks apply to the shared fields; LoRA's rank_pattern holds ints, AdaLoRA's holds masks.
+        self.peft_type, self.rank_pattern = "LORA", {}
+        try:
+            super().validate()
+        finally:
+            self.peft_type, self.rank_pattern = "ADALORA", pattern
+        for name in ("init_r", "target_r", "deltaT"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.total_step, bool) or not isinstance(self.total_step, int) or self.total_step <= 0:
+            raise ValueError(f"AdaLoRA needs total_step (the number of training steps, > 0), got {self.total_step!r}")
+        if self.tinit < 0 or self.tfinal < 0 or self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(f"tinit={self.tinit}, tfinal={self.tfinal}, total_step={self.total_step} leave no "
+                             "budgeting phase (need 0 <= tinit < total_step - tfinal)")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
+        if self.orth_reg_weight < 0:
+            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+        for key, mask in (self.rank_pattern or {}).items():
+            if not isinstance(mask, list) or len(mask) != self.init_r or not all(isinstance(m, bool) for m in mask):
+                raise ValueError(f"rank_pattern[{key!r}] must be a list of init_r={self.init_r} bools, got {mask!r}")
+
+
+class SVDLinear(nn.Module):
+    """A frozen Linear / GPT-2 Conv1D plus AdaLoRA adapters (lora_A, lora_E, lora_B by adapter name)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not is_supported_base(base_layer):
+            raise TypeError(f"SVDLinear wraps nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1],
+                                                                                                   w.shape[0])
+        self.lora_A, self.lora_E, self.lora_B = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.ranknum: dict[str, float] = {}
+        self.lora_dropout_p: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    init_weights: bool = True) -> None:
+        w = self.base_layer.weight
+        dtype = w.dtype if w.dtype == torch.float64 else torch.float32
+        kw = dict(dtype=dtype, device=w.device)
+        self.lora_A[name] = nn.Parameter(torch.zeros(r, self.in_features, **kw))
+        self.lora_E[name] = nn.Parameter(torch.zeros(r, 1, **kw))
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, **kw))
+        if init_weights:  # PEFT: A, B ~ N(0, 0.02), E = 0 (the adapter starts as the identity map)
+            with torch.no_grad():
+                self.lora_A[name].normal_(0.0, 0.02)
+                self.lora_B[name].normal_(0.0, 0.02)
+        self.r[name], self.lora_alpha[name], self.ranknum[name] = r, lora_alpha, float(r)
+        self.lora_dropout_p[name] = float(lora_dropout)
+
+    def resize(self, name: str, keep: list[bool]) -> None:
+        """Keep the ranks where ``keep`` is True (rank 0 allowed); the scaling keeps ranknum = init_r."""
+        idx = torch.tensor(keep, dtype=torch.bool, device=self.lora_A[name].device)
+        with torch.no_grad():
+            a, e, b = self.lora_A[name][idx], self.lora_E[name][idx], self.lora_B[name][:, idx]
+        for table, value in ((self.lora_A, a), (self.lora_E, e), (self.lora_B, b)):
+            table[name] = nn.Parameter(value.clone(), requires_grad=table[name].requires_grad)
+        self.r[name] = int(idx.sum())
+
+    def scaling(self, name: str) -> float:
+        alpha = self.lora_alpha[name]
+        return (alpha if alpha > 0 else self.r[name]) / (self.ranknum[name] + 1e-5)
+
+    def base_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.lora_A and self.r[a]]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        weight, bias = self.base_weight(), self.base_layer.bias
+        y = None
+        for name in active:
+            a_e = self.lora_A[name] * self.lora_E[name]  # [r, in]: E folded into A, exact gradients via autograd
+            p = self.lora_dropout_p[name] if self.training else 0.0
+            out = lora_linear(x, weight if y is None else None, bias if y is None else None, a_e,
+                              self.lora_B[name], self.scaling(name), p)
+            y = out if y is None else y + out
+        return y
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.lora_A)
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{ranks}]"
+
+
+class RankAllocator:
+    """PEFT's rank allocator, on parameter names ``<path>.lora_{A,E,B}.<adapter>``."""
+
+    def __init__(self, model: nn.Module, config: AdaLoraConfig, adapter_name: str):
+        self.config, self.adapter_name = config, adapter_name
+        self.reset_ipt()
+        self.triplets = sorted(n.replace("lora_A", "%s") for n, _ in model.named_parameters()
+                               if f"lora_A.{adapter_name}" in n)
+        self.init_bgt = sum(p.shape[0] for n, p in model.named_parameters() if f"lora_A.{adapter_name}" in n)
+        self.target_bgt = config.target_r * len(self.triplets)
+
+    def reset_ipt(self) -> None:
+        self.exp_avg_ipt: dict[str, torch.Tensor] = {}
+        self.exp_avg_unc: dict[str, torch.Tensor] = {}
+
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
+        c = self.config
+        if step <= c.tinit:
+            return self.init_bgt, False
+        if step > c.total_step - c.tfinal:
+            return self.target_bgt, True
+        frac = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
+        return int((self.init_bgt - self.target_bgt) * frac ** 3 + self.target_bgt), step % c.deltaT == 0
+
+    def update_ipt(self, model: nn.Module) -> None:
+        b1, b2 = self.config.beta1, self.config.beta2
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" not in n or self.adapter_name not in n:
+                    continue
+                if p.grad is None:
+                    raise RuntimeError(f"{n} has no gradient: call update_and_allocate after backward(), "
+                                       "before zero_grad()")
+                ipt = (p * p.grad).abs()
+                avg = self.exp_avg_ipt.get(n, torch.zeros_like(p))
+                unc = self.exp_avg_unc.get(n, torch.zeros_like(p))
+                avg = b1 * avg + (1 - b1) * ipt
+                self.exp_avg_ipt[n], self.exp_avg_unc[n] = avg, b2 * unc + (1 - b2) * (ipt - avg).abs()
+
+    def _score(self, n: str) -> torch.Tensor:
+        return self.exp_avg_ipt[n] * self.exp_avg_unc[n]
+
+    def mask_to_budget(self, model: nn.Module, budget: int) -> dict[str, list[bool]]:
+        params = dict(model.named_parameters())
+        scores = {}
+        for t in self.triplets:
+            a_row = self._score(t % "lora_A").mean(dim=1)
+            b_col = self._score(t % "lora_B").mean(dim=0)
+            scores[t % "lora_E"] = self._score(t % "lora_E").view(-1) + a_row + b_col
+        threshold = torch.kthvalue(torch.cat(list(scores.values())), k=self.init_bgt - budget).values.item()
+        pattern = {}
+        with torch.no_grad():
+            for name, score in scores.items():
+                drop = score <= threshold
+                params[name].masked_fill_(drop.view(-1, 1), 0.0)
+                pattern[name] = (~drop).tolist()
+        return pattern
+
+    def mask_using_rank_pattern(self, model: nn.Module, pattern: dict[str, list[bool]]) -> None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                key = n.replace(f".{self.adapter_name}", "")
+                if f"lora_E.{self.adapter_name}" in n and key in pattern:
+                    keep = torch.tensor(pattern[key], dtype=torch.bool, device=p.device)
+                    p.masked_fill_(~keep.view(-1, 1), 0.0)
+
+
+@dataclass
+class AdaLoraState:
+    config: AdaLoraConfig
+    adapter_name: str
+    allocator: Optional[RankAllocator]
+    hook: Optional[object] = None
+
+
+def adalora_state(model: nn.Module) -> AdaLoraState:
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        raise ValueError("the model holds no AdaLoRA adapter (inject_adalora or load_adalora first)")
+    return state
+
+
+def adalora_layers(model: nn.Module) -> list[tuple[str, SVDLinear]]:
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, SVDLinear)]
+
+
+@transactional
+def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
+                   init_weights: bool = True) -> nn.Module:
+    """Wrap the targeted Linear / Conv1D layers with ``SVDLinear`` at rank init_r (one AdaLoRA adapter per model)."""
+    if not isinstance(config, AdaLoraConfig):
+        raise TypeError(f"config must be a lora_triton AdaLoraConfig, got {type(config).__name__}")
+    if STATE_ATTR in model.__dict__:
+        raise ValueError(f"the model already holds AdaLoRA adapter {model.__dict__[STATE_ATTR].adapter_name!r}")
+    if config.modules_to_save or config.bias != "none":
+        raise NotImplementedError("AdaLoRA with modules_to_save or bias != 'none' is not supported yet")
+    config = resolve_targets(model, config)
+    targets = find_targets(model, config)
+    if not targets:
+        names = [p for p, m in candidate_modules(model) if p and is_supported_base(m)][:8]
+        raise ValueError(f"target_modules={config.target_modules!r} matched no module; linear modules include {names}")
+    bad = [p for p, m in targets if not is_supported_base(m)]
+    if bad:
+        raise TypeError(f"AdaLoRA targets nn.Linear and transformers' Conv1D; not {bad[:4]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path, module in targets:
+        layer = SVDLinear(module)
+        layer.add_adapter(adapter_name, config.init_r, config.lora_alpha, config.lora_dropout, init_weights)
+        layer.active_adapters = [adapter_name]
+        layer.requires_grad_(False)
+        if not config.inference_mode:
+            for table in (layer.lora_A, layer.lora_E, layer.lora_B):
+                table[adapter_name].requires_grad_(True)
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
+    allocator = None if config.inference_mode else RankAllocator(model, config, adapter_name)
+    state = AdaLoraState(config, adapter_name, allocator)
+    if not config.inference_mode:
+        state.hook = model.register_forward_hook(_add_orth_reg_to_loss)
+    model.__dict__[STATE_ATTR] = state
+    return model
+
+
+def orth_regularization(model: nn.Module) -> torch.Tensor:
+    """orth_reg_weight * mean over the adapter's A and B of ||A A^T - I||_F and ||B^T B - I||_F (PEFT's term)."""
+    state = adalora_state(model)
+    terms = []
+    for _, layer in adalora_layers(model):
+        name = state.adapter_name
+        if name in layer.lora_A:
+            for cov in (layer.lora_A[name] @ layer.lora_A[name].t(), layer.lora_B[name].t() @ layer.lora_B[name]):
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype,
+                                                                       device=cov.device)))
+    if not terms:
+        return torch.zeros(())
+    return state.config.orth_reg_weight * torch.stack(terms).mean()
+
+
+def _add_orth_reg_to_loss(model, args, output):
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        output.loss = loss + orth_regularization(model)
+    return output
+
+
+def update_and_allocate(model: nn.Module, global_step: int) -> Optional[dict[str, list[bool]]]:
+    """One allocator step; returns the new rank pattern when masks changed (also stored in the config)."""
+    state = adalora_state(model)
+    if state.allocator is None:
+        raise ValueError(f"AdaLoRA adapter {state.adapter_name!r} is in inference mode: nothing to allocate")
+    c, alloc = state.config, state.allocator
+    final = c.total_step - c.tfinal
+    if global_step < final:
+        alloc.update_ipt(model)
+        budget, mask = alloc.budget_schedule(global_step)
+        if mask:
+            c.rank_pattern = _strip(alloc.mask_to_budget(model, budget), state.adapter_name)
+            return c.rank_pattern
+        return None
+    if global_step == final:
+        budget, _ = alloc.budget_schedule(global_step)
+        c.rank_pattern = _strip(alloc.mask_to_budget(model, budget), state.adapter_name)
+        alloc.reset_ipt()
+        return c.rank_pattern
+    if c.rank_pattern:
+        alloc.mask_using_rank_pattern(model, c.rank_pattern)
+    return None
+
+
+def _strip(pattern: dict[str, list[bool]], adapter_name: str) -> dict[str, list[bool]]:
+    """Keys as PEFT saves them: ``<path>.lora_E`` (the adapter name removed)."""
+    suffix = f".lora_E.{adapter_name}"
+    return {k[: -len(suffix)] + ".lora_E": v for k, v in pattern.items()}
+
+
+def adalora_callback(model: nn.Module):
+    """A transformers ``TrainerCallback`` calling ``update_and_allocate`` after each optimizer step."""
+    from transformers import TrainerCallback
+
+    class AdaLoraCallback(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            update_and_allocate(model, state.global_step)
+
+    return AdaLoraCallback()
+

@@ -1,0 +1,102 @@
+"""XLoraConfig: PEFT's X-LoRA field names and defaults (peft_type "XLORA"), validated, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import CONFIG_NAME
+from ..io.atomic import atomic_write_text
+
+_IGNORED = {"auto_mapping", "peft_version", "runtime_config"}
+
+
+@dataclass
+class XLoraConfig:
+    hidden_size: Optional[int] = None
+    adapters: Optional[dict] = None  # expert name -> PEFT LoRA adapter directory
+    enable_softmax: bool = True
+    enable_softmax_topk: bool = False
+    layerwise_scalings: bool = False
+    xlora_depth: int = 1
+    xlora_size: int = 2048
+    xlora_dropout_p: float = 0.2
+    use_trainable_adapters: bool = False
+    softmax_temperature: float = 1.0
+    top_k_lora: Optional[int] = None
+    scaling_pass_value: float = 0.0
+    global_scaling_weight: float = 1.0
+    peft_type: str = "XLORA"
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        peft_type = getattr(self.peft_type, "value", self.peft_type)
+        if peft_type != "XLORA":
+            raise ValueError(f"peft_type must be 'XLORA' for an XLoraConfig, got {peft_type!r}")
+        self.peft_type = peft_type
+        # PEFT falls back to hidden_size=4096 with a warning; a wrong size only fails later, so ask for it.
+        if isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, int) or self.hidden_size <= 0:
+            raise ValueError(f"hidden_size must be the base model's hidden size (a positive int), "
+                             f"got {self.hidden_size!r}")
+        if not isinstance(self.adapters, dict) or not self.adapters:
+            raise ValueError(f"adapters must be a non-empty dict of expert name -> adapter directory, "
+                             f"got {self.adapters!r}")
+        for name in self.adapters:
+            if not isinstance(name, str) or not name or "." in name or name == "__base__":
+                raise ValueError(f"expert names must be non-empty strings without '.', got {name!r}")
+        n = len(self.adapters)
+        if self.top_k_lora is not None and (isinstance(self.top_k_lora, bool) or not isinstance(self.top_k_lora, int)
+                                            or not 1 <= self.top_k_lora <= n):
+            raise ValueError(f"top_k_lora must be None or an int in [1, {n}] (the number of experts), "
+                             f"got {self.top_k_lora!r}")
+        if self.enable_softmax_topk and self.top_k_lora is None:
+            raise ValueError("enable_softmax_topk=True needs top_k_lora")
+        if not isinstance(self.xlora_depth, int) or self.xlora_depth < 1:
+            raise ValueError(f"xlora_depth must be an int >= 1, got {self.xlora_depth!r}")
+        if not isinstance(self.xlora_size, int) or self.xlora_size < 1:
+            raise ValueError(f"xlora_size must be a positive int, got {self.xlora_size!r}")
+        if not 0.0 <= float(self.xlora_dropout_p) < 1.0:
+            raise ValueError(f"xlora_dropout_p must be in [0, 1), got {self.xlora_dropout_p!r}")
+        if not float(self.softmax_temperature) > 0:
+            raise ValueError(f"softmax_temperature must be > 0, got {self.softmax_temperature!r}")
+        if self.enable_softmax and self.enable_softmax_topk:
+            warnings.warn("enable_softmax and enable_softmax_topk are both on (PEFT warns: worse performance)",
+                          stacklevel=3)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.adapters)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        # No sort_keys: the order of `adapters` is the order of the classifier's outputs.
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> XLoraConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - _IGNORED)
+        if unknown:
+            warnings.warn(f"X-LoRA config keys {unknown} are unknown to lora_triton and were ignored", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> XLoraConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
