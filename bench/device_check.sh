@@ -6,7 +6,7 @@
 #
 #   bench/device_check.sh [--dry-run] [OUTDIR]     (DRY_RUN=1 works too; PYTHON=... picks python)
 #
-# Writes OUTDIR/{kernels.log,serving.log,paths.log,paths.json,nf4.log,nf4.json,bench.json,bench.png,bench.log,device_check.log}
+# Writes OUTDIR/{kernels.log,serving.log,paths.log,paths.json,bench.json,bench.png,bench.log,device_check.log}
 # and prints a short table last (the fused/composed table and the path auto chose are in paths.log). Exit status: 0 when every step passed, else the first failing step's status.
 set -uo pipefail
 
@@ -93,9 +93,6 @@ if [ -f "$repo/bench/device_check_paths.py" ]; then
   run "$paths_timeout" "${outdir}/paths.log" "$py" "$repo/bench/device_check_paths.py" "$outdir"
 else
   echo "skip: bench/device_check_paths.py not found (fused vs composed paths)" | tee -a "${log:-/dev/null}"
-fi
-if [ -f "$repo/bench/device_check_nf4.py" ]; then  # QLoRA: fused 4-bit GEMMs, bf16 check + timing (issue 11)
-  run "${NF4_TIMEOUT:-45}" "${outdir}/nf4.log" "$py" "$repo/bench/device_check_nf4.py" "$outdir"
 fi
 
 # 3. Benchmarks: all suites on CUDA, capped by a time budget.
