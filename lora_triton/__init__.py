@@ -4,6 +4,7 @@ Importing the package touches no GPU and does not import triton; kernels load on
 """
 
 from .config import LoraConfig
+from .config_lycoris import LoHaConfig, LoKrConfig
 from .io.adalora_format import load_adalora, save_adalora
 from .io.peft_format import adapter_state_dict, load_adapter, read_peft_adapter, save_adapter
 from .io.xlora_format import load_xlora, save_xlora
@@ -28,6 +29,8 @@ from .nn.adalora import (
     update_and_allocate,
 )
 from .nn.loraplus import create_loraplus_optimizer
+from .nn.peft_patch import PatchSummary, patch_peft, unpatch_peft
+from .nn.summary import print_trainable_parameters, trainable_parameters
 from .nn.weighted_merge import add_weighted_adapter
 from .nn.xlora import XLoraModel
 from .nn.xlora_config import XLoraConfig
@@ -41,9 +44,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterPool",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "LoraLinear",
     "NF4Linear",
+    "PatchSummary",
     "active_adapters",
     "adapter_batch",
     "add_weighted_adapter",
@@ -60,11 +66,15 @@ __all__ = [
     "merge_and_unload",
     "multi_lora_linear",
     "nf4_lora_linear",
+    "patch_peft",
+    "print_trainable_parameters",
     "quantize",
     "read_peft_adapter",
     "save_adapter",
     "set_adapter",
+    "trainable_parameters",
     "unmerge_adapter",
+    "unpatch_peft",
     "AdaLoraConfig",
     "adalora_callback",
     "inject_adalora",

@@ -221,6 +221,19 @@ def read_config_json(path: str) -> dict:
     return data
 
 
+def as_lora_config(config) -> LoraConfig:
+    """Ours unchanged; PEFT's ``peft.LoraConfig`` converted field by field (unsupported values refused
+    exactly as when reading its adapter_config.json); anything else is a TypeError."""
+    if isinstance(config, LoraConfig):
+        return config
+    if type(config).__name__ == "LoraConfig" and type(config).__module__.startswith("peft.") and \
+            callable(getattr(config, "to_dict", None)):
+        data = dict(config.to_dict())
+        data["task_type"] = getattr(data.get("task_type"), "value", data.get("task_type"))
+        return LoraConfig.from_dict(data)
+    raise TypeError(f"config must be a lora_triton.LoraConfig or a peft.LoraConfig, got {type(config).__name__}")
+
+
 def _pattern_key(patterns: dict, module_path: str, field: str = "rank_pattern / alpha_pattern") -> Optional[str]:
     for key in patterns:
         if match(rf"(.*\.)?({key})$", module_path, field):

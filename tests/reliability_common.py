@@ -21,7 +21,7 @@ def fingerprint(model: nn.Module) -> dict:
     tables = {}
     for path, m in model.named_modules():
         entry = {k: repr(m.__dict__[k]) for k in _TABLES if k in m.__dict__}
-        for table in ("lora_A", "lora_B", "modules_to_save"):
+        for table in ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save"):
             if table in m._modules:
                 entry[table] = list(m._modules[table]._modules)
         if entry:

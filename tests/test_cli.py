@@ -35,3 +35,13 @@ def test_import_touches_neither_triton_nor_transformers():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_version_names_the_package_and_imports_no_triton():
+    code = ("import sys; from lora_triton import cli; sys.exit(cli.main(['--version']) or "
+            "('triton' in sys.modules) * 3)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    import lora_triton
+
+    assert res.stdout.startswith(f"lora-triton {lora_triton.__version__} (torch ")

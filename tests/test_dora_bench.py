@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_triton.benchmark import cli, report
+from lora_triton.benchmark import report
 from lora_triton.benchmark.cases import Case, suite_cases
 from lora_triton.benchmark.dora_cases import DORA_PROVIDERS, build_dora_providers
+from lora_triton.benchmark.runner import RunSettings, collect_metadata, run_cases
 from lora_triton.benchmark.shapes import parse_models
 from lora_triton.benchmark.timing import saved_tensor_bytes
 
@@ -44,13 +45,16 @@ def test_dora_providers_agree_and_ours_saves_less(p):
     assert saved["dora"] * (4 if p else 2) <= saved["peft_dora"]
 
 
-def test_train_suite_end_to_end_with_dora(tmp_path, capsys):
-    out_json = tmp_path / "t.json"
-    rc = cli.main(["--suite", "train", "--shapes", "tiny", "--repeats", "1", "--small-ceilings",
-                   "--providers", "dora,peft_dora,lora_triton,base", "--json", str(out_json)])
-    assert rc == 0
-    doc = report.load_json(out_json)
-    dora = [r for r in doc["results"] if r["op"] == "dora_linear"]
-    assert {r["provider"] for r in dora} == set(DORA_PROVIDERS)
-    assert all(r["memory"]["kind"] == "saved_for_backward" for r in dora)
-    assert "dora" in capsys.readouterr().out
+def test_dora_cases_through_the_runner_and_the_report(tmp_path):
+    """The train suite's DoRA cases (tiny shapes) through the CLI's runner, schema-checked JSON, table."""
+    cases = [c for c in suite_cases("train", parse_models("tiny"), cuda=False) if c.op == "dora_linear"][:1]
+    settings = RunSettings(device=CPU, repeats=1, warmup=0, providers=DORA_PROVIDERS, ceilings=False,
+                           log=lambda s: None)
+    records, skipped = run_cases(cases, settings)
+    meta = collect_metadata(CPU, ["test"])
+    meta["load_average_end"] = meta["load_average"]
+    report.write_json(report.build_document("train", meta, {}, cases, records, skipped), tmp_path / "t.json")
+    doc = report.load_json(tmp_path / "t.json")  # validates the schema
+    assert {r["provider"] for r in doc["results"]} == set(DORA_PROVIDERS) and not doc["skipped"]
+    assert all(r["op"] == "dora_linear" and r["memory"]["kind"] == "saved_for_backward" for r in doc["results"])
+    assert "peft_dora" in report.format_table(doc)

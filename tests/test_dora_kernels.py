@@ -86,3 +86,18 @@ def test_kernels_through_the_op_and_autograd(monkeypatch):
         out[backend] = [y, *torch.autograd.grad(y, list(leaves.values()), c["dy"])]
     for got, want in zip(out["triton"], out["reference"]):
         assert (got - want).abs().max().item() <= 1e-4 * (1 + want.abs().max().item())
+
+
+def test_device_check_script_logic_on_tiny_shapes(tmp_path):
+    """bench/device_check_dora.py (the GPU check) runs end to end on CPU through the interpreter."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "device_check_dora.py"
+    spec = importlib.util.spec_from_file_location("device_check_dora", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path), "--small", "--device", "cpu"]) == 0
+    doc = json.loads((tmp_path / "dora.json").read_text())
+    assert doc["rows"] and all(row["ok"] for row in doc["rows"])

@@ -254,6 +254,9 @@ def test_dora_must_be_the_first_active_adapter():
         a, b = layer.lora_A["plain"].weight, layer.lora_B["plain"].weight
         plain = layer.scaling["plain"] * (x @ a.t()) @ b.t()
         assert max_diff(layer(x), only_d + plain) <= TOL
+    layer.delete_adapter("d")
+    assert "d" not in layer.lora_variant and "d" not in layer.lora_magnitude_vector
+    assert not any("magnitude" in n for n, _ in layer.named_parameters())
 
 
 def test_dora_refusals_are_clear():
@@ -297,3 +300,38 @@ def test_bad_magnitude_files_are_refused_and_leave_the_model_alone(tmp_path):
             lora_triton.load_adapter(model, str(tmp_path))
         after = model.state_dict()
         assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_adapter_pool_serves_dora_with_per_row_magnitudes(tmp_path):
+    """Two DoRA adapters and a plain one through a 2-slot pool (evictions included): every row equals
+    the model with that adapter loaded alone."""
+    kind, targets = "llama", ["q_proj", "v_proj", "down_proj"]
+    dirs = {}
+    for i, (name, dora) in enumerate((("d1", True), ("p", False), ("d2", True))):
+        model = lora_triton.inject_lora(BUILDERS[kind](), lora_triton.LoraConfig(
+            target_modules=targets, r=2 + i, use_dora=dora, init_lora_weights=False))
+        with torch.no_grad():
+            for n, prm in model.named_parameters():
+                if "magnitude" in n:
+                    prm.mul_(1 + 0.5 * torch.rand(prm.shape))
+        dirs[name] = str(tmp_path / name)
+        lora_triton.save_adapter(model, dirs[name])
+    inputs = model_input(kind, batch=2)
+    alone = {}
+    with torch.no_grad():
+        for name, d in dirs.items():
+            alone[name] = run(lora_triton.load_adapter(BUILDERS[kind](), d).eval(), inputs)
+        alone[None] = run(BUILDERS[kind](), inputs)
+    served = BUILDERS[kind]().eval()
+    pool = lora_triton.AdapterPool(served, num_slots=2, max_rank=4, target_modules=targets)
+    for name, d in dirs.items():
+        pool.load(name, d)
+    for names in (["d1", "p"], ["d2", None], ["d1", "d2"], ["p", "d1"]):
+        with torch.no_grad(), pool.batch(names):
+            out = run(served, inputs)
+        for row, name in enumerate(names):
+            assert max_diff(out[row], alone[name][row]) <= TOL, (names, name)
+    with pytest.raises(ValueError, match="lora_magnitude_vector"):
+        good = lora_triton.read_peft_adapter(dirs["d1"])[1]
+        pool.load("broken", {k: v for k, v in good.items() if "magnitude" not in k},
+                  config=lora_triton.LoraConfig(target_modules=targets, r=2, use_dora=True))

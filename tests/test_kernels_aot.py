@@ -111,3 +111,14 @@ def test_serving_stores_are_vectorized(reports):
     # ml_fused once stored y 16 bits at a time (its column mask was runtime-bounded); ml_expand 128.
     rows = {r["kernel"]: r for r in reports["sm_90"]}
     assert rows["ml_fused"]["max_store_bits"] >= 64 and rows["ml_expand"]["max_store_bits"] == 128
+
+
+def test_sm100_main_gemms_compile_on_tcgen05():
+    """Blackwell, as far as this Triton goes: the main GEMMs compile to tcgen05 MMAs (UTCHMMA) without
+    spills, the persistent ones with TMA (nested loops: the flattened one fails to compile here)."""
+    rows = aot.compile_report("sm_100", dtypes=("bfloat16",), kernels=("fwd_gemm", "dx", "fwd_gemm_tma", "dx_tma_p0"))
+    for r in rows:
+        assert r["mma"] == "tcgen05" and r["sass_mma"] == "UTCHMMA", r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["smem"] <= aot._SMEM_LIMIT["sm_100"], r
+        assert r["tma"] == r["kernel"].endswith(("_tma", "_tma_p0")), r
+        assert r["config"].get("FLATTEN", False) is False, r

@@ -139,3 +139,25 @@ def test_descriptor_eligibility():
     w = torch.zeros(64, 40).t()  # [40, 64] view of [64, 40] storage
     assert gl._weight_desc(w)[1] is True and gl._weight_desc(w.t())[1] is False
     assert gl._weight_desc(torch.zeros(64, 80)[:, ::2]) is None
+
+
+def test_autotuners_protect_accumulated_outputs():
+    """On a GPU the autotuner times each config by running it: dx accumulated into must be restored
+    after each run and dA summed by atomics zeroed before each (and before the real launch)."""
+    for name in ("dx", "dx_tma"):
+        assert gl._tuned(name, True, True).reset_to_zero == ["da_ptr"]
+        assert gl._tuned(name, True, True).restore_value == ["dx_ptr"]
+        plain = gl._tuned(name, False, False)
+        assert not plain.reset_to_zero and not plain.restore_value  # never zeroes a dummy pointer
+    assert all(c.pre_hook is gl._set_blocks for c in gl._tuned("fwd_tma").configs)
+
+
+def test_tile_pruning_per_arch_and_dropout():
+    at = pytest.importorskip("lora_triton.kernels.autotune")
+    cfgs = at.CONFIGS["gemm_tma"]()
+    pick = lambda **kw: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["FLATTEN"])
+                         for c in at.prune("gemm_tma", cfgs, 2, smem_limit=232448, **kw)]
+    assert pick(r_pad=16, cc_major=9)[0] == (128, 256, True)
+    assert pick(r_pad=64, cc_major=9)[0] == (128, 128, True)  # one r chunk more per thread: 128x256 pruned
+    assert pick(r_pad=16, has_dropout=True, cc_major=9)[0] == (128, 128, False)  # nested loops with dropout
+    assert all(not fl for _, _, fl in pick(r_pad=16, cc_major=10))  # sm_100: nested loops only

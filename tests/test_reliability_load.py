@@ -143,3 +143,20 @@ def test_nested_adapter_layout_still_loads(tmp_path):
     inputs = model_input("mlp")
     with torch.no_grad():
         assert torch.equal(run(loaded, inputs), run(model, inputs))
+
+
+def test_failure_inside_injection_during_load_rolls_back(tmp_path, monkeypatch):
+    # inject_lora runs inside load_adapter's transaction (no snapshot of its own): the outer one restores.
+    model, dir_b = _second_adapter_model(tmp_path)
+    real, calls = LoraLinear.add_adapter, []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise TypeError("simulated failure on the second layer")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLinear, "add_adapter", flaky)
+    _fails_untouched(model, dir_b, "second layer", exc=TypeError, adapter_name="b")
+    monkeypatch.undo()
+    lora_triton.load_adapter(model, str(dir_b), adapter_name="b")

@@ -208,3 +208,27 @@ def test_failed_expert_load_leaves_the_model(expert_dirs, tmp_path):
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not model._forward_pre_hooks
+
+
+def test_lora_bias_experts_equal_peft(tmp_path):
+    # PEFT adds each expert's s * g * lora_B.bias whatever the routing weight; so do we.
+    dirs = {}
+    for i in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=2,
+                                                                   lora_bias=True, init_lora_weights=False))
+            randomize_lora(pm, seed=30 + i, scale=0.4)
+            pm.save_pretrained(tmp_path / str(i))
+        dirs[str(i)] = str(tmp_path / str(i))
+    kw = {"hidden_size": 64, "adapters": dirs, "global_scaling_weight": 0.5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(_base(), peft.XLoraConfig(task_type="CAUSAL_LM", **kw)).eval()
+    ours = lora_triton.XLoraModel(_base(), lora_triton.XLoraConfig(**kw)).eval()
+    ours.internal_xlora_classifier.load_state_dict(
+        {k.removeprefix("base_model.internal_xlora_classifier."): v for k, v in pm.state_dict().items()
+         if "internal_xlora_classifier" in k})
+    inputs = model_input("llama")
+    with torch.no_grad():
+        assert max_diff(ours(**inputs).logits, pm(**inputs).logits) <= TOL

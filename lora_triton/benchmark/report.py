@@ -189,6 +189,7 @@ def plot(doc: dict, path: str | Path, max_panels: int = 12) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     series = defaultdict(lambda: defaultdict(list))
     for r in doc["results"]:
@@ -210,6 +211,11 @@ def plot(doc: dict, path: str | Path, max_panels: int = 12) -> None:
         ax.set_title(f"{name}\n[{first['dtype']}, K={shape['in_features']} N={shape['out_features']}]", fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(sorted({p[0] for pts in series[name].values() for p in pts}))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%d"))  # token counts, not powers of 2
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 1-2-5 ms ticks, labelled
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("tokens per call (M)")
         ax.set_ylabel("time per call, ms (median; bars p20..p80)")
         ax.legend(fontsize=7)

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import re
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import CONFIG_NAME, LoraConfig
-from ..nn.inject import _check_name, adapter_configs, inject_lora, lora_layers, set_adapter
+from ..nn import kinds
+from ..nn.inject import _check_name, adapter_configs, adapter_layers, inject_lora, set_adapter
 from ..nn.lora_linear import LoraLinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from ..nn.targets import candidate_modules, find_targets, resolve_targets
@@ -48,7 +49,7 @@ def check_adapter_name(adapter_name) -> None:
                          f"got {adapter_name!r}")
 
 
-def read_peft_adapter(directory: str, adapter_name: str = "default") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def read_peft_adapter(directory: str, adapter_name: str = "default") -> tuple[Any, dict[str, torch.Tensor]]:
     """The config and the raw tensors (PEFT keys) of an adapter directory; pickle files are refused."""
     check_adapter_name(adapter_name)
     folder = _adapter_dir(directory, adapter_name)
@@ -56,9 +57,9 @@ def read_peft_adapter(directory: str, adapter_name: str = "default") -> tuple[Lo
     if recorded is not None:
         warnings.warn(f"{folder}: an interrupted save left {CONFIG_NAME} older than {WEIGHTS_NAME}; using the "
                       "config saved with the weights (the next save_adapter completes the pair)", stacklevel=2)
-        config = LoraConfig.from_dict(recorded)
+        config = kinds.config_from_dict(recorded)  # the config class of the file's peft_type
     else:
-        config = LoraConfig.from_pretrained(folder)
+        config = kinds.read_config(folder)
     path = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
@@ -73,11 +74,11 @@ def read_peft_adapter(directory: str, adapter_name: str = "default") -> tuple[Lo
 
 
 def _bias_params(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, torch.Tensor]:
-    if config.bias == "none":
+    if getattr(config, "bias", "none") == "none":
         return {}
     if config.bias == "lora_only":
-        return {f"{p}.base_layer.bias": layer.base_layer.bias for p, layer in lora_layers(model)
-                if adapter_name in layer.lora_A and layer.base_layer.bias is not None}
+        return {f"{p}.base_layer.bias": layer.base_layer.bias for p, layer in adapter_layers(model)
+                if kinds.holds_adapter(layer, adapter_name) and getattr(layer.base_layer, "bias", None) is not None}
     return {k: v for k, v in model.named_parameters()
             if k.endswith(".bias") and ".lora_" not in k and ".modules_to_save." not in k
             and ".original_module." not in k}
@@ -89,7 +90,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     if adapter_name not in configs:
         raise KeyError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(configs)}")
     out: dict[str, torch.Tensor] = {}
-    for path, layer in lora_layers(model):
+    for path, layer in adapter_layers(model):
+        if not isinstance(layer, LoraLinear):
+            if layer.has_adapter(adapter_name):  # other kinds / layer types (nn/kinds.py): their own key names
+                for suffix, tensor in layer.adapter_tensors(adapter_name).items():
+                    out[f"{PREFIX}{path}.{suffix}"] = tensor
+            continue
         if adapter_name not in layer.lora_A:
             continue
         out[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
@@ -107,13 +113,16 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default") -> None:
+def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default",
+                 tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write one adapter to ``directory`` in PEFT's format, as one atomic save (``io/adapter_files.py``):
-    after a crash at any point the directory loads as the old adapter or the new one, never a mix."""
-    tensors = adapter_state_dict(model, adapter_name)
+    after a crash at any point the directory loads as the old adapter or the new one, never a mix.
+
+    ``tensors``: PEFT-keyed values to write instead of the model's own (e.g. gathered from shards)."""
+    tensors = adapter_state_dict(model, adapter_name) if tensors is None else tensors
     config = adapter_configs(model)[adapter_name]
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or config.base_model_name_or_path
-    config = LoraConfig(**{**config.to_dict(), "base_model_name_or_path": name_or_path or None})
+    config = dataclasses.replace(config, base_model_name_or_path=name_or_path or None)
     write_pair(directory, lambda tmp, metadata: save_file(tensors, tmp, metadata=metadata), config.to_json_string())
 
 
@@ -129,17 +138,20 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
     modules = dict(model.named_modules())
     lora: dict[str, dict[str, torch.Tensor]] = {}
     plain: dict[str, torch.Tensor] = {}
+    generic = _plan_generic(resolved, targets, tensors)  # Embedding / Conv LoRA, LoHa, LoKr (nn/kinds.py)
+    lora_suffixes = ("lora_A.weight", "lora_B.weight", "lora_B.bias", MAGNITUDE) \
+        if isinstance(resolved, LoraConfig) else ()
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"unexpected key {key!r}: PEFT keys start with {PREFIX!r}")
         rest = key[len(PREFIX):]
-        for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias", MAGNITUDE):
+        if any(rest.startswith(p + ".") and rest[len(p) + 1:] in parts for p, parts in generic.items()):
+            continue
+        for suffix in lora_suffixes:
             if rest.endswith("." + suffix):
                 lora.setdefault(rest[: -len(suffix) - 1], {})[suffix] = value
                 break
         else:
-            if "lora_embedding" in rest:
-                raise NotImplementedError(f"key {key!r}: embedding adapters are not supported yet")
             plain[rest] = value
     for path, parts in lora.items():
         if path not in targets:
@@ -164,7 +176,7 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         _check_magnitude(path, parts, out_f, resolved.use_dora)
         if ("lora_B.bias" in parts) != bool(resolved.lora_bias):
             raise ValueError(f"{PREFIX}{path}.lora_B.bias presence disagrees with lora_bias={resolved.lora_bias}")
-    missing = sorted(set(targets) - set(lora))
+    missing = sorted(set(targets) - set(lora) - set(generic))
     if missing:
         raise ValueError(f"missing adapter weights for targeted modules {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''} (keys {PREFIX}<module>.lora_A.weight)")
@@ -185,7 +197,49 @@ def _plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
         if value.is_floating_point() != target.is_floating_point() or value.is_complex():
             raise ValueError(f"{PREFIX}{rest}: dtype {value.dtype} in the file, model has {target.dtype}")
         steps.append((locator, value))
+    lora.update(generic)
     return resolved, lora, steps
+
+
+def _plan_generic(config, targets: dict, tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Keys of the targets that are not LoRA-on-Linear (nn/kinds.py layer types): path -> {suffix: tensor},
+    every suffix and shape checked against what the layer type expects."""
+    kind = kinds.kind_of(config)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for path, module in targets.items():
+        lt = kinds.check_target(config, module, path)
+        if lt is kinds.LORA_LINEAR:
+            continue
+        base = module.base_layer if kinds.is_adapter_layer(module) else module
+        expected = lt.shapes(base, config, path)
+        parts = {}
+        for suffix, shape in expected.items():
+            key = f"{PREFIX}{path}.{suffix}"
+            if key not in tensors:
+                raise ValueError(f"missing key {key} (expected shape {shape} for a {kind.peft_type} adapter on "
+                                 f"this {type(base).__name__})")
+            got = tuple(tensors[key].shape)
+            if got != tuple(shape):
+                raise ValueError(f"{key}: shape {got} in the file, expected {tuple(shape)} for a {kind.peft_type} "
+                                 f"adapter on this {type(base).__name__} (rank, kernel size or factorisation "
+                                 "disagrees with the config)")
+            if not tensors[key].is_floating_point():
+                raise ValueError(f"{key}: dtype {tensors[key].dtype} in the file, expected a floating point tensor")
+            parts[suffix] = tensors[key]
+        heads = _adapter_key_heads(kind)
+        stray = sorted(k for k in tensors if k.startswith(f"{PREFIX}{path}.")
+                       and k[len(PREFIX) + len(path) + 1:].split(".")[0] in heads
+                       and k[len(PREFIX) + len(path) + 1:] not in expected)
+        if stray:
+            raise ValueError(f"unexpected keys {stray[:3]} for module {path!r}: this config makes it hold "
+                             f"{sorted(expected)}")
+        out[path] = parts
+    return out
+
+
+def _adapter_key_heads(kind) -> set[str]:
+    heads = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", MAGNITUDE}
+    return heads | {a for lt in kind.layer_types for a in getattr(lt.layer_class, "param_dicts", ())}
 
 
 def _check_magnitude(path: str, parts: dict, out_features: int, use_dora: bool) -> None:
@@ -234,7 +288,7 @@ def _plain_target(model: nn.Module, targets: dict, saved: list[str], rest: str):
             raise ValueError(f"unexpected key {PREFIX}{rest}: {owner!r} is targeted, so its tensors are named "
                              f"{owner}.base_layer.<name> after injection (adapter files carry no base weights)")
         module = targets[owner]
-        base = module.base_layer if isinstance(module, LoraLinear) else module
+        base = module.base_layer if kinds.is_adapter_layer(module) else module
         target = base.state_dict(keep_vars=True).get(sub[len("base_layer."):])
         return target, target
     target = model.state_dict(keep_vars=True).get(rest)
@@ -256,19 +310,24 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         return load_adalora(model, _adapter_dir(directory, adapter_name), adapter_name, is_trainable=is_trainable)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; loaded: {sorted(adapter_configs(model))}")
-    if config is not None and not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lora_triton.LoraConfig or None, got {type(config).__name__}")
+    if config is not None:
+        config = kinds.coerce_config(config)  # ours (LoRA / LoHa / LoKr) or PEFT's LoraConfig; else a TypeError
     file_config, tensors = read_peft_adapter(directory, adapter_name)
     config = config or file_config
     config.validate()
     resolved, lora, steps = _plan_load(model, config, tensors, adapter_name)
     with model_transaction(model) as tx, torch.no_grad():
-        inject_lora(model, dataclasses.replace(resolved, init_lora_weights=False, inference_mode=not is_trainable),
+        inject_lora(model, dataclasses.replace(kinds.without_init(resolved), inference_mode=not is_trainable),
                     adapter_name)
         adapter_configs(model)[adapter_name] = dataclasses.replace(resolved, inference_mode=not is_trainable)
-        layers = dict(lora_layers(model))
+        layers = dict(adapter_layers(model))
         for path, parts in lora.items():  # fresh parameters: a rollback drops them
             layer = layers[path]
+            if not isinstance(layer, LoraLinear):
+                own = layer.adapter_tensors(adapter_name)
+                for suffix, value in parts.items():
+                    own[suffix].copy_(value)
+                continue
             layer.lora_A[adapter_name].weight.copy_(parts["lora_A.weight"])
             layer.lora_B[adapter_name].weight.copy_(parts["lora_B.weight"])
             if "lora_B.bias" in parts:
@@ -282,12 +341,10 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
             else:  # a tensor the model had before: its old value is kept for a rollback
                 tx.write(locator, value)
         if not is_trainable:
-            for _, layer in lora_layers(model):
-                if adapter_name in layer.lora_A:
-                    layer.lora_A[adapter_name].requires_grad_(False)
-                    layer.lora_B[adapter_name].requires_grad_(False)
-                    if adapter_name in layer.lora_magnitude_vector:
-                        layer.lora_magnitude_vector[adapter_name].requires_grad_(False)
+            for _, layer in adapter_layers(model):
+                if kinds.holds_adapter(layer, adapter_name):
+                    for p in kinds.adapter_parameters(layer, adapter_name):
+                        p.requires_grad_(False)
         else:
             set_adapter(model, adapter_name)
     return model

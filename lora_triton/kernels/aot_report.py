@@ -106,9 +106,10 @@ def _bin(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-_SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+_SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448, "sm_100": 232448}
+ARCHS = tuple(_SMEM_LIMIT)
 # Shared memory per SM (the per-CTA limit above plus the 1 KB each resident CTA reserves).
-_SMEM_PER_SM = {"sm_80": 167936, "sm_90": 233472}
+_SMEM_PER_SM = {"sm_80": 167936, "sm_90": 233472, "sm_100": 233472}
 
 
 class _Block:
@@ -128,7 +129,8 @@ def _spec(kernel, family, flags: dict, dtype: str, r_pad: int, arch: str = "sm_9
     if callable(family):
         cfg = family(r_pad)
     else:
-        cfg = at.select_config(family, esize, r_pad, 4096, flags.get("HAS_DROPOUT", False), _SMEM_LIMIT[arch])
+        cfg = at.select_config(family, esize, r_pad, 4096, flags.get("HAS_DROPOUT", False), _SMEM_LIMIT[arch],
+                               int(arch.removeprefix("sm_")) // 10)
     constexprs = dict(cfg.kwargs, **flags)
     constexprs.update({k: v for k, v in (("R_PAD", r_pad), ("IEEE", False)) if k in kernel.arg_names})
     blocks = _desc_blocks(kernel, constexprs)
@@ -188,7 +190,7 @@ def _sass(cubin: bytes) -> str:
 
 
 def _sass_mma(sass: str) -> str:
-    for op in ("HGMMA", "HMMA"):
+    for op in ("UTCHMMA", "HGMMA", "HMMA"):
         if op in sass:
             return op
     return "-"
@@ -216,7 +218,9 @@ def compile_one(name: str, arch: str, dtype: str, r_pad: int = 16) -> dict:
         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
     )
     ptx = compiled.asm["ptx"]
-    if "wgmma.mma_async" in ptx:
+    if "tcgen05.mma" in ptx:
+        mma = "tcgen05"
+    elif "wgmma.mma_async" in ptx:
         mma = "wgmma"
     elif "mma.sync" in ptx:
         mma = "mma.sync"
@@ -238,8 +242,8 @@ def compile_report(arch: str, dtypes=("bfloat16", "float16"), ranks=(16,), kerne
     ``ranks`` are LoRA ranks; each compiles with its padded R_PAD (power of two >= 16);
     ``kernels``: names from KERNELS (default: all)."""
     kernels = [k for k in KERNELS if arch != "sm_80" or k not in TMA_KERNELS] if kernels is None else list(kernels)
-    if arch not in ("sm_80", "sm_90"):
-        raise ValueError(f"arch must be sm_80 or sm_90, got {arch!r}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if at.interpreting():
         # Under TRITON_INTERPRET=1 @triton.jit gives interpreter functions, which cannot be
         # compiled: do the work in a fresh interpreter-free process.
@@ -278,7 +282,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lora-triton kernels", description="AOT-compile the LoRA kernels and report "
                                  "registers, spills, shared memory and MMA family (no GPU needed).")
-    ap.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_90"])
+    ap.add_argument("--arch", default="sm_90", choices=list(ARCHS))
     ap.add_argument("--dtype", action="append", choices=["bfloat16", "float16"], help="default: both")
     ap.add_argument("--rank", action="append", type=int, help="LoRA rank(s) to compile for; default: 16")
     ap.add_argument("--kernel", action="append", choices=list(KERNELS), help="default: all")

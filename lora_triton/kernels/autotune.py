@@ -97,6 +97,17 @@ def default_config(family: str) -> triton.Config:
 
 
 @functools.cache
+def _cc_major() -> int:
+    """The current GPU's compute capability major (9 without a driver: what the AOT report assumes)."""
+    try:
+        import torch
+
+        return int(torch.cuda.get_device_capability()[0])
+    except Exception:
+        return 9
+
+
+@functools.cache
 def _smem_limit() -> int:
     try:
         import torch
@@ -148,7 +159,7 @@ def _live_fp32(family: str, meta: dict, num_warps: int, has_dropout: bool, r_pad
 
 
 def prune(family: str, configs, esize: int, r_pad: int, m: int = 4096, has_dropout: bool = False,
-          smem_limit: int | None = None):
+          smem_limit: int | None = None, cc_major: int | None = None):
     """Drop configs over the shared-memory limit, configs whose live registers would spill (or
     serialize wgmma), and tiles much taller than the (bucketed) M; always keeps at least one config."""
     limit = smem_limit or _smem_limit()
@@ -160,6 +171,10 @@ def prune(family: str, configs, esize: int, r_pad: int, m: int = 4096, has_dropo
     # other kernels spill beyond 64 masked elements per thread.
     cap = {"gemm": 128, "gemm_tma": 160}.get(family, 64)
     fits = [c for c in fits if _live_fp32(family, c.kwargs, c.num_warps, has_dropout, r_pad) <= cap] or fits[-1:]
+    if family == "gemm_tma" and (cc_major or _cc_major()) >= 10:
+        # sm_100: this Triton fails to compile the flattened persistent loop (TritonGPUHoistTMEMAlloc);
+        # the nested loops compile (tcgen05.mma, TMA, no spills: lora-triton kernels --arch sm_100).
+        fits = [c for c in fits if not c.kwargs.get("FLATTEN", True)] or fits[-1:]
     if family == "gemm_tma" and has_dropout:
         # The masked dgrad epilogue inside a flattened tile loop makes ptxas serialize the wgmma
         # pipeline (C7515; 128x128x64: serialized flattened, clean nested): nested loops only.
@@ -169,9 +184,9 @@ def prune(family: str, configs, esize: int, r_pad: int, m: int = 4096, has_dropo
 
 
 def select_config(family: str, esize: int, r_pad: int, m: int = 4096, has_dropout: bool = False,
-                  smem_limit: int | None = None) -> triton.Config:
+                  smem_limit: int | None = None, cc_major: int | None = None) -> triton.Config:
     """The config used without autotuning (and by the AOT report): first survivor of ``prune``."""
-    return prune(family, CONFIGS[family](), esize, r_pad, m, has_dropout, smem_limit)[0]
+    return prune(family, CONFIGS[family](), esize, r_pad, m, has_dropout, smem_limit, cc_major)[0]
 
 
 def _pruner(family: str, tensor_arg: str):
@@ -183,9 +198,10 @@ def _pruner(family: str, tensor_arg: str):
     return early_config_prune
 
 
-def tuned(kernel, family: str, key: list, tensor_arg: str, reset_to_zero=None, pre_hook=None):
+def tuned(kernel, family: str, key: list, tensor_arg: str, reset_to_zero=None, pre_hook=None, restore_value=None):
     """Wrap a plain jit kernel with triton.autotune (GPU only); ``pre_hook(nargs)`` runs before each
-    config's launch (the descriptor kernels set their block shapes there)."""
+    config's launch (the descriptor kernels set their block shapes there). ``reset_to_zero`` /
+    ``restore_value``: outputs a kernel accumulates into, zeroed / restored around each timed run."""
     configs = CONFIGS[family]()
     if pre_hook is not None:
         configs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=pre_hook)
@@ -193,5 +209,5 @@ def tuned(kernel, family: str, key: list, tensor_arg: str, reset_to_zero=None, p
     return triton.autotune(
         configs=configs, key=key,
         prune_configs_by={"early_config_prune": _pruner(family, tensor_arg)},
-        reset_to_zero=reset_to_zero,
+        reset_to_zero=reset_to_zero, restore_value=restore_value,
     )(kernel)

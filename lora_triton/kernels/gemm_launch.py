@@ -78,7 +78,7 @@ def _set_blocks(nargs):
 
 
 @functools.cache
-def _tuned(name: str):
+def _tuned(name: str, accumulate: bool = False, fuse_da: bool = False):
     # tensor_arg: a pointer argument in the operands' dtype (the pruner reads its element size).
     kernel, family, tensor_arg = {
         "fwd": (_fwd_gemm_kernel, "gemm", "x_ptr"),
@@ -86,8 +86,13 @@ def _tuned(name: str):
         "fwd_tma": (_fwd_gemm_tma_kernel, "gemm_tma", "u_ptr"),
         "dx_tma": (_dx_tma_kernel, "gemm_tma", "du_ptr"),
     }[name]
+    # Timing runs repeat the launch: dx accumulated into (ACCUMULATE) is restored after each, dA
+    # summed by atomics (FUSE_DA) zeroed before each and before the real run. One autotuner per
+    # combination, so a dummy pointer is never zeroed.
     return at.tuned(kernel, family, ["M_BUCKET", "N", "K", "R"], tensor_arg,
-                    pre_hook=_set_blocks if family == "gemm_tma" else None)
+                    pre_hook=_set_blocks if family == "gemm_tma" else None,
+                    reset_to_zero=["da_ptr"] if fuse_da else None,
+                    restore_value=["dx_ptr"] if accumulate else None)
 
 
 def _launch(name: str, kernel, family: str, grid, esize: int, *args, **kwargs):
@@ -105,7 +110,7 @@ def _launch(name: str, kernel, family: str, grid, esize: int, *args, **kwargs):
             _set_blocks(dict(named, **meta))
         kernel[grid](*args, **kwargs, **launch)
     else:
-        _tuned(name)[grid](*args, **kwargs)
+        _tuned(name, bool(kwargs.get("ACCUMULATE", False)), bool(kwargs.get("FUSE_DA", False)))[grid](*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=8)

@@ -22,7 +22,7 @@ _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRA = re.compile(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)")
 _INT_OPS = {"IMAD", "IADD3", "IADD", "ISETP", "IMNMX", "IABS", "IMUL", "ISCADD", "LOP3", "LOP", "SHF", "SHL", "SHR",
             "LEA", "SEL", "PRMT", "FLO", "POPC", "BFE", "BFI", "BMSK", "SGXT", "VIADD", "VIMNMX", "IDP", "BREV"}
-_MMA = ("HGMMA", "HMMA")
+_MMA = ("HGMMA", "HMMA", "UTCHMMA")  # sm_90 wgmma, mma.sync, sm_100 tcgen05
 
 
 def _instructions(sass: str) -> list[tuple[int, str, bool]]:

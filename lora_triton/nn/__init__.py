@@ -4,6 +4,7 @@ from .grouping import group_siblings, ungroup_siblings
 from .inject import (
     active_adapters,
     adapter_configs,
+    adapter_layers,
     delete_adapter,
     disable_adapters,
     inject_lora,
@@ -20,7 +21,7 @@ from .quantize import quantize
 
 __all__ = [
     "LoraLinear", "ModulesToSaveWrapper", "NF4Linear", "quantize",
-    "active_adapters", "adapter_configs", "delete_adapter",
+    "active_adapters", "adapter_configs", "adapter_layers", "delete_adapter",
     "disable_adapters", "group_siblings", "inject_lora", "lora_layers", "merge_adapter", "merge_and_unload",
     "set_adapter", "ungroup_siblings", "unmerge_adapter",
 ]

@@ -9,6 +9,15 @@ from torch import nn
 
 from ..config import LOAD_ONLY_INITS, LoraConfig
 from .grouping import group_siblings, ungroup_siblings
+from .kinds import (
+    adapter_parameters,
+    attach,
+    check_target,
+    coerce_config,
+    holds_adapter,
+    is_adapter_layer,
+    layer_classes,
+)
 from .loftq import loftq_layer
 from .lora_linear import LoraLinear, is_supported_base, merge_is_finite
 from .modules_to_save import ModulesToSaveWrapper
@@ -26,11 +35,17 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
 
 def lora_layers(model: nn.Module):
+    """The model's LoraLinear layers (LoRA / DoRA on Linear and Conv1D)."""
     return [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLinear)]
 
 
+def adapter_layers(model: nn.Module):
+    """Every adapter layer of the model: LoraLinear and the other kinds' / layer types' (nn/kinds.py)."""
+    return [(p, m) for p, m in model.named_modules() if is_adapter_layer(m)]
+
+
 def _wrappers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSaveWrapper))]
+    return [m for m in model.modules() if isinstance(m, (*layer_classes(), ModulesToSaveWrapper))]
 
 
 def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -48,18 +63,20 @@ def _check_name(adapter_name: str) -> None:
 
 @transactional  # all of it or none: a failure half-way leaves the model as it was
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
-    """Wrap every targeted Linear / Conv1D of ``model`` in place with a LoraLinear holding ``adapter_name``.
+    """Wrap every targeted module of ``model`` in place with an adapter layer holding ``adapter_name``.
+
+    ``config`` is a LoraConfig (Linear / Conv1D -> LoraLinear, Embedding -> LoraEmbedding, Conv1d/2d/3d
+    -> LoraConv), a LoHaConfig or a LoKrConfig; nn/kinds.py maps each kind and layer type to its layer.
 
     Freezes everything but LoRA parameters (plus biases per ``config.bias`` and modules_to_save).
     A second call with another name adds a second adapter to the same layers; the active adapters
     stay as they were (``set_adapter`` switches), as in PEFT. Sibling projections that read the
     same tensor (q/k/v, gate/up) are grouped (``nn.grouping``; ``ungroup_siblings`` undoes it).
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
+    config = coerce_config(config)  # ours (LoRA / LoHa / LoKr) or PEFT's LoraConfig; else a TypeError
     config.validate()  # fields may have been changed since construction
     _check_name(adapter_name)
-    if config.init_lora_weights in LOAD_ONLY_INITS:
+    if getattr(config, "init_lora_weights", None) in LOAD_ONLY_INITS:
         raise NotImplementedError(f"init_lora_weights={config.init_lora_weights!r}: lora_triton loads such "
                                   "adapters but cannot initialise new ones (use True, False or 'gaussian')")
     configs = adapter_configs(model)
@@ -72,24 +89,24 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         raise ValueError(f"target_modules={config.target_modules!r} matched no module; "
                          f"linear modules in this model include {names}")
     for path, module in targets:
-        if not (is_supported_base(module) or isinstance(module, LoraLinear)):
-            raise TypeError(f"target module {path!r} is a {type(module).__name__}; lora_triton supports "
-                            "nn.Linear and transformers' Conv1D")
+        check_target(config, module, path)  # every target before any is wrapped
     first = not configs
     previous_active = active_adapters(model)  # before new LoraLinears (active = [adapter_name]) exist
     for path, module in targets:
-        r, alpha = config.rank_for(path), config.alpha_for(path)
-        args = (r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights, config.lora_bias)
-        if config.init_lora_weights == "loftq":  # quantizes the base itself
+        if getattr(config, "init_lora_weights", None) == "loftq":  # quantizes the base itself
+            args = (config.rank_for(path), config.alpha_for(path), config.lora_dropout, config.use_rslora,
+                    config.init_lora_weights, config.lora_bias)
             _set_child(model, path, loftq_layer(module, adapter_name, args, config.loftq_config))
-        elif isinstance(module, LoraLinear):
-            module.add_adapter(adapter_name, *args, use_dora=config.use_dora)
-        else:
-            _set_child(model, path, LoraLinear(module, adapter_name, *args, use_dora=config.use_dora))
+            continue
+        wrapped = attach(module, adapter_name, config, path)  # nn/kinds.py: the layer type's wrapper
+        if wrapped is not module:
+            # A new module starts in training mode: take the wrapped layer's, or an eval model drops out.
+            _set_child(model, path, wrapped.train(module.training))
     for path, module in list(candidate_modules(model)):
         # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
         if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
-            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else \
+                ModulesToSaveWrapper(module).train(module.training)
             wrapper.add_adapter(adapter_name)
             if wrapper is not module:
                 _set_child(model, path, wrapper)
@@ -99,6 +116,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     # Sibling projections (q/k/v, gate/up) share one shrink when they are provably called on
     # the same tensor (nn/grouping.py); anything else runs each layer's own forward.
     group_siblings(model)
+    from ..io.hf_integration import install_peft_methods  # io imports nn: resolved at call time
+
+    install_peft_methods(model)  # transformers models: save_pretrained writes PEFT's adapter format
     return model
 
 
@@ -112,26 +132,24 @@ def _mark_trainable(model: nn.Module, active: list[str]) -> None:
     configs = adapter_configs(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for _path, layer in lora_layers(model):
+    for _path, layer in adapter_layers(model):
         for name in active:
-            if name in layer.lora_A:
-                layer.lora_A[name].requires_grad_(True)
-                layer.lora_B[name].requires_grad_(True)
-            if name in layer.lora_magnitude_vector:
-                layer.lora_magnitude_vector[name].requires_grad_(True)
+            if holds_adapter(layer, name):
+                for p in adapter_parameters(layer, name):  # LoRA factors, DoRA magnitudes, LoHa/LoKr factors
+                    p.requires_grad_(True)
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper):
             for name in active:
                 if name in m.modules_to_save:
                     m.modules_to_save[name].requires_grad_(True)
-    biases = {configs[n].bias for n in active if n in configs}
+    biases = {getattr(configs[n], "bias", "none") for n in active if n in configs}
     if "all" in biases:
         for name, p in model.named_parameters():
             if name.endswith("bias") and "modules_to_save" not in name and "original_module" not in name:
                 p.requires_grad_(True)
     elif "lora_only" in biases:
-        for _, layer in lora_layers(model):
-            if layer.base_layer.bias is not None:
+        for _, layer in adapter_layers(model):
+            if getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
 
 
@@ -167,7 +185,7 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
     With safe_merge the merged weights are checked first: a non-finite result raises and no layer
     of the model is changed.
     """
-    layers = [m for _, m in lora_layers(model)]
+    layers = [m for _, m in adapter_layers(model)]
     if adapter_names is not None:
         known = adapter_configs(model)
         missing = [n for n in adapter_names if n not in known]
@@ -183,18 +201,19 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
     if safe_merge:
         for layer in layers:
             names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
-                     if n in layer.lora_A and n not in layer.merged_adapters]
+                     if holds_adapter(layer, n) and n not in layer.merged_adapters]
             merged = layer.merged_as_stored(names) if names else None
             if merged is not None and not merge_is_finite(*merged):
                 raise ValueError(f"safe_merge: merging {names} gives non-finite weights in "
                                  f"{merged[0].dtype}; nothing was changed")
     for layer in layers:
-        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names) if n in layer.lora_A]
+        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
+                 if holds_adapter(layer, n)]
         layer.merge(names, safe_merge=safe_merge)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    for _, layer in lora_layers(model):
+    for _, layer in adapter_layers(model):
         layer.unmerge()
 
 
@@ -209,6 +228,8 @@ def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
             _set_child(model, path, unloaded_base(module, requantize))
+        elif is_adapter_layer(module):
+            _set_child(model, path, module.base_layer)
         elif isinstance(module, ModulesToSaveWrapper):
             active = [a for a in module.active_adapters if a in module.modules_to_save]
             _set_child(model, path, module.modules_to_save[active[0]] if active else module.original_module)
@@ -224,8 +245,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if merged:  # checked before any layer forgets the adapter
         raise ValueError(f"adapter {adapter_name!r} is merged; unmerge before deleting it (merged in {merged[:3]})")
     remaining_active = [a for a in active_adapters(model) if a != adapter_name]
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
+    for _, layer in adapter_layers(model):
+        if holds_adapter(layer, adapter_name):
             layer.delete_adapter(adapter_name)
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:

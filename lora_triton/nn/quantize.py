@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..reference.nf4 import BLOCKSIZES, QUANT_TYPES
+from .adapter_layer import AdapterLayer
 from .lora_linear import LoraLinear, is_conv1d
 from .nf4_linear import _DTYPES, NF4Linear, is_bnb_linear4bit
 
@@ -49,7 +50,7 @@ def quantize(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, dou
         raise TypeError(f"target_modules must be None, a regex string or a list of names, got {target_modules!r}")
     if isinstance(target_modules, (tuple, set)):
         target_modules = sorted(target_modules)
-    if any(isinstance(m, LoraLinear) for m in model.modules()):
+    if any(isinstance(m, (LoraLinear, AdapterLayer)) for m in model.modules()):
         raise ValueError("the model already holds LoRA layers: quantize the base model first, then inject adapters")
     plan = []
     for path, module in model.named_modules():

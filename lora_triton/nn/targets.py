@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import patterns
 from ..config import ALL_LINEAR, LoraConfig
+from .adapter_layer import AdapterLayer
 from .lora_linear import LoraLinear, is_supported_base
 from .modules_to_save import ModulesToSaveWrapper
 
@@ -29,7 +30,7 @@ def candidate_modules(model: nn.Module):
     for path, module in model.named_modules():
         if any(path.startswith(s) for s in skip):
             continue
-        if isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLinear, AdapterLayer, ModulesToSaveWrapper)):
             skip.append(f"{path}.")
         yield path, module
 

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .adapter_layer import AdapterLayer
 from .grouping import group_siblings
 from .inject import _check_name, active_adapters, adapter_configs, lora_layers, set_adapter
 from .lora_linear import LoraLinear
@@ -132,6 +133,11 @@ def _check(model, adapters, weights, adapter_name, combination_type, svd_rank, s
         if isinstance(m, ModulesToSaveWrapper) and sum(a in m.modules_to_save for a in adapters) > 1:
             raise ValueError("cannot combine adapters that hold modules_to_save copies of the same module "
                              f"({[a for a in adapters if a in m.modules_to_save]})")
+    other = sorted(p for p, m in model.named_modules() if isinstance(m, AdapterLayer)
+                   and any(m.has_adapter(a) for a in adapters))
+    if other:  # Embedding / Conv LoRA, LoHa, LoKr layers (nn/kinds.py) are not combined here
+        raise NotImplementedError(f"add_weighted_adapter combines LoRA on Linear layers only; {other[:3]} hold "
+                                  f"other adapter layers of {list(adapters)}")
     if not any(a in layer.lora_A for _, layer in lora_layers(model) for a in adapters):
         raise ValueError(f"adapters {list(adapters)} hold no LoRA layer")
 

@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from .seeds import draw_seeds
+
 
 def _shape(t) -> str:
     return "None" if t is None else str(tuple(t.shape))
@@ -82,7 +84,7 @@ def kernel_supports(x: torch.Tensor, rank: int) -> bool:
 def make_seed(seed, device: torch.device) -> torch.Tensor:
     """An int64 tensor [1] on ``device``; None draws one from torch's generator (no host sync)."""
     if seed is None:
-        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+        return draw_seeds(1, device)  # ops/seeds.py: the same draw eager, compiled and per rank
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise ValueError(f"seed tensor must hold one int64, got dtype {seed.dtype} shape {tuple(seed.shape)}")

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .backend import implementation
 from .checks import check_lora_operands, check_scaling
+from .seeds import draw_seeds
 
 
 def _impl(device: torch.device):
@@ -110,7 +111,7 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 def make_seeds(seeds, g: int, device: torch.device) -> Tensor:
     """int64 tensor [G] on ``device``; None draws G seeds from torch's generator (no host sync)."""
     if seeds is None:
-        return torch.randint(0, 2**62, (g,), dtype=torch.int64, device=device)
+        return draw_seeds(g, device)  # ops/seeds.py: the same draw eager, compiled and per rank
     if isinstance(seeds, Tensor):
         if seeds.dtype != torch.int64 or seeds.numel() != g:
             raise ValueError(f"seeds tensor must hold {g} int64 values (one per projection), got dtype "
@@ -161,4 +162,4 @@ def lora_linear_grouped(x: Tensor, weights: Sequence[Optional[Tensor]], biases: 
     weights = [_absent(x2) if w is None else w for w in weights]
     biases = [_absent(x2) if b is None else b for b in biases]
     outs = _fwd(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
-    return tuple(y.reshape(*lead, y.shape[-1]) for y in outs[:g])
+    return tuple(torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1])) for y in outs[:g])  # not views: see lora_linear

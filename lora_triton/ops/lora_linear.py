@@ -95,4 +95,6 @@ def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lor
     x2 = x.reshape(math.prod(lead), k)  # not -1: K = 0 is a valid (empty) input
     seed_t = make_seed(seed, x.device) if dropout_p > 0.0 else None
     y, _ = _fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
-    return y.reshape(*lead, y.shape[-1])
+    # Not a view of y (nothing else holds y): FSDP2 warns on modules returning views, and an in-place op
+    # on a view would skip its pre-backward hook.
+    return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))

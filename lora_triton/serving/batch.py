@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..nn.adapter_layer import AdapterLayer
 from ..nn.lora_linear import LoraLinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from ._hook import BASE, run_layer
@@ -61,6 +62,8 @@ def loaded_adapters(model: nn.Module) -> list[str]:
     for m in model.modules():
         if isinstance(m, LoraLinear):
             names.update(dict.fromkeys(m.lora_A))
+        elif isinstance(m, AdapterLayer):
+            names.update(dict.fromkeys(m.adapter_names()))
     return list(names)
 
 
@@ -98,6 +101,15 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
         # Valid by construction (indices into this layer's adapters), so layer calls skip the value check.
         seq = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64, device=layer.base_weight().device)
         hooks.append(_make_hook(seq))
+    # Embedding / Conv LoRA, LoHa and LoKr layers (nn/kinds.py): the reference path, one pass per name.
+    for path, m in model.named_modules():
+        if isinstance(m, AdapterLayer) and m.adapter_names():
+            merged = used.intersection(m.merged_adapters)
+            if merged:
+                raise ValueError(f"{path}: adapters {sorted(merged)} are merged into the base weights; "
+                                 "unmerge them before serving a mixed batch")
+            layers.append((path, m))
+            hooks.append(_adapter_layer_hook(names))
     # modules_to_save copies (e.g. per-task heads) run once per distinct name on its rows.
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper):
@@ -122,6 +134,31 @@ def _make_hook(seq_ids: torch.Tensor):
         if layer.lora_variant:  # DoRA rows: per-row magnitudes (serving/dora_batch.py)
             return dora_mixed_forward(layer, x, names, a, b, scal, ranks, seq_ids)
         return run_layer(layer, x, a, b, scal, ranks, seq_ids)
+    return hook
+
+
+def _rows_per_name(names: list[str], b: int) -> dict:
+    if b % len(names):
+        raise ValueError(f"the batch has {b} sequences but {len(names)} adapter names were given")
+    per_row = [n for n in names for _ in range(b // len(names))]
+    return {name: [i for i, n in enumerate(per_row) if n == name] for name in dict.fromkeys(per_row)}
+
+
+def _adapter_layer_hook(names: list[str]):
+    """An AdapterLayer's mixed batch: the base on every row, each adapter's term added on its rows only
+    (batch dimension first, as the modules_to_save hook assumes)."""
+    def hook(layer: AdapterLayer, x, *args, **kwargs):
+        out = layer.base_layer(x, *args, **kwargs)
+        if layer.disable_adapters:
+            return out
+        for name, rows in _rows_per_name(names, x.shape[0]).items():
+            if name == BASE or not layer.has_adapter(name):
+                continue
+            idx = torch.tensor(rows, device=x.device)
+            delta = layer.adapter_forward(name, x.index_select(0, idx))
+            if delta is not None:
+                out = out.index_add(0, idx, delta.to(out.dtype))
+        return out
     return hook
 
 
@@ -151,7 +188,7 @@ def mixed_batch_check(model: nn.Module, names: Sequence[Optional[str]], inputs: 
     ``.logits``. The per-sequence runs switch each LoraLinear's ``active_adapters`` directly and restore
     them (no change to which parameters are trainable). Returns {"max_abs_diff": float, "ok": bool}.
     """
-    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSaveWrapper))]
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, AdapterLayer, ModulesToSaveWrapper))]
     saved = [(m.active_adapters, m.disable_adapters) for m in layers]
     with torch.no_grad(), adapter_batch(model, names):
         mixed = model(**inputs).logits
@@ -161,7 +198,8 @@ def mixed_batch_check(model: nn.Module, names: Sequence[Optional[str]], inputs: 
             for i, name in enumerate(names):
                 base = name in (None, BASE)
                 for m in layers:
-                    held = m.lora_A if isinstance(m, LoraLinear) else m.modules_to_save
+                    held = m.lora_A if isinstance(m, LoraLinear) else (
+                        m.adapter_names() if isinstance(m, AdapterLayer) else m.modules_to_save)
                     m.active_adapters = [] if base or name not in held else [name]
                     m.disable_adapters = False
                 alone = model(**{k: v[i:i + 1] for k, v in inputs.items()}).logits

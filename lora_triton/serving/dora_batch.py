@@ -1,4 +1,4 @@
-"""DoRA in mixed batches (``adapter_batch``): every row scaled by its own adapter's m / n.
+"""DoRA in mixed batches (``adapter_batch``, ``AdapterPool``): every row scaled by its own adapter's m / n.
 
 PEFT refuses DoRA with ``adapter_names=``. Here the stacked LoRA op computes x W^T + s_a B_a A_a x per
 row (adapter a of that row; plain base rows get x W^T), then each row is scaled by g_a = m_a / n_a in
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.dora import dora_weight_norm
 from ..ops.multi_lora import multi_lora_linear
 from ._hook import token_ids
 
@@ -27,7 +28,21 @@ def row_scale_table(layer, names: list[str]) -> torch.Tensor:
     return table
 
 
+def dora_scale_row(layer, lora_A, lora_B, magnitude, scaling: float) -> torch.Tensor:
+    """(g - 1) = (m - n) / n, float32 [out], for one adapter's tensors on this layer's frozen weight."""
+    weight = layer.base_weight()
+    a, b = lora_A.to(weight.device, torch.float32), lora_B.to(weight.device, torch.float32)
+    norm = dora_weight_norm(weight, a, b, scaling)
+    return (magnitude.to(weight.device, torch.float32) - norm) / norm
+
+
 def dora_mixed_forward(layer, x, names, lora_A, lora_B, scalings, ranks, seq_ids) -> torch.Tensor:
+    return scaled_mixed_forward(layer, x, row_scale_table(layer, names), lora_A, lora_B, scalings, ranks, seq_ids)
+
+
+def scaled_mixed_forward(layer, x, table, lora_A, lora_B, scalings, ranks, seq_ids) -> torch.Tensor:
+    """The stacked LoRA op without bias, each row scaled by ``table[id]`` ((g - 1) per adapter, last row
+    zero for id -1), then the bias."""
     weight, bias = layer.base_weight(), layer.base_bias()
     if x.dtype != weight.dtype:
         if not torch.is_autocast_enabled(x.device.type):
@@ -37,6 +52,6 @@ def dora_mixed_forward(layer, x, names, lora_A, lora_B, scalings, ranks, seq_ids
         bias = None if bias is None else bias.to(dtype)
     ids = token_ids(seq_ids, x)
     y_pre = multi_lora_linear(x, weight, None, lora_A, lora_B, scalings, ids, ranks, validate=False)
-    scale = row_scale_table(layer, names).to(y_pre.dtype)[ids]  # [..., out]: -1 picks the zero row
+    scale = table.to(y_pre.dtype)[ids]  # [..., out]: -1 picks the zero last row
     y = torch.addcmul(y_pre, y_pre, scale)
     return y if bias is None else y.add_(bias)

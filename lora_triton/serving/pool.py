@@ -32,8 +32,10 @@ from ..config import LoraConfig
 from ..nn.lora_linear import LoraLinear, is_supported_base
 from ..nn.targets import find_targets, resolve_targets
 from ._hook import BASE, run_layer
+from .dora_batch import dora_scale_row, scaled_mixed_forward
 
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"
 
 
 @dataclass
@@ -56,8 +58,10 @@ def _read_peft_dir(directory: str):
     return read_peft_adapter(directory)
 
 
-def _digest(layers: dict) -> str:
+def _digest(layers: dict, dora: Optional[dict] = None) -> str:
     h = hashlib.sha256()
+    for path in sorted(dora or {}):  # DoRA: the per-row scales depend on the magnitudes too
+        h.update(f"dora|{path}".encode() + dora[path].contiguous().view(torch.uint8).numpy().tobytes())
     for path in sorted(layers):
         a, b, s = layers[path]
         h.update(f"{path}|{tuple(a.shape)}|{tuple(b.shape)}|{a.dtype}|{float(s)!r}".encode())
@@ -91,6 +95,7 @@ class AdapterPool:
         self._slots: list[Optional[str]] = [None] * num_slots
         self._busy: list[set] = []  # slot sets of the batches running on this thread's lock
         self._buffers = {}
+        self._dora: dict[str, torch.Tensor] = {}  # path -> (g - 1) [slots + 1, out] once a DoRA adapter is written
         for path, layer in self.layers.items():
             w = layer.base_weight()
             dev = torch.device(device) if device is not None else w.device
@@ -117,8 +122,6 @@ class AdapterPool:
 
     # -- parsing (no lock) ---------------------------------------------------------------------
     def _parse(self, name: str, config: LoraConfig, tensors: dict) -> dict:
-        if config.use_dora:
-            raise NotImplementedError(f"adapter {name!r} uses DoRA, which the pool does not serve")
         if config.lora_bias:
             raise NotImplementedError(f"adapter {name!r} has lora_bias, which the pool does not serve")
         if config.modules_to_save:
@@ -127,7 +130,7 @@ class AdapterPool:
         parts: dict[str, dict] = {}
         for key, value in tensors.items():
             rest = key[len(PREFIX):] if key.startswith(PREFIX) else key
-            for suffix in ("lora_A.weight", "lora_B.weight"):
+            for suffix in ("lora_A.weight", "lora_B.weight") + ((MAGNITUDE,) if config.use_dora else ()):
                 if rest.endswith("." + suffix):
                     parts.setdefault(rest[: -len(suffix) - 1], {})[suffix] = value
                     break
@@ -139,8 +142,9 @@ class AdapterPool:
                 why = "the base model has no module" if path not in modules else "the pool does not target module"
                 raise ValueError(f"adapter {name!r} targets {path!r}, but {why} {path!r}; "
                                  f"pool layers: {sorted(self.layers)[:6]}...")
-            if set(pair) != {"lora_A.weight", "lora_B.weight"}:
-                raise ValueError(f"adapter {name!r}: {path!r} needs both lora_A.weight and lora_B.weight")
+            if set(pair) != {"lora_A.weight", "lora_B.weight"} | ({MAGNITUDE} if config.use_dora else set()):
+                raise ValueError(f"adapter {name!r}: {path!r} needs lora_A.weight and lora_B.weight"
+                                 + (f" and {MAGNITUDE} (use_dora)" if config.use_dora else ""))
             layer, a, b = self.layers[path], pair["lora_A.weight"], pair["lora_B.weight"]
             r = a.shape[0]
             if a.dim() != 2 or b.dim() != 2 or a.shape[1] != layer.in_features or \
@@ -179,7 +183,8 @@ class AdapterPool:
             raise TypeError(f"config must be a lora_triton.LoraConfig, got {type(config).__name__}")
         config.validate()  # fields may have been changed since construction (e.g. a NaN lora_alpha)
         layers = self._parse(name, config, tensors)
-        digest = _digest(layers)
+        dora = self._dora_rows(name, config, tensors, layers) if config.use_dora else {}
+        digest = _digest(layers, dora)
         # A failed load changes nothing: the slot is chosen (or "no slot" raised) before any write.
         with self._lock:
             old = self._adapters.get(name)
@@ -191,7 +196,7 @@ class AdapterPool:
                 raise RuntimeError(f"adapter {name!r} is in use by a running batch; cannot replace it now")
             slot = old.slot if old is not None and old.slot is not None else self._pick_slot(name, {name})
             # New content under a pinned name stays pinned: unpinning is only ever explicit.
-            entry = _Adapter(name, layers, digest, pinned=pin or (old is not None and old.pinned))
+            entry = _Adapter(name, layers, digest, pinned=pin or (old is not None and old.pinned), extra={"dora": dora})
             entry.last_used = next(self._clock)
             occupant = self._slots[slot]
             if occupant is not None and occupant != name:
@@ -273,6 +278,8 @@ class AdapterPool:
         if entry.slot is not None:
             for bufs in self._buffers.values():
                 bufs[3][entry.slot] = 0  # rank 0: the slot contributes nothing even if an id points at it
+            for table in self._dora.values():
+                table[entry.slot] = 0
             self._slots[entry.slot] = None
             entry.slot = None
 
@@ -313,6 +320,13 @@ class AdapterPool:
                     scal[slot], ranks[slot] = s, r
                 else:
                     scal[slot], ranks[slot] = 0.0, 0
+            for path, row in entry.extra.get("dora", {}).items():
+                if path not in self._dora:  # (g - 1) per slot; the last row stays 0 for base rows (id -1)
+                    self._dora[path] = torch.zeros((self.num_slots + 1, row.shape[0]), dtype=torch.float32,
+                                                   device=self._buffers[path][0].device)
+            for path, table in self._dora.items():
+                row = entry.extra.get("dora", {}).get(path)
+                table[slot] = 0 if row is None else row.to(table.device)
         self._slots[slot] = entry.name
         entry.slot = slot
 
@@ -320,5 +334,21 @@ class AdapterPool:
         a_buf, b_buf, scal, ranks = self._buffers[path]
 
         def hook(layer, x):
+            if path in self._dora:  # some slot holds a DoRA adapter: per-row magnitudes
+                return scaled_mixed_forward(layer, x, self._dora[path], a_buf, b_buf, scal, ranks, seq_ids)
             return run_layer(layer, x, a_buf, b_buf, scal, ranks, seq_ids)
         return hook
+
+    def _dora_rows(self, name: str, config: LoraConfig, tensors: dict, layers: dict) -> dict:
+        """path -> (g - 1) float32 [out] (CPU) of a DoRA adapter, from its magnitudes and this pool's base
+        weights (frozen while the pool serves), computed once at load."""
+        rows = {}
+        for path, (a, b, s) in layers.items():
+            layer = self.layers[path]
+            m = tensors.get(f"{PREFIX}{path}.{MAGNITUDE}", tensors.get(f"{path}.{MAGNITUDE}"))
+            if m is None or tuple(m.shape) != (layer.out_features,):
+                got = None if m is None else tuple(m.shape)
+                raise ValueError(f"adapter {name!r}, {path!r}: {MAGNITUDE} must be [{layer.out_features}], got {got}")
+            with torch.no_grad():
+                rows[path] = dora_scale_row(layer, a, b, m, s).cpu()
+        return rows

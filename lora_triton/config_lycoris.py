@@ -1,0 +1,152 @@
+"""LoHaConfig and LoKrConfig: PEFT's LyCORIS configs (field names, defaults, peft_type LOHA / LOKR).
+
+Targeting fields (target_modules, exclude_modules, layers_to_transform, layers_pattern, rank_pattern,
+alpha_pattern, modules_to_save) mean what they mean in LoraConfig. Scaling is alpha / r, per module
+after the pattern lookup — for LoKr even when both Kronecker factors are full matrices (PEFT's rule,
+followed so PEFT's files give PEFT's outputs; LyCORIS itself uses 1 there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from .config import _IGNORED, CONFIG_NAME, _pattern_key
+from .io.atomic import atomic_write_text
+
+
+@dataclass
+class _LycorisConfig:
+    r: int = 8
+    alpha: Union[int, float] = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    init_weights: Union[bool, str] = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    modules_to_save: Optional[list[str]] = None
+    peft_type: str = ""
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+
+    PEFT_TYPE = ""
+    INIT_CHOICES = (True, False)
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.layers_pattern, str):
+            self.layers_pattern = [self.layers_pattern]
+        self.validate()
+
+    def validate(self) -> None:
+        peft_type = getattr(self.peft_type, "value", self.peft_type) or self.PEFT_TYPE
+        if peft_type != self.PEFT_TYPE:
+            raise ValueError(f"peft_type: {type(self).__name__} is {self.PEFT_TYPE!r}, got {peft_type!r}")
+        self.peft_type = peft_type
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
+            raise ValueError(f"alpha must be a number, got {self.alpha!r}")
+        for name in ("rank_dropout", "module_dropout"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not any(self.init_weights is c or self.init_weights == c and isinstance(c, str) for c in self.INIT_CHOICES):
+            raise ValueError(f"init_weights must be one of {self.INIT_CHOICES}, got {self.init_weights!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict of regex -> value, got {getattr(self, name)!r}")
+        for key, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern is only used together with layers_to_transform")
+
+    def rank_for(self, module_path: str) -> int:
+        key = _pattern_key(self.rank_pattern, module_path)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_path: str) -> Union[int, float]:
+        key = _pattern_key(self.alpha_pattern, module_path)
+        return self.alpha_pattern[key] if key is not None else self.alpha
+
+    def scaling_for(self, module_path: str) -> float:
+        return self.alpha_for(module_path) / self.rank_for(module_path)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_peft_dict(self) -> dict:
+        out = self.to_dict()
+        if isinstance(out["target_modules"], list):
+            out["target_modules"] = sorted(set(out["target_modules"]))
+        return out
+
+    def to_json_string(self) -> str:
+        """The text of adapter_config.json."""
+        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key not in _IGNORED:
+                warnings.warn(f"adapter config key {key!r} is unknown to lora_triton and was ignored", stacklevel=2)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str):
+        from .nn.kinds import read_config
+
+        config = read_config(directory)
+        if not isinstance(config, cls):
+            raise ValueError(f"{directory} holds a {config.peft_type} adapter, not {cls.PEFT_TYPE}")
+        return config
+
+
+@dataclass
+class LoHaConfig(_LycorisConfig):
+    """PEFT's LoHaConfig: dW = (w1_a w1_b) * (w2_a w2_b) * alpha / r (Hadamard product)."""
+
+    peft_type: str = "LOHA"
+    PEFT_TYPE = "LOHA"
+
+
+@dataclass
+class LoKrConfig(_LycorisConfig):
+    """PEFT's LoKrConfig: dW = kron(w1, w2) * alpha / r, the factors full or low-rank."""
+
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+    peft_type: str = "LOKR"
+    PEFT_TYPE = "LOKR"
+    INIT_CHOICES = (True, False, "lycoris")
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.decompose_factor, int) or self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise ValueError(f"decompose_factor must be -1 (near the square root) or a positive int, "
+                             f"got {self.decompose_factor!r}")

@@ -1,0 +1,155 @@
+"""AdapterLayer: the shared shell of every adapter layer other than LoraLinear.
+
+A layer holds one frozen ``base_layer`` and any number of named adapters of one kind (LoRA on an
+Embedding or a Conv, LoHa, LoKr). Subclasses say which attributes hold per-adapter tensors
+(``param_dicts``, PEFT's in-memory names), map them to PEFT's disk key suffixes
+(``adapter_tensors``), compute the adapter's output (``adapter_forward``) and its dense weight delta
+for merging only (``delta_weight``). Activation, disabling, merge / unmerge / safe_merge and deletion
+live here once, with the same attribute names as ``LoraLinear`` so model-level code treats all alike.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .batch_slot import mixed_batch_slot
+
+
+class AdapterLayer(nn.Module):
+    param_dicts: tuple[str, ...] = ()
+    mixed_batch = mixed_batch_slot()  # per thread (nn/batch_slot.py): set by serving.adapter_batch
+    setting_dicts: tuple[str, ...] = ("scaling",)  # per-adapter plain dicts, forgotten on delete
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    # -- adapters -------------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for attr in self.param_dicts:
+            names.update(dict.fromkeys(getattr(self, attr)))
+        return list(names)
+
+    def has_adapter(self, name: str) -> bool:
+        return any(name in getattr(self, attr) for attr in self.param_dicts)
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """PEFT's disk key suffix (after ``<module path>.``) -> this adapter's parameter."""
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.adapter_tensors(name).values())
+
+    def _check_new(self, name: str) -> None:
+        if self.has_adapter(name):
+            raise ValueError(f"adapter {name!r} already exists on this layer (have {self.adapter_names()})")
+
+    def adapter_dtype(self) -> torch.dtype:
+        # Adapters stay fp32 on a half-precision base (PEFT's default), fp64 on an fp64 base.
+        w = self.base_layer.weight
+        return w.dtype if w.dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def merge_value(t: torch.Tensor) -> torch.Tensor:
+        """``t`` detached in the merge precision: fp32, or fp64 when it is fp64."""
+        return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        for attr in self.param_dicts:
+            table = getattr(self, attr)
+            if name in table:
+                del table[name]
+        for attr in self.setting_dicts:
+            getattr(self, attr).pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.mixed_batch is not None:
+            return self.mixed_batch(self, x, *args, **kwargs)
+        if self.disable_adapters and self.merged_adapters:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if self.has_adapter(name) and name not in self.merged_adapters:
+                delta = self.adapter_forward(name, x)
+                if delta is not None:
+                    result = result + delta.to(result.dtype)
+        return result
+
+    def adapter_forward(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The adapter's contribution to the output (None: skipped this call, e.g. module_dropout)."""
+        raise NotImplementedError
+
+    # -- merging --------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The adapter's dense weight delta (merging only), shaped like the base weight, in ``merge_value``'s
+        precision."""
+        raise NotImplementedError
+
+    def delta_bias(self, name: str) -> Optional[torch.Tensor]:
+        return None
+
+    def _merged_values(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The base weight and bias with these adapters folded in, in fp32 (nothing is written)."""
+        merged_w = self.merge_value(self.base_layer.weight) + sum(self.delta_weight(n) for n in names)
+        biases = [b for b in (self.delta_bias(n) for n in names) if b is not None]
+        merged_b = None
+        if biases:
+            if getattr(self.base_layer, "bias", None) is None:
+                raise ValueError("cannot merge an adapter bias into a base layer that has no bias")
+            merged_b = self.merge_value(self.base_layer.bias) + sum(biases)
+        return merged_w, merged_b
+
+    def merged_as_stored(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What a merge would write: the merged values rounded once to the base's dtypes (safe_merge checks
+        these: an fp16 / bf16 base can overflow in the cast)."""
+        merged_w, merged_b = self._merged_values(names)
+        w_dtype = self.base_layer.weight.dtype
+        return merged_w.to(w_dtype), None if merged_b is None else merged_b.to(self.base_layer.bias.dtype)
+
+    def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> list[str]:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        names = [n for n in names if n not in self.merged_adapters]
+        for name in names:
+            if not self.has_adapter(name):
+                raise KeyError(f"unknown adapter {name!r}; this layer has {self.adapter_names()}")
+        if not names:
+            return []
+        merged_w, merged_b = self.merged_as_stored(names)  # one rounding, from fp32
+        if safe_merge and not (merged_w.isfinite().all() and (merged_b is None or merged_b.isfinite().all())):
+            raise ValueError(f"safe_merge: merging adapters {names} gives non-finite weights; nothing was changed")
+        with torch.no_grad():
+            self.base_layer.weight.copy_(merged_w)
+            if merged_b is not None:
+                self.base_layer.bias.copy_(merged_b)
+        self.merged_adapters.extend(names)
+        return names
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            return
+        names = list(self.merged_adapters)
+        with torch.no_grad():
+            weight = self.base_layer.weight
+            weight.copy_((self.merge_value(weight) - sum(self.delta_weight(n) for n in names)).to(weight.dtype))
+            biases = [b for b in (self.delta_bias(n) for n in names) if b is not None]
+            if biases:
+                bias = self.base_layer.bias
+                bias.copy_((self.merge_value(bias) - sum(biases)).to(bias.dtype))
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names()}"

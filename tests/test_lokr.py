@@ -1,0 +1,178 @@
+"""LoKr (peft_type LOKR): PEFT's format both ways on Linear / Conv1d / Conv2d (outputs and gradients after
+training), the reshape form W1 X W2^T against kron() in fp64 (outputs, gradients, saved tensors),
+PEFT's factorization, Conv1d with use_effective_conv2d (PEFT crashes), dropout masks, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kinds_models import call, conv_inputs, conv_net, max_diff, peft_both_ways, train_steps
+
+import lora_triton as lt
+from lora_triton.nn.lokr import LoKrLayer, factorization
+from lora_triton.ops.lokr import lokr_conv, lokr_linear
+
+peft = pytest.importorskip("peft", reason="PEFT is the oracle for the LoKr format")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(target_modules=["c1", "c2", "proj", "head"], r=1, alpha=3),
+    dict(target_modules=["c2", "proj"], r=2, alpha=2, decompose_both=True, decompose_factor=2,
+         rank_pattern={"proj": 4}),
+    dict(target_modules=["c2", "proj"], r=1, init_weights="lycoris", use_effective_conv2d=True),
+    dict(target_modules=["c1", "proj"], r=8, alpha=4),  # full w1 and w2: PEFT still scales by alpha / r
+], ids=["low-rank-w2", "decompose-both-factor", "lycoris-effective", "full-factors"])
+def test_lokr_peft_both_ways(kwargs, tmp_path):
+    init = kwargs.pop("init_weights", False)
+    cfg = peft.LoKrConfig(init_weights=init, **kwargs)
+
+    def build():
+        net = conv_net(groups=1)
+        if init == "lycoris":  # lycoris init leaves dW = 0: start PEFT's training from a non-zero adapter
+            torch.manual_seed(5)
+        return net
+
+    diffs = peft_both_ways(build, conv_inputs(), cfg, tmp_path)
+    assert diffs["peft->ours"] <= 1e-5
+
+
+def test_factorization_matches_peft():
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    assert factorization(64) == (8, 8) and factorization(1024) == (32, 32) and factorization(32) == (4, 8)
+    for dim in (1, 2, 7, 12, 30, 96, 100, 4096, 4097):
+        for f in (-1, 2, 3, 5, 16):
+            assert factorization(dim, f) == peft_factorization(dim, f), (dim, f)
+
+
+@pytest.mark.parametrize("a,b,c,d,m", [(1, 1, 1, 1, 1), (3, 5, 2, 7, 4), (4, 2, 6, 3, 1)])
+def test_reshape_form_equals_kron_fp64_with_gradients(a, b, c, d, m):
+    g = torch.Generator().manual_seed(0)
+    w1 = torch.randn(a, c, generator=g, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(b, d, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(m, 2, c * d, generator=g, dtype=torch.float64, requires_grad=True)
+    row = torch.rand(a * b, generator=g, dtype=torch.float64)
+    y = lokr_linear(x, w1, w2, 0.3, row)
+    want = (x @ torch.kron(w1, w2).t() * 0.3) * row
+    assert max_diff(y, want) <= 1e-12
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(y, [x, w1, w2], dy)
+    ref = torch.autograd.grad(want, [x, w1, w2], dy)
+    for u, v in zip(got, ref):
+        assert max_diff(u, v) <= 1e-12
+
+
+def test_reshape_form_saves_only_x_and_the_factors():
+    w1 = torch.randn(32, 32, requires_grad=True)
+    w2 = torch.randn(32, 32, requires_grad=True)
+    x = torch.randn(64, 1024, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        lokr_linear(x, w1, w2, 1.0)
+    # x (shared with the base layer's own backward) and the two 32x32 factors; never the 1024x1024 kron.
+    assert sum(saved) <= x.numel() + 4 * 32 * 32, saved
+
+
+@pytest.mark.parametrize("conv,kernel,stride,dilation", [(torch.nn.Conv2d, 3, 2, 1), (torch.nn.Conv2d, 3, 1, 2),
+                                                         (torch.nn.Conv1d, 3, 1, 1)])
+def test_conv_reshape_form_equals_kron_fp64(conv, kernel, stride, dilation):
+    base = conv(6, 8, kernel, stride=stride, padding=dilation, dilation=dilation).double()
+    g = torch.Generator().manual_seed(1)
+    w1 = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    w2 = torch.randn(4, 2, *base.kernel_size, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 6, *([9] * (base.weight.dim() - 2)), generator=g, dtype=torch.float64)
+    w1k = w1.reshape(2, 3, *([1] * (w2.dim() - 2)))
+    want = base._conv_forward(x, torch.kron(w1k, w2) * 0.5, None)
+    assert max_diff(lokr_conv(x, base, w1, w2, 0.5), want) <= 1e-12
+
+
+def test_conv1d_effective_conv_works_and_equals_its_dense_kernel():
+    base = torch.nn.Conv1d(8, 12, 3, padding=1).double()
+    layer = LoKrLayer(base, "a", r=1, alpha=2, use_effective_conv2d=True, init_weights=False).double()
+    assert "lokr_t2" in layer.adapter_tensors("a")
+    x = torch.randn(2, 8, 7, dtype=torch.float64)
+    want = base._conv_forward(x, base.weight + layer.delta_weight("a"), base.bias)
+    assert max_diff(layer(x), want) <= 1e-12
+
+
+def test_rank_dropout_scale_masks_repeat_peft(tmp_path):
+    kwargs = dict(target_modules=["c2", "proj"], r=1, rank_dropout=0.5, module_dropout=0.2, rank_dropout_scale=True,
+                  init_weights=False)
+    theirs = peft.get_peft_model(conv_net(groups=1), peft.LoKrConfig(**kwargs))
+    theirs.save_pretrained(str(tmp_path))
+    ours = lt.load_adapter(conv_net(groups=1), str(tmp_path), is_trainable=True)
+    theirs.train()
+    ours.train()
+    inputs = conv_inputs()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        want = call(theirs, inputs)
+        torch.manual_seed(seed)
+        assert max_diff(call(ours, inputs), want) <= 1e-5
+
+
+def test_merge_and_unload_keeps_outputs():
+    net = conv_net()
+    lt.inject_lora(net, lt.LoKrConfig(target_modules=["c1", "c2", "proj"], r=1, init_weights=False))
+    inputs = conv_inputs()
+    train_steps(net, inputs)
+    want = call(net, inputs)
+    lt.merge_and_unload(net, safe_merge=True)
+    assert type(net.proj) is torch.nn.Linear and type(net.c1) is torch.nn.Conv1d
+    assert max_diff(call(net, inputs), want) <= 1e-5
+
+
+def test_factors_that_do_not_factor_the_layer_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"do not factor this layer: need a\*b = out \(6\) and c\*d = in \(12\)"):
+        lokr_linear(torch.randn(2, 12), torch.randn(2, 3), torch.randn(3, 5), 1.0)
+    src = conv_net()
+    lt.inject_lora(src, lt.LoKrConfig(target_modules=["proj"], r=8))
+    lt.save_adapter(src, str(tmp_path))
+    other = conv_net()
+    other.proj = torch.nn.Linear(15, 6)  # 15 = 3 x 5 where the file holds a 12 = 3 x 4 factor
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lokr_w2: shape \(3, 4\) in the file, expected \(3, 5\)"):
+        lt.load_adapter(other, str(tmp_path))
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items()) and len(before) == len(
+        other.state_dict())
+    assert not lt.nn.adapter_configs(other)
+
+
+def test_lokr_config_validation():
+    with pytest.raises(ValueError, match="decompose_factor"):
+        lt.LoKrConfig(decompose_factor=0)
+    with pytest.raises(ValueError, match="init_weights"):
+        lt.LoKrConfig(init_weights="gaussian")
+    with pytest.raises(ValueError, match="peft_type"):
+        lt.LoKrConfig.from_dict({"peft_type": "LOHA"})
+
+
+def test_kinds_benchmark_runs_and_matches_peft_on_tiny_layers():
+    from lora_triton.benchmark import kinds_bench
+
+    cases = [c for c in kinds_bench.default_cases(widths=(16,), tokens={16: 4}) if "linear" in c.name]
+    results = [kinds_bench.run_case(c, repeats=1, warmup=0) for c in cases]
+    assert [r["case"] for r in results] == ["loha-linear-16", "lokr-linear-16"]
+    for r in results:
+        assert r["max_abs_diff_vs_peft"] <= 1e-5 and set(r["saved_bytes"]) == {"base", "lora_triton", "peft"}
+    assert "loha-linear-16" in kinds_bench.format_table(results)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_keeps_fp32_adapters_and_its_dtype(dtype, tmp_path):
+    inputs = conv_inputs()
+    ref = conv_net(groups=1)
+    lt.inject_lora(ref, lt.LoraConfig(target_modules=["emb", "c1"], r=2, init_lora_weights=False), "lora")
+    lt.inject_lora(ref, lt.LoHaConfig(target_modules=["c2", "proj"], r=2, init_weights=False), "loha")
+    lt.inject_lora(ref, lt.LoKrConfig(target_modules=["head"], r=1, init_weights=False), "lokr")
+    lt.set_adapter(ref, ["lora", "loha", "lokr"])
+    want = call(ref, inputs)
+    half = conv_net(groups=1).to(dtype)
+    for name in ("lora", "loha", "lokr"):
+        lt.save_adapter(ref, str(tmp_path / name), name)
+        lt.load_adapter(half, str(tmp_path / name), name)
+    lt.set_adapter(half, ["lora", "loha", "lokr"])
+    assert half.proj.hada_w1_a["loha"].dtype == torch.float32  # adapters stay fp32 (PEFT's default)
+    got = call(half, {"ids": inputs["ids"], "img": inputs["img"].to(dtype)})
+    assert got.dtype == dtype
+    assert max_diff(got, want) <= 0.05 * (1 + want.abs().max().item())
