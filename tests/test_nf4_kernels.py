@@ -105,3 +105,13 @@ def test_kernel_rejects_bad_operands():
         kern.nf4_linear_fwd(torch.randn(2, 31), layer.nf4_weight(), None, None, None, 1.0)
     with pytest.raises(ValueError, match="lora_A"):
         kern.nf4_linear_dgrad(torch.randn(2, 8), layer.nf4_weight(), torch.randn(2, 3), torch.randn(3, 30))
+
+
+def test_device_check_script_runs_tiny_under_the_interpreter(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "device_check_nf4.py"
+    main = runpy.run_path(str(script))["main"]
+    assert main([str(tmp_path), "--tiny"]) == 0
+    assert (tmp_path / "nf4.json").is_file()

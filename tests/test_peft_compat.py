@@ -202,7 +202,7 @@ def test_config_unknown_key_warns(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("init_lora_weights", "pissa"),
-                                          ("peft_type", "IA3"), ("loftq_config", {"loftq_bits": 4})])
+                                          ("peft_type", "IA3"), ("use_qalora", True)])
 def test_config_unsupported_values_raise(tmp_path, field, value):
     directory = _write_config(tmp_path, **{field: value})
     with pytest.raises((ValueError, NotImplementedError), match=field):

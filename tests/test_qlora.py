@@ -101,7 +101,7 @@ def test_qlora_trains_saves_loads_and_merges(tmp_path):
     labels = inputs["input_ids"]
     model.train()
     losses = []
-    for _ in range(8):
+    for _ in range(4):
         loss = model(**inputs, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -253,3 +253,18 @@ def test_demo_qlora_runs_on_the_tiny_model():
     from lora_triton.demo.run import main
 
     assert main(["--qlora", "--model", "tiny", "--epochs", "1", "--quiet"]) == 0
+
+
+def test_inference_then_training_keeps_the_packed_bytes():
+    # bitsandbytes 0.50 on CPU repacks its weight at the first eval-mode no-grad forward and the next
+    # training step fails; the 4-bit storage here never changes layout.
+    layer = lora_triton.LoraLinear(_layer(64, 24), r=2, init_lora_weights=False)
+    packed = layer.base_layer.weight.clone()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        before = layer.eval()(x)
+    layer.train()
+    layer(x.requires_grad_()).sum().backward()
+    assert torch.equal(layer.base_layer.weight, packed) and x.grad is not None
+    with torch.no_grad():
+        assert torch.equal(layer.eval()(x), before)

@@ -48,10 +48,11 @@ def _low_rank(res: torch.Tensor, r: int):
 
 
 def loftq(weight: torch.Tensor, r: int, scaling: float, num_iter: int = 1, peft_identical: bool = False,
-          quant_type: str = "nf4", blocksize: int = LOFTQ_BLOCKSIZE, compute_dtype=None):
+          quant_type: str = "nf4", blocksize: int = LOFTQ_BLOCKSIZE, compute_dtype=None, history=None):
     """(NF4Linear without bias holding Q, lora_A [r, in] fp32, lora_B [out, r] fp32) for ``weight`` [out, in].
 
-    deq(Q) + scaling * B A approximates weight (deq(Q) + B A with peft_identical)."""
+    deq(Q) + scaling * B A approximates weight (deq(Q) + B A with peft_identical). ``history``: a list that
+    receives ||W - (deq(Q) + L R)||_F / ||W||_F after each iteration (what num_iter = 1, 2, ... return)."""
     w = weight.detach().float()
     if r > min(w.shape):
         raise ValueError(f"LoftQ rank r={r} exceeds min(out, in)={min(w.shape)} of a {tuple(w.shape)} weight")
@@ -59,8 +60,11 @@ def loftq(weight: torch.Tensor, r: int, scaling: float, num_iter: int = 1, peft_
     for _ in range(num_iter):
         q = NF4Linear.from_weight(res, None, quant_type, blocksize, double_quant=False,
                                   compute_dtype=compute_dtype or weight.dtype)
-        left, right = _low_rank(w - q.dequantize(torch.float32), r)
+        deq = q.dequantize(torch.float32)
+        left, right = _low_rank(w - deq, r)
         res = w - left @ right
+        if history is not None:
+            history.append((torch.linalg.matrix_norm(res - deq) / torch.linalg.matrix_norm(w)).item())
     if not peft_identical:
         root = math.sqrt(scaling)
         left, right = left / root, right / root
