@@ -6,6 +6,7 @@ Importing the package touches no GPU and does not import triton; kernels load on
 from .config import LoraConfig
 from .config_lycoris import LoHaConfig, LoKrConfig
 from .io.adalora_format import load_adalora, save_adalora
+from .io.hf_integration import enable_trainer_resume, load_checkpoint_adapters
 from .io.peft_format import adapter_state_dict, load_adapter, read_peft_adapter, save_adapter
 from .io.xlora_format import load_xlora, save_xlora
 from .nn import (
@@ -68,6 +69,8 @@ __all__ = [
     "nf4_lora_linear",
     "patch_peft",
     "print_trainable_parameters",
+    "enable_trainer_resume",
+    "load_checkpoint_adapters",
     "quantize",
     "read_peft_adapter",
     "save_adapter",

@@ -150,3 +150,51 @@ def test_save_pretrained_takes_adapter_values_from_a_gathered_state_dict(tmp_pat
     assert torch.equal(saved["base_model.model.lm_head.weight"], state[head])
     assert torch.equal(saved["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"],
                        model.state_dict()["model.layers.1.self_attn.q_proj.lora_A.default.weight"])
+
+
+def _injected_trainer_run(out_dir: str, max_steps: int, resume_from=None, dropout: float = 0.1):
+    """An HF Trainer script on a lora_triton-injected model (modules_to_save too); resume needs one line."""
+    model = tiny_llama()
+    torch.manual_seed(0)
+    lt.inject_lora(model, lt.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, modules_to_save=["lm_head"],
+                                        target_modules=["q_proj", "v_proj", "up_proj"]))
+    randomize_lora(model)
+    args = transformers.TrainingArguments(
+        output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=4, learning_rate=5e-3,
+        logging_steps=1, save_strategy="steps", save_steps=2, report_to="none", use_cpu=True, seed=0,
+        dataloader_num_workers=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
+    lt.enable_trainer_resume(trainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=resume_from)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return model, losses
+
+
+def test_trainer_resume_of_an_injected_model_equals_the_straight_run(tmp_path):
+    """4 steps straight == 2 steps, then a fresh model resuming from checkpoint-2 (adapters, head copy,
+    optimizer and RNG state), with dropout on."""
+    straight, straight_losses = _injected_trainer_run(str(tmp_path / "straight"), 4)
+    checkpoint = str(tmp_path / "straight" / "checkpoint-2")
+    resumed, resumed_losses = _injected_trainer_run(str(tmp_path / "resumed"), 4, resume_from=checkpoint)
+    assert len(resumed_losses) == len(straight_losses) == 4  # the first two restored from trainer_state.json
+    assert resumed_losses[2:] == pytest.approx(straight_losses[2:], abs=1e-4)  # logged rounded
+    ours = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    theirs = {n: p for n, p in straight.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys() and any("modules_to_save" in n for n in ours)
+    for name in ours:
+        assert max_diff(ours[name], theirs[name]) < TOL, name
+
+
+def test_resume_from_a_checkpoint_of_another_adapter_shape_changes_nothing(tmp_path):
+    model = _injected()
+    model.save_pretrained(tmp_path / "r4")
+    other = tiny_llama()
+    lt.inject_lora(other, lt.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="has shape"):
+        lt.load_checkpoint_adapters(other, tmp_path / "r4")
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(ValueError, match="has no adapter_model.safetensors"):
+        lt.load_checkpoint_adapters(other, tmp_path / "missing")

@@ -49,6 +49,8 @@ def _internal_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
             for part in ("lora_A.weight", "lora_B.weight", "lora_B.bias"):
                 table, leaf = part.split(".")
                 out[f"{PREFIX}{path}.{part}"] = f"{path}.{table}.{adapter_name}.{leaf}"
+            if adapter_name in layer.lora_magnitude_vector:  # DoRA (disk key without ".weight")
+                out[f"{PREFIX}{path}.lora_magnitude_vector"] = f"{path}.lora_magnitude_vector.{adapter_name}.weight"
     own_names = {id(p): n for n, p in model.named_parameters()}
     for path, layer in adapter_layers(model):  # other kinds / layer types (nn/kinds.py): their own keys
         if isinstance(layer, AdapterLayer) and layer.has_adapter(adapter_name):
@@ -92,3 +94,58 @@ def save_pretrained(model: nn.Module, save_directory, *, full_model: bool = Fals
         folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
         save_adapter(model, folder, name, tensors=_tensors(model, name, state_dict))
     return None
+
+
+def load_checkpoint_adapters(model: nn.Module, checkpoint_dir) -> list[str]:
+    """Copy the adapters a Trainer checkpoint holds (this module's layout: ``dir/`` for "default",
+    ``dir/<name>/`` for the others) into the model's existing adapters, in place: parameter objects
+    stay, so the optimizer state Trainer restores next maps onto the same tensors. Every key and
+    shape is checked before the first copy; a mismatch is a ValueError and changes nothing."""
+    from .peft_format import WEIGHTS_NAME, read_peft_adapter
+
+    configs = adapter_configs(model)
+    if not configs:
+        raise ValueError("the model holds no lora_triton adapter to resume")
+    state = model.state_dict(keep_vars=True)
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name in configs:
+        folder = os.fspath(checkpoint_dir) if name == "default" else os.path.join(checkpoint_dir, name)
+        if not os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+            raise ValueError(f"checkpoint {os.fspath(checkpoint_dir)!r} has no {WEIGHTS_NAME} for adapter {name!r} "
+                             f"(looked in {folder!r})")
+        _config, tensors = read_peft_adapter(folder, name)
+        # Adapter tensors by their mapping; plain keys (bias="all"/"lora_only" biases) by their own name.
+        internal = {k: v for k, v in _internal_keys(model, name).items() if v in state}
+        where = {key: internal.get(key, key[len(PREFIX):]) for key in tensors}
+        missing = sorted(set(internal) - set(tensors))
+        unexpected = sorted(k for k, v in where.items() if v not in state)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint adapter {name!r} at {folder!r} does not match the model: "
+                             f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        for key, value in tensors.items():
+            target = state[where[key]]
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(f"checkpoint adapter {name!r}: {key} has shape {tuple(value.shape)}, "
+                                 f"the model's {where[key]} has {tuple(target.shape)}")
+            plan.append((target, value))
+    with torch.no_grad():
+        for target, value in plan:
+            target.copy_(value)
+    return list(configs)
+
+
+def enable_trainer_resume(trainer) -> None:
+    """``trainer.train(resume_from_checkpoint=...)`` for a lora_triton-injected model: transformers
+    restores adapter checkpoints only into PeftModel objects, so this routes the weight load of this
+    trainer instance (an instance attribute, no class patch) to ``load_checkpoint_adapters``; optimizer,
+    scheduler and RNG states are restored by Trainer as usual. Other models keep Trainer's loader."""
+    original = trainer._load_from_checkpoint
+
+    def _load_from_checkpoint(resume_from_checkpoint, model=None):
+        target = trainer.model if model is None else model
+        if adapter_configs(target):
+            load_checkpoint_adapters(target, resume_from_checkpoint)
+        else:
+            original(resume_from_checkpoint, model)
+
+    trainer._load_from_checkpoint = _load_from_checkpoint
