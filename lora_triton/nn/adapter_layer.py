@@ -84,10 +84,13 @@ class AdapterLayer(nn.Module):
             return result
         for name in self.active_adapters:
             if self.has_adapter(name) and name not in self.merged_adapters:
-                delta = self.adapter_forward(name, x)
-                if delta is not None:
-                    result = result + delta.to(result.dtype)
+                result = self.add_adapter_output(name, x, result)
         return result
+
+    def add_adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus the adapter's output; a layer type that can accumulate in place overrides it."""
+        delta = self.adapter_forward(name, x)
+        return result if delta is None else result + delta.to(result.dtype)
 
     def adapter_forward(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The adapter's contribution to the output (None: skipped this call, e.g. module_dropout)."""

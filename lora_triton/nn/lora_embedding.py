@@ -87,6 +87,19 @@ class LoraEmbedding(AdapterLayer):
             out = out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
         return out
 
+    def add_adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # E[ids] is a fresh tensor that the embedding's backward never reads, so s * U B^T goes into it
+        # in place (one addmm_, none of the [M, dim] temporaries of the generic path). A scaled
+        # embedding, another dtype or a non-contiguous result takes the generic path.
+        b = self.lora_embedding_B[name]
+        if self._embed_scale() is not None or result.dtype != b.dtype or not result.is_contiguous():
+            return super().add_adapter_output(name, x, result)
+        base = self.base_layer
+        u = F.embedding(x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm, base.norm_type,
+                        base.scale_grad_by_freq, base.sparse)
+        result.view(-1, result.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), b.t(), alpha=self.scaling[name])
+        return result
+
     def delta_weight(self, name: str) -> torch.Tensor:
         a = self.merge_value(self.lora_embedding_A[name])
         b = self.merge_value(self.lora_embedding_B[name])
