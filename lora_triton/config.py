@@ -44,8 +44,21 @@ _IGNORED = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size"
             "ensure_weight_tying"}
 
 
+class AdapterConfigFile:
+    """adapter_config.json for every adapter config class: its text (``to_peft_dict`` as sorted JSON)
+    and an atomic save."""
+
+    def to_json_string(self) -> str:
+        """The text of adapter_config.json."""
+        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(AdapterConfigFile):
     r: int = 8
     lora_alpha: Union[int, float] = 8
     lora_dropout: float = 0.0
@@ -173,14 +186,6 @@ class LoraConfig:
         if isinstance(out["target_modules"], list):
             out["target_modules"] = sorted(set(out["target_modules"]))
         return out
-
-    def to_json_string(self) -> str:
-        """The text of adapter_config.json."""
-        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
-
-    def save_pretrained(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
 
     @classmethod
     def from_dict(cls, data: dict) -> LoraConfig:

@@ -9,18 +9,15 @@ followed so PEFT's files give PEFT's outputs; LyCORIS itself uses 1 there).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .config import _IGNORED, CONFIG_NAME, _pattern_key
-from .io.atomic import atomic_write_text
+from .config import _IGNORED, AdapterConfigFile, _pattern_key
 
 
 @dataclass
-class _LycorisConfig:
+class _LycorisConfig(AdapterConfigFile):
     r: int = 8
     alpha: Union[int, float] = 8
     rank_dropout: float = 0.0
@@ -96,14 +93,6 @@ class _LycorisConfig:
         if isinstance(out["target_modules"], list):
             out["target_modules"] = sorted(set(out["target_modules"]))
         return out
-
-    def to_json_string(self) -> str:
-        """The text of adapter_config.json."""
-        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
-
-    def save_pretrained(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
 
     @classmethod
     def from_dict(cls, data: dict):
