@@ -26,7 +26,8 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.scaling: dict[str, float] = {}
+        for attr in self.setting_dicts:  # per-adapter settings by name, declared once by the subclass
+            setattr(self, attr, {})
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -42,8 +43,9 @@ class AdapterLayer(nn.Module):
         return any(name in getattr(self, attr) for attr in self.param_dicts)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """PEFT's disk key suffix (after ``<module path>.``) -> this adapter's parameter."""
-        raise NotImplementedError
+        """PEFT's disk key suffix (after ``<module path>.``) -> this adapter's parameter. By default the
+        suffix is the attribute name (LoHa's / LoKr's ``hada_*`` / ``lokr_*`` ParameterDicts)."""
+        return {attr: getattr(self, attr)[name] for attr in self.param_dicts if name in getattr(self, attr)}
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.adapter_tensors(name).values())

@@ -54,10 +54,6 @@ class LoHaLayer(AdapterLayer):
         super().__init__(base_layer)
         for attr in self.param_dicts:
             setattr(self, attr, nn.ParameterDict())
-        self.r: dict[str, int] = {}
-        self.alpha: dict[str, float] = {}
-        self.rank_dropout: dict[str, float] = {}
-        self.module_dropout: dict[str, float] = {}
         self.add_adapter(adapter_name, r, alpha, rank_dropout, module_dropout, use_effective_conv2d, init_weights)
         self.active_adapters = [adapter_name]
 
@@ -90,9 +86,6 @@ class LoHaLayer(AdapterLayer):
                 _kaiming(p)
                 if suffix == "hada_w2_b" and init_weights:  # PEFT's init: dW = 0 through w2_b = 0
                     nn.init.zeros_(p)
-
-    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {attr: getattr(self, attr)[name] for attr in self.param_dicts if name in getattr(self, attr)}
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -71,11 +71,6 @@ class LoKrLayer(AdapterLayer):
         super().__init__(base_layer)
         for attr in self.param_dicts:
             setattr(self, attr, nn.ParameterDict())
-        self.r: dict[str, int] = {}
-        self.alpha: dict[str, float] = {}
-        self.rank_dropout: dict[str, float] = {}
-        self.module_dropout: dict[str, float] = {}
-        self.rank_dropout_scale: dict[str, bool] = {}
         self.add_adapter(adapter_name, r, alpha, rank_dropout, module_dropout, use_effective_conv2d, decompose_both,
                          decompose_factor, rank_dropout_scale, init_weights)
         self.active_adapters = [adapter_name]
@@ -117,9 +112,6 @@ class LoKrLayer(AdapterLayer):
         with torch.no_grad():
             for suffix, p in self.adapter_tensors(name).items():
                 nn.init.zeros_(p) if suffix in zero else nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-
-    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {attr: getattr(self, attr)[name] for attr in self.param_dicts if name in getattr(self, attr)}
 
     # -- factors --------------------------------------------------------------------------------
     def _factors(self, t: dict) -> tuple[torch.Tensor, torch.Tensor]:

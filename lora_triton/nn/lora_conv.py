@@ -36,10 +36,6 @@ class LoraConv(AdapterLayer):
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.lora_dropout_p: dict[str, float] = {}
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias)
         self.active_adapters = [adapter_name]
 

@@ -32,9 +32,6 @@ class LoraEmbedding(AdapterLayer):
         self.num_embeddings, self.embedding_dim = base_layer.weight.shape
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
         self.add_adapter(adapter_name, r, lora_alpha, use_rslora, init_lora_weights, lora_bias)
         self.active_adapters = [adapter_name]
 
