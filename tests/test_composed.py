@@ -12,6 +12,8 @@ import os
 
 import pytest
 import torch
+from twice_rule import check_2x as _check
+from twice_rule import f64 as _f64
 
 from lora_triton.ops import backend
 from lora_triton.reference import lora_linear as ref
@@ -23,7 +25,6 @@ kern = pytest.importorskip("lora_triton.kernels.lora_linear")
 composed = pytest.importorskip("lora_triton.kernels.composed")
 path_choice = pytest.importorskip("lora_triton.kernels.path_choice")
 
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 # (M, K, N, r, weight mode, bias, x non-contiguous)
 CASES = [(1, 100, 33, 1, "plain", True, False), (37, 70, 50, 3, "transposed", False, True),
          (70, 40, 45, 64, "none", True, False), (5, 48, 20, 256, "plain", False, False),
@@ -40,17 +41,6 @@ def _case(m, k, n, r, w_mode, bias, x_noncontig, dtype, seed=0):
     return {key: None if t is None else t.to(dtype) for key, t in c.items()}
 
 
-def _f64(t):
-    return None if t is None else t.double()
-
-
-def _check(name, got, refv, truth, dtype):
-    got, refv, truth = got.double(), refv.double(), truth.double()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got - truth).abs().max().item()
-    ref_err = (refv - truth).abs().max().item()
-    atol = ATOL[dtype] * (1.0 + truth.abs().max().item())
-    assert err <= 2 * ref_err + atol, f"{name}: path err {err:.3g} vs reference err {ref_err:.3g} (atol {atol:.3g})"
 
 
 def _poison(monkeypatch):

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from twice_rule import check_2x as _check
 
 from lora_triton.reference import dora as ref
 
@@ -19,7 +20,6 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_av
 
 kern = pytest.importorskip("lora_triton.kernels.dora")
 
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 # (M, K, N, r): M = 1, r = 1, sizes off the 16-grid, several blocks along every axis.
 SHAPES = [(1, 20, 9, 1), (19, 40, 33, 3), (33, 17, 20, 8)]
 
@@ -40,14 +40,6 @@ def _case(m, k, n, r, dtype, seed=0, transposed=False):
     c = dict(x=rnd(m, k), w=w, bias=rnd(n), a=a, b=b, mag=mag, dy=rnd(m, n))
     return {key: v.to(dtype) if key != "mag" else v.float() for key, v in c.items()}
 
-
-def _check(name, got, refv, truth, dtype):
-    got, refv, truth = got.double(), refv.double(), truth.double()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (an element was never written?)"
-    err = (got - truth).abs().max().item()
-    ref_err = (refv - truth).abs().max().item()
-    atol = ATOL[dtype] * (1.0 + truth.abs().max().item())
-    assert err <= 2 * ref_err + atol, f"{name}: kernel err {err:.3g} vs reference err {ref_err:.3g} (atol {atol:.3g})"
 
 
 def _run(impl, c, s, p, seed):

@@ -10,6 +10,8 @@ import os
 
 import pytest
 import torch
+from twice_rule import check_2x as _check
+from twice_rule import f64 as _f64
 
 from lora_triton.reference import lora_linear as ref
 from lora_triton.reference.philox import apply_dropout
@@ -19,7 +21,6 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_av
 
 kern = pytest.importorskip("lora_triton.kernels.lora_linear")
 
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 
 # (M, K, N, r): M=1, odd M, K/N off the block grid, r from 1 to 256; some shapes hit split-K
 # in the shrink (tiny M, several K blocks) and split-M in dA (one K block, several M blocks).
@@ -44,17 +45,6 @@ def _case(m, k, n, r, dtype, *, w_mode="plain", bias=True, x_noncontig=False, se
     return dict(x=cast(x), w=cast(w), b=cast(b), a=cast(a), bb=cast(bb), dy=cast(dy))
 
 
-def _f64(t):
-    return None if t is None else t.double()
-
-
-def _check(name, got, refv, truth, dtype):
-    got, refv, truth = got.double(), refv.double(), truth.double()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got - truth).abs().max().item()
-    ref_err = (refv - truth).abs().max().item()
-    atol = ATOL[dtype] * (1.0 + truth.abs().max().item())
-    assert err <= 2 * ref_err + atol, f"{name}: kernel err {err:.3g} vs reference err {ref_err:.3g} (atol {atol:.3g})"
 
 
 def _run_all(c, scaling, p, seed_t, need_dx=True):

@@ -14,6 +14,8 @@ import os
 
 import pytest
 import torch
+from twice_rule import check_2x as _check
+from twice_rule import f64 as _f64
 
 from lora_triton.reference import lora_linear as ref
 
@@ -24,7 +26,6 @@ kern = pytest.importorskip("lora_triton.kernels.lora_linear")
 gl = pytest.importorskip("lora_triton.kernels.gemm_launch")
 grouped = pytest.importorskip("lora_triton.kernels.grouped")
 
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 # (M, K, N, r, transposed weight, bias)
 SHAPES = [(1, 48, 40, 1, False, True), (37, 80, 56, 16, True, False), (70, 40, 72, 3, False, True),
           (9, 64, 40, 64, False, False), (5, 32, 24, 256, True, True)]
@@ -55,17 +56,6 @@ def _case(m, k, n, r, transposed, bias, dtype, seed=0):
     return {key: None if t is None else t.to(dtype) for key, t in c.items()}
 
 
-def _f64(t):
-    return None if t is None else t.double()
-
-
-def _check(name, got, refv, truth, dtype):
-    got, refv, truth = got.double(), refv.double(), truth.double()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got - truth).abs().max().item()
-    ref_err = (refv - truth).abs().max().item()
-    atol = ATOL[dtype] * (1.0 + truth.abs().max().item())
-    assert err <= 2 * ref_err + atol, f"{name}: kernel err {err:.3g} vs reference err {ref_err:.3g} (atol {atol:.3g})"
 
 
 def _poison(monkeypatch):

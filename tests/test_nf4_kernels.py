@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from twice_rule import check_2x as _check
 
 from lora_triton.nn.nf4_linear import NF4Linear
 from lora_triton.reference import nf4 as ref
@@ -19,7 +20,6 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_av
 
 kern = pytest.importorskip("lora_triton.kernels.nf4")
 
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 # (M, K, N, r, blocksize): M=1, r=1, K odd (blocks straddle rows, odd nibble starts), N off the tile grid,
 # K a multiple of the blocksize (one absmax per W row of a tile)
 SHAPES = [(1, 33, 7, 1, 64), (13, 70, 45, 3, 32), (40, 64, 50, 16, 128), (5, 128, 24, 2, 64)]
@@ -30,14 +30,6 @@ def _poison(monkeypatch):
     monkeypatch.setattr(kern, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                  device=device))
 
-
-def _check(name, got, refv, truth, dtype):
-    got, refv, truth = got.double(), refv.double(), truth.double()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (an element was never written)"
-    err = (got - truth).abs().max().item()
-    ref_err = (refv - truth).abs().max().item()
-    atol = ATOL[dtype] * (1.0 + truth.abs().max().item())
-    assert err <= 2 * ref_err + atol, f"{name}: kernel err {err:.3g} vs reference err {ref_err:.3g} (atol {atol:.3g})"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
