@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .autotune import interpreting
-from .lora_fwd import _dropout_scale
+from .lora_fwd import _dropout_scale, _shrink_block
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_R = 128
@@ -91,21 +91,14 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, seed_ptr, M, K, R, stride_xm, stride_xk,
     rr = tl.arange(0, R_PAD)
     row_ok = rows < M
     r_ok = rr < R
+    seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = (x.to(tl.float32) * _dropout_scale(seed, rows, ks, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
-        a_t = tl.load(a_ptr + rr[None, :] * stride_ar + ks[:, None] * stride_ak,
-                      mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = _mm(x, a_t, acc, IEEE)
-    tl.store(u_ptr + rows[:, None] * stride_um + rr[None, :] * stride_ur, acc.to(u_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & r_ok[None, :])
+    # LoRA's shrink tile loop (one split): with dropout the masked tile is the MMA's B operand, so
+    # wgmma is not serialized (ptxas C7515), as in lora_fwd._shrink_kernel.
+    _shrink_block(x_ptr, a_ptr, u_ptr, rows, row_ok, rr, r_ok, K, 0, 1,
+                  stride_xm, stride_xk, stride_ar, stride_ak, 0, stride_um, stride_ur,
+                  seed, p, inv_keep, R_PAD, HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_K)
 
 
 @triton.jit

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_fwd import _dot, _dropout_scale
+from .lora_fwd import _shrink_block
 
 
 @triton.jit
@@ -51,32 +51,13 @@ def _grouped_shrink_kernel(
         r_ok = rr < R
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    # Split s takes K blocks s, s + SPLIT_K, ... (as the single-adapter shrink).
+    # The single-adapter shrink's tile loop (the masked tile as the MMA's B operand, so wgmma is not
+    # serialized). Every projection of a dropout launch has p_g > 0 (the launcher splits off p_g == 0).
     if HAS_DROPOUT:
-        # U^T = A D(x)^T, the masked tile as the MMA's B operand (through shared memory), as in
-        # lora_fwd._shrink_kernel: as a register A operand it serialized wgmma (ptxas C7515).
-        # Every projection of a dropout launch has p_g > 0 (the launcher splits off p_g == 0 runs).
-        acc_t = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
-        for kb in range(pid_s, tl.cdiv(K, BLOCK_K), SPLIT_K):
-            cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            xm = (x.to(tl.float32) * _dropout_scale(seed, rows, cols, K, p, 1.0 / (1.0 - p))).to(x_ptr.dtype.element_ty)
-            a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak,
-                        mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_t = _dot(a, tl.trans(xm), acc_t, IEEE)
-        u_ptrs = u_ptr + pid_s * stride_us + rr[:, None] * stride_ur + rows[None, :] * stride_um
-        tl.store(u_ptrs, acc_t.to(u_ptr.dtype.element_ty), mask=r_ok[:, None] & row_ok[None, :])
+        _shrink_block(x_ptr, a_ptr, u_ptr, rows, row_ok, rr, r_ok, K, pid_s, SPLIT_K,
+                      stride_xm, stride_xk, stride_ar, stride_ak, stride_us, stride_um, stride_ur,
+                      seed, p, 1.0 / (1.0 - p), R_PAD, HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_K)
     else:
-        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for kb in range(pid_s, tl.cdiv(K, BLOCK_K), SPLIT_K):
-            cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            a_t = tl.load(a_ptr + rr[None, :] * stride_ar + cols[:, None] * stride_ak,
-                          mask=r_ok[None, :] & col_ok[:, None], other=0.0)
-            acc = _dot(x, a_t, acc, IEEE)
-        u_ptrs = u_ptr + pid_s * stride_us + rows[:, None] * stride_um + rr[None, :] * stride_ur
-        tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+        _shrink_block(x_ptr, a_ptr, u_ptr, rows, row_ok, rr, r_ok, K, pid_s, SPLIT_K,
+                      stride_xm, stride_xk, stride_ar, stride_ak, stride_us, stride_um, stride_ur,
+                      0, 0.0, 1.0, R_PAD, HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_K)

@@ -117,9 +117,21 @@ def _shrink_kernel(
     rr = tl.arange(0, R_PAD)
     row_ok = rows < M
     r_ok = rr < R
+    seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)  # on-device seed: no host sync
-    # Split s takes K blocks s, s + SPLIT_K, ...: no K_PER_SPLIT to keep aligned with BLOCK_K.
+    _shrink_block(x_ptr, a_ptr, u_ptr, rows, row_ok, rr, r_ok, K, pid_s, SPLIT_K,
+                  stride_xm, stride_xk, stride_ar, stride_ak, stride_us, stride_um, stride_ur,
+                  seed, p, inv_keep, R_PAD, HAS_DROPOUT, IEEE, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def _shrink_block(x_ptr, a_ptr, u_ptr, rows, row_ok, rr, r_ok, K, pid_s, SPLIT_K,
+                  stride_xm, stride_xk, stride_ar, stride_ak, stride_us, stride_um, stride_ur,
+                  seed, p, inv_keep, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One M tile of U = D(x) A^T (split s of SPLIT_K), shared by the single and the grouped shrink.
+    Split s takes K blocks s, s + SPLIT_K, ...: no K_PER_SPLIT to keep aligned with BLOCK_K."""
     if HAS_DROPOUT:
         # U^T = A D(x)^T: the masked tile, computed in registers, is the MMA's B operand, which
         # goes through shared memory; as the A operand from registers it made ptxas serialize the
