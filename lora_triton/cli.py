@@ -10,10 +10,11 @@ COMMANDS = {
     "bench": ("lora_triton.benchmark.cli", "benchmark our kernels vs unfused PyTorch, PEFT and the base layer"),
     "bench-peft": ("lora_triton.benchmark.peft_patch_cases", "a PEFT training step, plain vs patch_peft (tiny Llama, a "
                    "4096-wide layer)"),
-    "kernels": ("lora_triton.kernels.aot_report", "compile every kernel ahead of time for sm_80/sm_90 and report"),
+    "kernels": ("lora_triton.kernels.aot_report",
+                "compile every kernel ahead of time for sm_80/sm_90/sm_100 and report"),
 }
 
-USAGE = "usage: lora-triton [--version] {demo,bench,kernels} [options]  (COMMAND --help for its options)\n\n" + \
+USAGE = "usage: lora-triton [--version] {demo,bench,bench-peft,kernels} [options] (COMMAND --help: its options)\n\n" + \
     "\n".join(f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items())
 
 
