@@ -239,11 +239,12 @@ def _bnb_llama():
     return model
 
 
-def test_dora_over_a_4bit_base_equals_peft_over_bitsandbytes(tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_over_a_4bit_base_equals_peft_over_bitsandbytes(dropout, tmp_path):
     bnb_model = _bnb_llama()
     ours_base = lora_triton.quantize(copy.deepcopy(bnb_model))  # adopted: the very same bytes
     cfg = dict(target_modules=["q_proj", "o_proj", "up_proj"], r=4, lora_alpha=8, use_dora=True,
-               init_lora_weights=False)
+               init_lora_weights=False, lora_dropout=dropout)
     pm = peft.get_peft_model(bnb_model, peft.LoraConfig(**cfg))
     assert any(type(m).__module__.startswith("peft.tuners.lora.bnb") for m in pm.modules())
     with torch.no_grad():
@@ -254,9 +255,9 @@ def test_dora_over_a_4bit_base_equals_peft_over_bitsandbytes(tmp_path):
     model = lora_triton.load_adapter(ours_base, str(tmp_path), is_trainable=True)
     inputs = model_input("llama")
     # bitsandbytes 0.50 on CPU repacks at the first eval-mode no-grad forward and then computes in bf16, so
-    # PEFT runs in training mode (no dropout here): it dequantizes in fp32.
-    out_t, theirs = _grads(pm.train(), inputs)
-    out_o, ours = _grads(model.train(), inputs)
+    # PEFT runs in training mode: it dequantizes in fp32. Same generator state: the same dropout masks.
+    out_t, theirs = _grads(pm.train(), inputs, seed=4)
+    out_o, ours = _grads(model.train(), inputs, seed=4)
     assert max_diff(out_o, out_t) <= 1e-4
     assert sorted(ours) == sorted(theirs) and any("magnitude" in n for n in ours)
     for name, grad in ours.items():
