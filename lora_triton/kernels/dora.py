@@ -11,8 +11,8 @@
 5. ``_dudb_kernel``: one pass over dy (scaled by g as it is loaded): dU = s (g dy) B, dB += s (g dy)^T U
    (fp32 atomics) and the column reduction dm += sum_t dy * y_pre / n.
 6. ``_da_kernel``: dA = dU^T D(x).
-7. ``_dx_kernel``: dgrad with g folded into the dy loads; at p > 0 two accumulators over one read of
-   dy and W (dy W and (g - 1) dy W), then dx = dy W + D'((g - 1) dy W + dU A).
+7. ``_dx_kernel``: dgrad with g folded into the W tiles (dy diag(g) W = dy (diag(g) W)); at p > 0 two
+   accumulators over one read of dy and W (dy W and dy diag(g - 1) W), then dx = dy W + D'(... + dU A).
 Fixed launch configs (not autotuned yet); under TRITON_INTERPRET=1 small blocks keep CPU tests fast.
 The dropout mask is regenerated from the on-device seed with ``lora_fwd._dropout_scale``.
 """
@@ -233,13 +233,16 @@ def _dx_kernel(dy_ptr, w_ptr, g_ptr, gm1_ptr, du_ptr, a_ptr, seed_ptr, dx_ptr,
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        # dy diag(g) W = dy (diag(g) W): the per-column scale of dy is a per-row scale of the W tile, so the
+        # tile computed in registers is the MMA's B operand (through shared memory) and dy, straight from
+        # memory, its A operand; a register-scaled A operand made ptxas serialize wgmma (C7515).
         if HAS_DROPOUT:
             gm1 = tl.load(gm1_ptr + cols, mask=col_ok, other=0.0)
             acc = _mm(dy, w, acc, IEEE)
-            acc_d = _mm((dy.to(tl.float32) * gm1[None, :]).to(dy_ptr.dtype.element_ty), w, acc_d, IEEE)
+            acc_d = _mm(dy, (w.to(tl.float32) * gm1[:, None]).to(w_ptr.dtype.element_ty), acc_d, IEEE)
         else:
             g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
-            acc = _mm((dy.to(tl.float32) * g[None, :]).to(dy_ptr.dtype.element_ty), w, acc, IEEE)
+            acc = _mm(dy, (w.to(tl.float32) * g[:, None]).to(w_ptr.dtype.element_ty), acc, IEEE)
     lora = _rank_dot(du_ptr, a_ptr, rows, ks, row_ok, k_ok, R, stride_dum, stride_dur, stride_ar, stride_ak,
                      BLOCK_M, BLOCK_K, R_PAD, IEEE)
     if HAS_DROPOUT:
