@@ -113,20 +113,27 @@ def dora_linear_bwd(dy, x, weight, lora_A, lora_B, magnitude, weight_norm, u, y_
     GEMM's path by g - 1; dm = sum_t dy * y_pre / n is one column reduction over [M, N].
     """
     g, gm1 = dora_scales(magnitude, weight_norm)
-    d_m = torch.mul(dy, y_pre).sum(0, dtype=torch.float32) / weight_norm
+    scratch = torch.mul(dy, y_pre)  # [M, N], reused below for the scaled dy: one [M, N] allocation, not two
+    d_m = scratch.sum(0, dtype=torch.float32) / weight_norm
     # g scales rows of B and of dB ([N, r]) rather than dy ([M, N]) on the rank-r side.
     d_b = (dy.t() @ u).float() * (scaling * g)[:, None]
     d_u = dy @ (lora_B * (scaling * g).to(lora_B.dtype)[:, None])
+    # fp32 / fp64: the low-rank term goes into the dgrad output in place (no [M, K] copy for addmm's input);
+    # a half dtype keeps addmm's single rounding.
+    wide = dy.dtype in (torch.float32, torch.float64)
     if dropout_p == 0.0:
         d_a = d_u.t() @ x
-        dx = torch.addmm(d_u @ lora_A, dy * g.to(dy.dtype), weight) if need_dx else None
+        dx = None
+        if need_dx:
+            dyg = torch.mul(dy, g.to(dy.dtype), out=scratch)
+            dx = torch.mm(dyg, weight).addmm_(d_u, lora_A) if wide else torch.addmm(d_u @ lora_A, dyg, weight)
         return dx, d_a.float(), d_b, d_m
     inv_keep = 1.0 / (1.0 - dropout_p)
     d_us = d_u * inv_keep
     dropped = None
     if need_dx:
         # dx = dy W + D'((g - 1) dy W + dU A): the mask chunks that rebuild D(x) for dA also mask this.
-        dropped = (dy * (gm1 * inv_keep).to(dy.dtype)) @ weight
+        dropped = torch.mul(dy, (gm1 * inv_keep).to(dy.dtype), out=scratch) @ weight
         dropped.addmm_(d_us, lora_A)
     xd = _masked_copy(x, seed, dropout_p, also=dropped)
     d_a = d_us.t() @ xd
