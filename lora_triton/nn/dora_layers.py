@@ -86,7 +86,9 @@ class _UnmergedNormMixin:
         return weight / factor.view(self.factor_view(weight)) - layer.delta_weight(name)
 
     def add_output(self, layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        return self.combine(result, *self.terms(layer, name, x, result))
+        # result + (g - 1) base + g lora; for the embedding (base = result) that is PEFT's g result + g lora
+        # in the stable form: in a half dtype g itself would round away m / n - 1.
+        return dora_onto(result, *self.terms(layer, name, x, result))
 
     def delta(self, layer, name: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's term alone, for mixed batches (each row holds one adapter): base(x) recomputed."""
@@ -122,10 +124,6 @@ class DoraEmbeddingVariant(_UnmergedNormMixin, DoraVariant):
         g, gm1 = self.scales(layer, name, result.dtype)
         return result, lora.to(result.dtype), g, gm1
 
-    @staticmethod
-    def combine(result, base, lora, g, gm1):
-        return g * base + g * lora
-
 
 class DoraConvVariant(_UnmergedNormMixin, DoraVariant):
     def factors(self, layer, name):
@@ -158,10 +156,6 @@ class DoraConvVariant(_UnmergedNormMixin, DoraVariant):
         u = a._conv_forward(h, a.weight.to(x.dtype), None)
         lora = b._conv_forward(u, b.weight.to(x.dtype), None) * layer.scaling[name]
         return base_out, lora, g, gm1
-
-    @staticmethod
-    def combine(result, base, lora, g, gm1):
-        return dora_onto(result, base, lora, g, gm1)
 
 
 class Nf4DoraVariant(DoraVariant):
