@@ -11,6 +11,7 @@ import peft
 import pytest
 import torch
 from models import max_diff, model_input, run, tiny_llama
+from test_dora_peft import _train
 from torch import nn
 
 import lora_triton
@@ -60,17 +61,6 @@ TARGETS = ["emb", "c1", "c2", "c3"]
 
 def _config(cls, **kw):
     return cls(target_modules=TARGETS, r=2, lora_alpha=5, use_dora=True, **kw)
-
-
-def _train(model, inputs, steps=3, lr=3e-2):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        run(model, inputs).float().pow(2).mean().backward()
-        opt.step()
-    return model.eval()
 
 
 def _magnitudes(model) -> dict:
