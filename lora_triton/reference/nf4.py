@@ -10,15 +10,16 @@ The quantizers reproduce bitsandbytes' CPU path bit for bit: 4-bit codes by midp
 ``w * (1 / absmax)`` (``w / absmax`` in a trailing partial block), 8-bit codes by "largest code <= v, then
 the right neighbour if strictly closer" on ``v = a / absmax``.
 
-Dequantization works on flat ranges, so the GEMM twins below hold at most ``CHUNK_ELEMENTS`` (2^20)
+Dequantization works on flat ranges, so the GEMM twins below hold at most ``CHUNK_ELEMENTS`` (2^22)
 dequantized values at a time (whole rows; more only when one row alone is longer), in a per-thread
 scratch buffer reused from call to call: extra memory is bounded by 6 bytes per chunk element (fp32
-values, an int32 index per packed byte: 6 MiB; +2 bytes for a 16-bit compute dtype's copy), each chunk's
+values, an int32 index per packed byte: 24 MiB; +2 bytes for a 16-bit compute dtype's copy), each chunk's
 product going straight into its slice of y or accumulating into dx, whatever the layer size; the
 full-precision W is never built by the training path. The buffer is kept between calls (one per thread
-and device, grown to the largest chunk seen). 2^20 rather than more: on a 2-core EPYC a fp32 step at
-2048x2048 took the same CPU time with chunks of 2^18..2^22 (GEMMs split to >= 256 rows lose nothing),
-and the smaller chunk cuts the step's peak.
+and device, grown to the largest chunk seen). Why 2^22 (measured on a 2-core EPYC, fp32, 2048x2048,
+2048 tokens): chunks of 2^18..2^22 take the same CPU time on an idle machine (L2-sized chunks win
+nothing: the GEMM packs its operand anyway), but under load every chunk adds GEMM calls and parallel
+regions that wait for a descheduled thread: 2^20 was 1.17x and 2^19 1.7x the CPU time of 2^22.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 22
 
 
 def code_table(quant_type: str, device=None) -> torch.Tensor:
