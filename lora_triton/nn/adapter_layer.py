@@ -89,6 +89,16 @@ class AdapterLayer(nn.Module):
                 result = self.add_adapter_output(name, x, result)
         return result
 
+    def single_linear_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
+        """The one active, unmerged adapter when this call can fuse it with the base GEMM (a Linear base,
+        no mixed batch, adapters enabled, x in the base's dtype); None otherwise."""
+        if not isinstance(self.base_layer, nn.Linear) or self.mixed_batch is not None or self.disable_adapters:
+            return None
+        names = [n for n in self.active_adapters if self.has_adapter(n) and n not in self.merged_adapters]
+        if args or kwargs or len(names) != 1 or x.dtype != self.base_layer.weight.dtype:
+            return None
+        return names[0]
+
     def add_adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result`` plus the adapter's output; a layer type that can accumulate in place overrides it."""
         delta = self.adapter_forward(name, x)

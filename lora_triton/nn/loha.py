@@ -90,17 +90,15 @@ class LoHaLayer(AdapterLayer):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # One adapter on a Linear: the base GEMM and the LoHa term in one fused op call.
+        name = self.single_linear_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
         base = self.base_layer
-        names = [n for n in self.active_adapters if self.has_adapter(n) and n not in self.merged_adapters]
-        if (isinstance(base, nn.Linear) and self.mixed_batch is None and not self.disable_adapters and not args
-                and not kwargs and len(names) == 1 and x.dtype == base.weight.dtype):
-            name = names[0]
-            if self.training and not torch.rand(1) > self.module_dropout[name]:
-                return base(x)
-            t = self.adapter_tensors(name)
-            return loha_linear(x, t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"],
-                               self.scaling[name], self._row_scale(name), self.form, base.weight, base.bias)
-        return super().forward(x, *args, **kwargs)
+        if self.training and not torch.rand(1) > self.module_dropout[name]:
+            return base(x)
+        t = self.adapter_tensors(name)
+        return loha_linear(x, t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"],
+                           self.scaling[name], self._row_scale(name), self.form, base.weight, base.bias)
 
     def _row_scale(self, name: str) -> Optional[torch.Tensor]:
         p = self.rank_dropout[name]

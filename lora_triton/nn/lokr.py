@@ -8,7 +8,7 @@ kernel that is not 1x1, ``lokr_t2`` [r, r, kh, kw] ([r, r, k, 1] for Conv1d) and
 ``lokr_w2_b`` as [r, d]. Scaling alpha / r, as PEFT, even with both factors full (LyCORIS uses 1 there).
 
 Forward: ``ops.lokr`` (W1 X W2^T on reshaped inputs; the Kronecker product is never built) for Linear
-and for convs with groups == 1. Two cases build the dense kernel instead: grouped convs, and Conv1d with
+(one adapter: fused with the base GEMM, low-rank factors kept split) and for convs with groups == 1. Two cases build the dense kernel instead: grouped convs, and Conv1d with
 a full 3-D ``lokr_w2``, where PEFT's ``torch.kron`` of a 2-D and a 3-D tensor gives a layout that is not
 a Kronecker product of the kernels; lora_triton reproduces that layout so PEFT's files give PEFT's
 outputs. Conv1d with use_effective_conv2d works here (PEFT's crashes). rank_dropout / module_dropout as
@@ -137,6 +137,24 @@ class LoKrLayer(AdapterLayer):
         return torch.kron(w1, w2.contiguous()).reshape(self.base_layer.weight.shape)
 
     # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # One adapter on a Linear: the base GEMM and the LoKr chain in one autograd Function.
+        name = self.single_linear_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        if self.training and not torch.rand(1) > self.module_dropout[name]:
+            return base(x)
+        return lokr_linear(x, *self._linear_factors(self.adapter_tensors(name)), self.scaling[name],
+                           self._row_scale(name), base.weight, base.bias)
+
+    @staticmethod
+    def _linear_factors(t: dict):
+        """W1 and W2 of a Linear adapter, each a full matrix or its low-rank pair (kept split)."""
+        w1 = t["lokr_w1"] if "lokr_w1" in t else (t["lokr_w1_a"], t["lokr_w1_b"])
+        w2 = t["lokr_w2"] if "lokr_w2" in t else (t["lokr_w2_a"], t["lokr_w2_b"])
+        return w1, w2
+
     def _row_scale(self, name: str) -> Optional[torch.Tensor]:
         p = self.rank_dropout[name]
         if not (self.training and p):
@@ -152,9 +170,9 @@ class LoKrLayer(AdapterLayer):
         row_scale = self._row_scale(name)
         t = self.adapter_tensors(name)
         base, s = self.base_layer, self.scaling[name]
-        w1, w2 = self._factors(t)
         if isinstance(base, nn.Linear):
-            return lokr_linear(x, w1, w2, s, row_scale)
+            return lokr_linear(x, *self._linear_factors(t), s, row_scale)
+        w1, w2 = self._factors(t)
         if base.groups == 1 and not self._peft_conv1d_layout(t):
             return lokr_conv(x, base, w1, w2, s, row_scale)
         delta = self._dense(w1, w2, self._peft_conv1d_layout(t)) * s
