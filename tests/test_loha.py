@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kinds_models import call, conv_inputs, conv_net, max_diff, peft_both_ways, train_steps
+from kinds_models import call, conv_inputs, conv_net, max_diff, peft_both_ways, trained_conv_net
 
 import lora_triton as lt
 from lora_triton.nn.loha import LoHaLayer
@@ -105,11 +105,7 @@ def test_rank_and_module_dropout_repeat_peft_masks(tmp_path):
 
 
 def test_merge_unmerge_safe_merge():
-    net = conv_net()
-    lt.inject_lora(net, lt.LoHaConfig(target_modules=["c2", "proj"], r=2, init_weights=False))
-    inputs = conv_inputs()
-    train_steps(net, inputs)
-    want = call(net, inputs)
+    net, inputs, want = trained_conv_net(lt.LoHaConfig(target_modules=["c2", "proj"], r=2, init_weights=False))
     lt.merge_adapter(net)
     assert max_diff(call(net, inputs), want) <= 1e-5
     lt.unmerge_adapter(net)

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from kinds_models import call, conv_inputs, conv_net, max_diff, peft_both_ways, train_steps
+from kinds_models import call, conv_inputs, conv_net, max_diff, peft_both_ways, trained_conv_net
 
 import lora_triton as lt
 from lora_triton.nn.lokr import LoKrLayer, factorization
@@ -167,11 +167,7 @@ def test_rank_dropout_scale_masks_repeat_peft(tmp_path):
 
 
 def test_merge_and_unload_keeps_outputs():
-    net = conv_net()
-    lt.inject_lora(net, lt.LoKrConfig(target_modules=["c1", "c2", "proj"], r=1, init_weights=False))
-    inputs = conv_inputs()
-    train_steps(net, inputs)
-    want = call(net, inputs)
+    net, inputs, want = trained_conv_net(lt.LoKrConfig(target_modules=["c1", "c2", "proj"], r=1, init_weights=False))
     lt.merge_and_unload(net, safe_merge=True)
     assert type(net.proj) is torch.nn.Linear and type(net.c1) is torch.nn.Conv1d
     assert max_diff(call(net, inputs), want) <= 1e-5

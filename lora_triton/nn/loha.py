@@ -43,6 +43,7 @@ def cp_kernel(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tens
 
 class LoHaLayer(AdapterLayer):
     param_dicts = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    fuses_linear = True
     setting_dicts = ("scaling", "r", "alpha", "rank_dropout", "module_dropout")
     form = "auto"  # "factored" / "dense" force one form (tests, benchmarks); "auto" applies ops.loha's rule
 
@@ -88,36 +89,19 @@ class LoHaLayer(AdapterLayer):
                     nn.init.zeros_(p)
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # One adapter on a Linear: the base GEMM and the LoHa term in one fused op call.
-        name = self.single_linear_adapter(x, args, kwargs)
-        if name is None:
-            return super().forward(x, *args, **kwargs)
-        base = self.base_layer
-        if self.training and not torch.rand(1) > self.module_dropout[name]:
-            return base(x)
-        t = self.adapter_tensors(name)
+    def linear_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        # The base GEMM and the LoHa term in one fused op call.
+        base, t = self.base_layer, self.adapter_tensors(name)
         return loha_linear(x, t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"],
-                           self.scaling[name], self._row_scale(name), self.form, base.weight, base.bias)
-
-    def _row_scale(self, name: str) -> Optional[torch.Tensor]:
-        p = self.rank_dropout[name]
-        if not (self.training and p):
-            return None
-        drop = (torch.rand(self.base_layer.weight.shape[0]) > p).to(torch.float32)
-        return (drop / drop.mean()).to(self.base_layer.weight.device)
+                           self.scaling[name], self.rank_dropout_rows(name), self.form, base.weight, base.bias)
 
     def adapter_forward(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.training and not torch.rand(1) > self.module_dropout[name]:
+        if self.module_dropped(name):
             return None
-        row_scale = self._row_scale(name)
-        t = self.adapter_tensors(name)
-        base, s = self.base_layer, self.scaling[name]
+        t, s, row_scale = self.adapter_tensors(name), self.scaling[name], self.rank_dropout_rows(name)
+        base = self.base_layer
         if "hada_t1" in t:
-            delta = self._cp_delta(t) * s
-            if row_scale is not None:
-                delta = delta * row_scale.reshape(-1, *([1] * (delta.dim() - 1)))
-            return base._conv_forward(x, delta.to(x.dtype), None)
+            return self.dense_conv_term(x, self._cp_delta(t) * s, row_scale)
         factors = (t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"])
         if isinstance(base, nn.Linear):
             return loha_linear(x, *factors, s, row_scale, self.form)
