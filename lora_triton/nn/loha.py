@@ -6,7 +6,8 @@ on a kernel that is not 1x1, ``hada_t1`` / ``hada_t2`` [r, r, kh, kw] ([r, r, k,
 ``hada_w1_a`` stored as [r, out], ``hada_w1_b`` as [r, in / groups]. Scaling alpha / r.
 
 Forward: ``ops.loha`` (the Khatri-Rao form on the fused LoRA op, dense only where cheaper by its rule);
-the effective-conv (CP) form builds its kernel (the Tucker product) densely. rank_dropout and
+the effective-conv (CP / Tucker) form as a 1x1 conv, a core conv and a 1x1 conv
+(``ops.loha.loha_tucker_conv``, dense only where cheaper by ``use_factored_tucker``). rank_dropout and
 module_dropout follow PEFT, in training only, drawing from torch's global CPU generator in PEFT's order
 (``torch.rand(1)`` for module_dropout on every training forward, then ``torch.rand(out)`` for the
 rank_dropout row mask, kept rows scaled by 1 / mean(mask)), so a seeded run repeats PEFT's masks.
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.loha import dense_delta, loha_conv, loha_linear
+from ..ops.loha import cp_kernel, dense_delta, loha_conv, loha_linear, loha_tucker_conv
 from .adapter_layer import AdapterLayer
 
 LOHA_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -34,11 +35,6 @@ def _kaiming(t: torch.Tensor) -> None:
 def _effective(base: nn.Module, use_effective_conv2d: bool) -> bool:
     return bool(use_effective_conv2d) and isinstance(base, (nn.Conv1d, nn.Conv2d)) and \
         any(k != 1 for k in base.kernel_size)
-
-
-def cp_kernel(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """The Tucker (CP) kernel of the effective-conv form: [out, in, *k] from t [r, r, *k], wa [r, out], wb [r, in]."""
-    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
 
 
 class LoHaLayer(AdapterLayer):
@@ -101,7 +97,8 @@ class LoHaLayer(AdapterLayer):
         t, s, row_scale = self.adapter_tensors(name), self.scaling[name], self.rank_dropout_rows(name)
         base = self.base_layer
         if "hada_t1" in t:
-            return self.dense_conv_term(x, self._cp_delta(t) * s, row_scale)
+            return loha_tucker_conv(x, base, t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"], t["hada_t2"],
+                                    t["hada_w2_a"], t["hada_w2_b"], s, row_scale, self.form)
         factors = (t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"])
         if isinstance(base, nn.Linear):
             return loha_linear(x, *factors, s, row_scale, self.form)

@@ -24,9 +24,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops.loha import cp_kernel
 from ..ops.lokr import lokr_conv, lokr_linear
 from .adapter_layer import AdapterLayer
-from .loha import cp_kernel
 
 LOKR_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
