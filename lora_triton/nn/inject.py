@@ -102,14 +102,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         if wrapped is not module:
             # A new module starts in training mode: take the wrapped layer's, or an eval model drops out.
             _set_child(model, path, wrapped.train(module.training))
-    for path, module in list(candidate_modules(model)):
-        # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
-        if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
-            wrapper = module if isinstance(module, ModulesToSaveWrapper) else \
-                ModulesToSaveWrapper(module).train(module.training)
-            wrapper.add_adapter(adapter_name)
-            if wrapper is not module:
-                _set_child(model, path, wrapper)
+    add_modules_to_save(model, config, adapter_name)
     configs[adapter_name] = config
     active = [adapter_name] if first else previous_active
     set_adapter(model, active)
@@ -120,6 +113,18 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
 
     install_peft_methods(model)  # transformers models: save_pretrained writes PEFT's adapter format
     return model
+
+
+def add_modules_to_save(model: nn.Module, config, adapter_name: str) -> None:
+    """Wrap (or extend) the modules named by ``config.modules_to_save`` with ``adapter_name``'s trainable copy."""
+    for path, module in list(candidate_modules(model)):
+        # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
+        if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else \
+                ModulesToSaveWrapper(module).train(module.training)
+            wrapper.add_adapter(adapter_name)
+            if wrapper is not module:
+                _set_child(model, path, wrapper)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
