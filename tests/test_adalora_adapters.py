@@ -198,3 +198,16 @@ def test_lora_and_adalora_do_not_mix():
     model = lt.inject_lora(tiny_llama(), lt.LoraConfig(target_modules=["k_proj"], r=2))
     with pytest.raises(ValueError, match="non-AdaLoRA adapters"):
         lt.inject_adalora(model, lt.AdaLoraConfig(**LLAMA), "ada")
+
+
+def test_adalora_is_a_kind_on_the_registry():
+    from lora_triton.nn import kinds
+
+    config = kinds.config_from_dict({"peft_type": "ADALORA", **LLAMA})
+    assert type(config) is lt.AdaLoraConfig and kinds.kind_of(config).peft_type == "ADALORA"
+    model = lt.inject_lora(tiny_llama(), config)  # inject_lora hands AdaLoRA configs to inject_adalora
+    assert isinstance(model.model.layers[0].self_attn.q_proj, SVDLinear) and adalora_state(model).allocator
+    with pytest.raises(TypeError, match="another kind"):
+        lt.inject_lora(model, lt.LoraConfig(target_modules=["q_proj"], r=2), "lora")
+    with pytest.raises(TypeError, match="LoRA adapters only"):
+        lt.add_weighted_adapter(model, ["default"], [1.0], "m")  # PEFT's AdaLoRA refuses it too

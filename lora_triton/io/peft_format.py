@@ -306,13 +306,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
 
     Transactional: every key, shape and dtype is checked first, and any exception after that (even
     KeyboardInterrupt) rolls the model back, so a failed load leaves it bit-identical.
-    Folders with peft_type "ADALORA" go to ``io.adalora_format.load_adalora``.
     """
     check_adapter_name(adapter_name)
-    from .adalora_format import is_adalora_dir, load_adalora
-
-    if config is None and is_adalora_dir(_adapter_dir(directory, adapter_name)):
-        return load_adalora(model, _adapter_dir(directory, adapter_name), adapter_name, is_trainable=is_trainable)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; loaded: {sorted(adapter_configs(model))}")
     if config is not None:

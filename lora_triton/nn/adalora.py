@@ -17,6 +17,7 @@ added to ``outputs.loss`` whenever the model returns a loss (a forward hook, whi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,8 +26,9 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..ops.lora_linear import lora_linear
+from . import kinds
 from .adapter_layer import AdapterLayer
-from .inject import _check_name, active_adapters, adapter_configs, add_modules_to_save, set_adapter
+from .inject import _check_name, _set_child, active_adapters, adapter_configs, add_modules_to_save, set_adapter
 from .lora_linear import is_conv1d, is_supported_base
 from .targets import candidate_modules, find_targets, resolve_targets
 from .transaction import transactional
@@ -273,13 +275,16 @@ ONE_TRAINABLE = ("AdaLoraModel supports only 1 trainable adapter. When using mul
 
 @transactional
 def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
-                   init_weights: bool = True) -> nn.Module:
+                   init_weights: Optional[bool] = None) -> nn.Module:
     """Wrap the targeted Linear / Conv1D layers with ``SVDLinear`` at rank init_r, or add ``adapter_name`` to
     the model's existing ones. PEFT's rules: one trainable AdaLoRA adapter per model (the others
     ``inference_mode=True``, frozen); the first adapter is the active one, later ones are added inactive
-    (``set_adapter`` switches). ``bias`` and ``modules_to_save`` as for LoRA."""
+    (``set_adapter`` switches). ``bias`` and ``modules_to_save`` as for LoRA. ``inject_lora`` with an
+    AdaLoraConfig comes here; the layers come from the adapter-kind registry (``nn/kinds.py``, "ADALORA")."""
     if not isinstance(config, AdaLoraConfig):
         raise TypeError(f"config must be a lora_triton AdaLoraConfig, got {type(config).__name__}")
+    if init_weights is not None:
+        config = dataclasses.replace(config, init_lora_weights=bool(init_weights))
     config.validate()
     _check_name(adapter_name)
     configs = adapter_configs(model)
@@ -303,12 +308,10 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = 
     first = not configs
     previous_active = active_adapters(model)
     for path, module in targets:
-        layer = module if isinstance(module, SVDLinear) else SVDLinear(module).train(module.training)
-        layer.add_adapter(adapter_name, config.init_r, config.lora_alpha, config.lora_dropout, init_weights)
+        layer = kinds.attach(module, adapter_name, config, path)  # ADALORA_LINEAR below
         if layer is not module:
             layer.active_adapters = []
-            parent_path, _, attr = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
+            _set_child(model, path, layer)
     add_modules_to_save(model, config, adapter_name)
     configs[adapter_name] = config
     set_adapter(model, [adapter_name] if first else previous_active)
@@ -390,3 +393,40 @@ def adalora_callback(model: nn.Module):
 
     return AdaLoraCallback()
 
+
+
+# -- the ADALORA adapter kind (nn/kinds.py): load_adapter / save_adapter / inject_lora dispatch on it ----
+def _features(base: nn.Module) -> tuple[int, int]:
+    w = base.weight
+    return (w.shape[0], w.shape[1]) if is_conv1d(base) else (w.shape[1], w.shape[0])
+
+
+def _kept(config: AdaLoraConfig, path: str) -> Optional[list[bool]]:
+    """The layer's mask in ``config.rank_pattern`` (a saved adapter's config): its layer is built at the kept
+    ranks, which is what the saved, sliced tensors hold (PEFT resizes on load the same way)."""
+    return (config.rank_pattern or {}).get(f"{path}.lora_E")
+
+
+def _add_svd(layer: SVDLinear, name: str, config: AdaLoraConfig, path: str) -> None:
+    layer.add_adapter(name, config.init_r, config.lora_alpha, config.lora_dropout, bool(config.init_lora_weights))
+    keep = _kept(config, path)
+    if keep is not None:
+        layer.resize(name, keep)
+
+
+def _wrap_svd(base: nn.Module, name: str, config: AdaLoraConfig, path: str) -> SVDLinear:
+    layer = SVDLinear(base).train(base.training)
+    _add_svd(layer, name, config, path)
+    return layer
+
+
+def _svd_shapes(base: nn.Module, config: AdaLoraConfig, path: str) -> dict[str, tuple[int, int]]:
+    in_f, out_f = _features(base)
+    keep = _kept(config, path)
+    r = config.init_r if keep is None else sum(keep)
+    return {"lora_A": (r, in_f), "lora_E": (r, 1), "lora_B": (out_f, r)}
+
+
+ADALORA_LINEAR = kinds.LayerType("nn.Linear / transformers Conv1D", is_supported_base, SVDLinear, wrap=_wrap_svd,
+                                 add=_add_svd, shapes=_svd_shapes, tensors=lambda layer, n: layer.adapter_tensors(n))
+kinds.register(kinds.AdapterKind("ADALORA", AdaLoraConfig, (ADALORA_LINEAR,)))

@@ -74,6 +74,10 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     same tensor (q/k/v, gate/up) are grouped (``nn.grouping``; ``ungroup_siblings`` undoes it).
     """
     config = coerce_config(config)  # ours (LoRA / LoHa / LoKr) or PEFT's LoraConfig; else a TypeError
+    if getattr(config, "peft_type", None) == "ADALORA":  # its layers and its rank allocator: nn/adalora.py
+        from .adalora import inject_adalora
+
+        return inject_adalora(model, config, adapter_name)
     config.validate()  # fields may have been changed since construction
     _check_name(adapter_name)
     if getattr(config, "init_lora_weights", None) in LOAD_ONLY_INITS:
