@@ -214,3 +214,16 @@ def test_serial_cpu_restores_thread_count():
         assert torch.get_num_threads() == 1
         raise RuntimeError("boom")
     assert torch.get_num_threads() == threads
+
+
+def test_serial_cpu_threads_scale_with_operand_size():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        grain = philox._THREAD_GRAIN
+        for numel, want in ((0, 1), (grain - 1, 1), (2 * grain, 2), (3 * grain + 5, 3), (100 * grain, 4)):
+            with philox.serial_cpu("cpu", numel):
+                assert torch.get_num_threads() == want, numel
+            assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)

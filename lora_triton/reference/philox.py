@@ -39,6 +39,9 @@ _UNIFORM_SCALE = 4.6566127342e-10
 # Philox counters per row chunk on CPU: large enough that per-op overhead stops dominating, small
 # enough that the six int64 word buffers (6 x 8 bytes per counter) and the chunk's mask stay in cache.
 _CHUNK = 1 << 15
+# Elements of the largest operand per intra-op thread in ``serial_cpu``: 16 MB of fp32 is 1-2 ms of one
+# core's bandwidth, enough to amortize the barrier a parallel op ends in.
+_THREAD_GRAIN = 1 << 22
 
 
 def round_keys(seed: torch.Tensor | int, device=None) -> list[tuple]:
@@ -143,18 +146,21 @@ def dropout_threshold(p: float) -> int:
 
 
 @contextlib.contextmanager
-def serial_cpu(device):
-    """Runs the block's CPU ops on the calling thread only (torch's intra-op thread count 1, restored after).
+def serial_cpu(device, numel: int = 0):
+    """Runs the block's CPU ops on fewer intra-op threads (restored after): one thread, or with ``numel``
+    one per ``_THREAD_GRAIN`` elements of the largest operand, at most torch's thread count.
 
-    The masked chunk loops issue hundreds of small ops; each parallel one ends in a barrier, and on a
-    loaded machine a barrier waits for whichever worker was descheduled (measured: 3-5x the base layer's
-    time at load 13 on 2 cores, against 1.2x on one thread). The large GEMMs outside stay parallel.
+    The masked chunk loops and the rank-r GEMMs are small ops; each parallel one ends in a barrier, and on
+    a loaded machine a barrier waits for whichever worker was descheduled (measured: 3-5x the base layer's
+    time at load 13 on 2 cores, against 1.2x on one thread; a [2048, 1024] x [1024, 16] GEMM took 16-24 ms
+    on two threads at load 2-3 against 1 ms on one). The large GEMMs outside stay parallel.
     """
     threads = torch.get_num_threads()
-    if torch.device(device).type != "cpu" or threads == 1:
+    want = max(1, min(threads, numel // _THREAD_GRAIN))
+    if torch.device(device).type != "cpu" or want == threads:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(want)
     try:
         yield
     finally:
