@@ -188,7 +188,7 @@ def test_mask_equals_oracle_across_chunks(monkeypatch, p, rows, cols, row_offset
     for chunk in (1, 64, 1 << 14):
         monkeypatch.setattr(philox, "_CHUNK", chunk)
         assert torch.equal(dropout_keep_mask(seed, rows, cols, p, row_offset=row_offset), want)
-        for dtype in (torch.float32, torch.float16):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             got = torch.full((rows, cols), float("nan"), dtype=dtype)
             for r0, r1, keep in philox.keep_mask_chunks(seed, rows, cols, p, dtype=dtype, row_offset=row_offset):
                 assert keep.dtype == dtype and keep.shape == (r1 - r0, cols)
