@@ -158,3 +158,29 @@ def verdict(rows: list[dict], deadline: Deadline, what: str = "checks") -> int:
     print(f"\n{'PASS' if ok else 'FAIL'}: {sum(bool(r['ok']) for r in ran)}/{len(ran)} {what}{extra}, "
           f"{deadline.elapsed():.1f}s", flush=True)
     return 0 if ok else 1
+
+
+def environment() -> int:
+    """device_check.sh's first step: versions, the GPU, the optional packages; 2 without a CUDA device."""
+    import importlib.util
+
+    import torch
+
+    print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+          "available", torch.cuda.is_available())
+    for name in ("triton", "peft", "bitsandbytes", "matplotlib"):
+        print(name, "ok" if importlib.util.find_spec(name) else "MISSING (its provider/output is skipped)")
+    print("LORA_TRITON_AUTOTUNE", os.environ.get("LORA_TRITON_AUTOTUNE", "1"), "LORA_TRITON_CACHE_DIR",
+          os.environ.get("LORA_TRITON_CACHE_DIR", "(default)"), "load", os.getloadavg())
+    if not torch.cuda.is_available():
+        print("no CUDA device: every GPU step will fail", file=sys.stderr)
+        return 2
+    print("gpu", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["env"]:
+        print("usage: python bench/_device_common.py env   (the environment step of device_check.sh)", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(environment())

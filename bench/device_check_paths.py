@@ -6,13 +6,14 @@ GPU. Prints a table, writes OUT/paths.json; exit 1 when a shape fails.
 
 Shapes: M=8192 with (K, N) = (4096, 4096) and (4096, 14336), r = 16 and 64, p = 0.1 and 0, the headline
 (4096, 4096, r=16, p=0.1) first so a short budget still measures it; --quick: the two r=16 shapes at
-4096x4096. Per shape (triton.testing.do_bench, median ms): base fwd = x W^T, base fwd+bwd = x W^T + dy W
-(frozen weight: dgrad only); fused / composed fwd and fwd+bwd (the kernel launchers called directly);
-PEFT fwd+bwd (its LoRA Linear under autograd, x requiring grad). Ratios are over the frozen base. The auto
-decision is measured in a fresh cache (OUT/path_cache) and printed with the times it measured. Goals
-(H200, bf16): fused fwd+bwd <= 1.08x the base, fwd <= 1.05x, PEFT / fused >= 1.3x, auto never slower
-than composed. Default configs (LORA_TRITON_AUTOTUNE=0) unless --autotune; the kernels are the ones
-device_check_kernels.py compiled (same shapes), so a cold GPU compiles little here.
+4096x4096 (with --self-test: one tiny shape). Per shape (triton.testing.do_bench, median ms): base
+fwd = x W^T, base fwd+bwd = x W^T + dy W (frozen weight: dgrad only); fused / composed fwd and fwd+bwd
+(the kernel launchers called directly); PEFT fwd+bwd (its LoRA Linear under autograd, x requiring
+grad). Ratios are over the frozen base. The auto decision is measured in a fresh cache
+(OUT/path_cache) and printed with the times it measured. Goals (H200, bf16): fused fwd+bwd <= 1.08x
+the base, fwd <= 1.05x, PEFT / fused >= 1.3x, auto never slower than composed. Default configs
+(LORA_TRITON_AUTOTUNE=0) unless --autotune; the kernels are the ones device_check_kernels.py compiled
+(same shapes), so a cold GPU compiles little here.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     cache_dir.mkdir(parents=True, exist_ok=True)
     for old in cache_dir.glob("paths-*.json"):
         old.unlink()  # a fresh decision, measured here
-    shapes = SELF_TEST if args.self_test else QUICK if args.quick else SHAPES
+    shapes = (SELF_TEST[:1] if args.quick else SELF_TEST) if args.self_test else QUICK if args.quick else SHAPES
     rows = common.run_cases(shapes, lambda sh: measure(sh, torch, dev, dt, cache_dir), deadline,
                             label=lambda sh: "M={} K={} N={} r={} p={}".format(*sh))
     print_table(rows)
