@@ -20,6 +20,7 @@ from torch import nn
 
 from .adapter_layer import AdapterLayer
 from .dora_layers import DoraHooks
+from .lora_linear import init_lora_pair
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -68,18 +69,7 @@ class LoraConv(DoraHooks, AdapterLayer):  # DoraHooks: use_dora (nn/dora_layers.
         self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, lora_alpha, use_rslora
         self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_dropout_p[name] = float(lora_dropout)
-        a, b = self.lora_A[name], self.lora_B[name]
-        with torch.no_grad():
-            if init_lora_weights is True:
-                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-                nn.init.zeros_(b.weight)
-            elif init_lora_weights == "gaussian":
-                nn.init.normal_(a.weight, std=1.0 / r)
-                nn.init.zeros_(b.weight)
-            elif init_lora_weights is not False:
-                raise NotImplementedError(f"init_lora_weights={init_lora_weights!r} is not supported on convs")
-            if b.bias is not None:
-                nn.init.zeros_(b.bias)
+        init_lora_pair(self.lora_A[name], self.lora_B[name], init_lora_weights, r, " on convs")
         self.attach_variant(name, use_dora, lora_bias)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:

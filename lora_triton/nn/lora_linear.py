@@ -33,6 +33,22 @@ def merge_is_finite(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     return bool(weight.isfinite().all()) and (bias is None or bool(bias.isfinite().all()))
 
 
+def init_lora_pair(a: nn.Module, b: nn.Module, init_lora_weights, r: int, where: str = "") -> None:
+    """PEFT's LoRA inits for the modules A and B (Linear or conv): True (A kaiming-uniform, B 0), "gaussian"
+    (A normal with std 1 / r, B 0), False (left random); B's bias zeroed. ``where`` ends the error."""
+    with torch.no_grad():
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(a.weight, std=1.0 / r)
+            nn.init.zeros_(b.weight)
+        elif init_lora_weights is not False:
+            raise NotImplementedError(f"init_lora_weights={init_lora_weights!r} is not supported{where}")
+        if b.bias is not None:
+            nn.init.zeros_(b.bias)
+
+
 class LoraLinear(nn.Module):
     mixed_batch = mixed_batch_slot()  # per thread: other threads never run a batch's adapters
 
@@ -96,18 +112,7 @@ class LoraLinear(nn.Module):
         self.reset_adapter(name, init_lora_weights)
 
     def reset_adapter(self, name: str, init_lora_weights=True) -> None:
-        a, b = self.lora_A[name], self.lora_B[name]
-        with torch.no_grad():
-            if init_lora_weights is True:
-                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-                nn.init.zeros_(b.weight)
-            elif init_lora_weights == "gaussian":
-                nn.init.normal_(a.weight, std=1.0 / self.r[name])
-                nn.init.zeros_(b.weight)
-            elif init_lora_weights is not False:
-                raise NotImplementedError(f"init_lora_weights={init_lora_weights!r} is not supported")
-            if b.bias is not None:
-                nn.init.zeros_(b.bias)
+        init_lora_pair(self.lora_A[name], self.lora_B[name], init_lora_weights, self.r[name])
         if name in self.lora_variant:
             self.lora_variant[name].init(self, name)
 
