@@ -80,16 +80,17 @@ def test_kernels_through_the_op_and_autograd(monkeypatch):
         assert (got - want).abs().max().item() <= 1e-4 * (1 + want.abs().max().item())
 
 
-def test_device_check_script_logic_on_tiny_shapes(tmp_path):
+def test_device_check_script_logic_on_tiny_shapes(tmp_path, monkeypatch):
     """bench/device_check_dora.py (the GPU check) runs end to end on CPU through the interpreter."""
-    import importlib.util
     import json
+    import runpy
     from pathlib import Path
 
+    for key, value in (("TRITON_INTERPRET", "1"), ("LORA_TRITON_BACKEND", "triton"), ("LORA_TRITON_AUTOTUNE", "0")):
+        monkeypatch.setenv(key, value)  # the script sets these; monkeypatch restores them afterwards
     path = Path(__file__).resolve().parents[1] / "bench" / "device_check_dora.py"
-    spec = importlib.util.spec_from_file_location("device_check_dora", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--out", str(tmp_path), "--small", "--device", "cpu"]) == 0
+    main = runpy.run_path(str(path), run_name="device_check_dora")["main"]
+    assert main(["--self-test", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "dora.json").read_text())
-    assert doc["rows"] and all(row["ok"] for row in doc["rows"])
+    assert {r["output"] for r in doc["rows"]} == {"sq", "norm", "u", "y", "y_pre", "dx", "dA", "dB", "dm"}
+    assert all(r["ok"] for r in doc["rows"]) and doc["self_test"] and doc["timing"]["p=0"]["ratio"] > 0
