@@ -308,3 +308,28 @@ def test_embedding_and_conv_dora_in_a_mixed_batch():
             mixed = run(model, ids)
     assert max_diff(outs["a"], outs["b"]) > 1e-3
     assert max_diff(mixed[0], outs["a"][0]) <= TOL and max_diff(mixed[1], outs["b"][1]) <= TOL
+
+
+def test_norm_cache_hits_through_views_and_misses_after_a_step():
+    """The norm is keyed on the tensor owning W's storage: GPT-2's Conv1D (W^T), the embedding (E^T) and a
+    conv kernel (flattened) are views rebuilt every call, yet two forwards compute n once; a step recomputes."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lora_triton.nn import LoraLinear
+    from lora_triton.nn.lora_conv import LoraConv
+    from lora_triton.nn.lora_embedding import LoraEmbedding
+
+    torch.manual_seed(0)
+    cases = [(LoraLinear(Conv1D(6, 8), r=2, use_dora=True, init_lora_weights=False), torch.randn(3, 8)),
+             (LoraEmbedding(nn.Embedding(10, 6), r=2, use_dora=True, init_lora_weights=False),
+              torch.tensor([[1, 4, 9]])),
+             (LoraConv(nn.Conv2d(3, 4, 3), r=2, use_dora=True, init_lora_weights=False), torch.randn(1, 3, 5, 5))]
+    for layer, x in cases:
+        variant = layer.lora_variant["default"]
+        layer(x).sum().backward()
+        before = variant.norm_computations
+        layer(x).sum().backward()
+        assert variant.norm_computations == before, type(layer).__name__
+        torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1).step()
+        layer(x)
+        assert variant.norm_computations == before + 1, type(layer).__name__
