@@ -62,7 +62,10 @@ def dora_shapes(base_layer: nn.Module, use_dora: bool) -> dict[str, tuple[int, .
     return {MAGNITUDE: (1, base_layer.out_channels) + (1,) * (base_layer.weight.dim() - 2)}
 
 
-class _UnmergedNormMixin:
+class _AdapterLayerDora:
+    """DoRA on an ``AdapterLayer`` (Embedding / Conv): merge, unmerge and the output from the layer type's
+    ``factors`` (2-D views for the norm), ``flat`` (a weight as [N, K]), ``factor_view`` and ``terms``."""
+
     def merge_norm(self, layer, name: str) -> torch.Tensor:
         """n for a merge: from the base weight with earlier merges taken out, as PEFT and the forward do."""
         if not layer.merged_adapters:
@@ -96,7 +99,7 @@ class _UnmergedNormMixin:
         return gm1 * base + g * lora
 
 
-class DoraEmbeddingVariant(_UnmergedNormMixin, DoraVariant):
+class DoraEmbeddingVariant(_AdapterLayerDora, DoraVariant):
     def factors(self, layer, name):
         return (layer.base_layer.weight.t(), layer.lora_embedding_A[name], layer.lora_embedding_B[name],
                 float(layer.scaling[name]))
@@ -125,7 +128,7 @@ class DoraEmbeddingVariant(_UnmergedNormMixin, DoraVariant):
         return result, lora.to(result.dtype), g, gm1
 
 
-class DoraConvVariant(_UnmergedNormMixin, DoraVariant):
+class DoraConvVariant(_AdapterLayerDora, DoraVariant):
     def factors(self, layer, name):
         return (layer.base_layer.weight.flatten(1), layer.lora_A[name].weight.flatten(1),
                 layer.lora_B[name].weight.flatten(1), float(layer.scaling[name]))
