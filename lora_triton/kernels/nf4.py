@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from . import autotune as at
+from .lora_fwd import _dot, _grouped_pid, _lora_acc, _lora_dot
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_R = 256
@@ -40,14 +41,6 @@ _MAX_R = 256
 def _empty(shape, dtype, device):
     # Single allocation point for outputs: tests patch it to NaN-fill and check every element is written.
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:  # fp32 operands: exact fp32 products (no TF32), to match the reference
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -98,17 +91,6 @@ def _row_tile_scale(row_base, row_ok, c0, flat, w_ok, absmax_ptr, nabs_ptr, ncod
 
 
 @triton.jit
-def _grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Consecutive programs sweep GROUP_M row tiles per column tile, so the packed W tile stays in L2.
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    return first_m + (pid % width) % size_m, (pid % width) // size_m
-
-
-@triton.jit
 def _nf4_fwd_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, bias_ptr, u_ptr, lb_ptr, y_ptr,
     M, N, K, R, M_BUCKET,
@@ -147,18 +129,9 @@ def _nf4_fwd_kernel(
         else:
             scale = _absmax(flat // BLOCKSIZE, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED)
         acc = _dot(x, (vals * scale).to(x_ptr.dtype.element_ty), acc, IEEE)
-    if HAS_LORA:
-        R_BLOCK: tl.constexpr = R_PAD if R_PAD < 64 else 64
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in tl.static_range(0, R_PAD, R_BLOCK):
-            rr = r0 + tl.arange(0, R_BLOCK)
-            r_ok = rr < R
-            u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :] * stride_ur,
-                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            b_t = tl.load(lb_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn,
-                          mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-            lora = _dot(u, b_t, lora, IEEE)
-        acc += scaling * lora
+    if HAS_LORA:  # its own fp32 accumulator, scaled once (the tile helpers of lora_fwd)
+        acc += scaling * _lora_dot(u_ptr, lb_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br,
+                                   stride_bn, BLOCK_M, BLOCK_N, R_PAD, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -195,16 +168,9 @@ def _nf4_dgrad_kernel(
         scale = _row_tile_scale(row_base, n_ok, pid_k * BLOCK_N, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset,
                                 K, BLOCKSIZE, NESTED, K_ALIGNED, BLOCK_N)
         acc = _dot(dy, (vals * scale).to(dy_ptr.dtype.element_ty), acc, IEEE)
-    if HAS_LORA:
-        R_BLOCK: tl.constexpr = R_PAD if R_PAD < 64 else 64
-        for r0 in tl.static_range(0, R_PAD, R_BLOCK):
-            rr = r0 + tl.arange(0, R_BLOCK)
-            r_ok = rr < R
-            du = tl.load(du_ptr + rows[:, None] * stride_dum + rr[None, :] * stride_dur,
-                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            a = tl.load(a_ptr + rr[:, None] * stride_ar + kcols[None, :] * stride_ak,
-                        mask=r_ok[:, None] & kc_ok[None, :], other=0.0)
-            acc = _dot(du, a, acc, IEEE)
+    if HAS_LORA:  # dU A: r more columns of the reduction, into the main accumulator
+        acc = _lora_acc(acc, du_ptr, a_ptr, rows, kcols, row_ok, kc_ok, R, stride_dum, stride_dur, stride_ar,
+                        stride_ak, 1.0, R_PAD, IEEE, False)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + kcols[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & kc_ok[None, :])
 
@@ -254,13 +220,8 @@ def _nf4_gemv_kernel(
         acc = _dot(x, tl.trans((vals * scale).to(x_ptr.dtype.element_ty)), acc, IEEE)
     if pid_s == 0:
         if HAS_LORA:
-            rr = tl.arange(0, R_PAD)
-            r_ok = rr < R
-            u = tl.load(u_ptr + ms[:, None] * stride_um + rr[None, :] * stride_ur, mask=m_ok[:, None] & r_ok[None, :],
-                        other=0.0)
-            b_t = tl.load(lb_ptr + rr[:, None] * stride_br + ns[None, :] * stride_bn,
-                          mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            acc += scaling * _dot(u, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
+            acc += scaling * _lora_dot(u_ptr, lb_ptr, ms, ns, m_ok, n_ok, R, stride_um, stride_ur, stride_br,
+                                       stride_bn, BLOCK_M, BLOCK_N, R_PAD, IEEE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(ws_ptr + (pid_s * M + ms[:, None]) * N + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
