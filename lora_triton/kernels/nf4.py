@@ -71,21 +71,33 @@ def _codes(flat, ok, packed_ptr, table):
 
 
 @triton.jit
-def _row_tile_scale(row_base, row_ok, c0, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, K,
-                    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, K_ALIGNED: tl.constexpr, COLS: tl.constexpr):
+def _tile_scale(row_base, row_ok, c0, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, K,
+                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, K_ALIGNED: tl.constexpr, COLS: tl.constexpr,
+                TRANSPOSED: tl.constexpr):
     """absmax of a W tile whose rows start at flat ``row_base`` [ROWS] and whose columns are c0 + [0, COLS)
-    (c0 a multiple of COLS): [ROWS, 1] when the tile sits in one block per row, else [ROWS, COLS]."""
+    (c0 a multiple of COLS), laid out [ROWS, COLS] (or [COLS, ROWS] when TRANSPOSED, the forward's deq(W)^T
+    tile): a broadcastable [ROWS, 1] when the tile sits in one block per row, else the full tile."""
+    ROWS: tl.constexpr = row_base.shape[0]
     if K_ALIGNED and BLOCKSIZE % COLS == 0:  # one absmax per W row of the tile
-        return _absmax((row_base + c0) // BLOCKSIZE, row_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED)[:, None]
+        s = _absmax((row_base + c0) // BLOCKSIZE, row_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED)
+        if TRANSPOSED:
+            return s[None, :]
+        else:
+            return s[:, None]
     else:
         if K_ALIGNED and COLS % BLOCKSIZE == 0:  # COLS / BLOCKSIZE absmaxes per W row, decoded and broadcast
             NB: tl.constexpr = COLS // BLOCKSIZE
-            ROWS: tl.constexpr = row_base.shape[0]
             sub = c0 // BLOCKSIZE + tl.arange(0, NB)
-            blk = (row_base // BLOCKSIZE)[:, None] + sub[None, :]
-            s_nb = _absmax(blk, row_ok[:, None] & (sub[None, :] * BLOCKSIZE < K), absmax_ptr, nabs_ptr, ncode_ptr,
-                           offset, NESTED)  # [ROWS, NB]
-            return tl.reshape(tl.broadcast_to(s_nb[:, :, None], (ROWS, NB, BLOCKSIZE)), (ROWS, COLS))
+            if TRANSPOSED:
+                blk = (row_base // BLOCKSIZE)[None, :] + sub[:, None]
+                s_nb = _absmax(blk, (sub[:, None] * BLOCKSIZE < K) & row_ok[None, :], absmax_ptr, nabs_ptr,
+                               ncode_ptr, offset, NESTED)  # [NB, ROWS]
+                return tl.reshape(tl.broadcast_to(s_nb[:, None, :], (NB, BLOCKSIZE, ROWS)), (COLS, ROWS))
+            else:
+                blk = (row_base // BLOCKSIZE)[:, None] + sub[None, :]
+                s_nb = _absmax(blk, row_ok[:, None] & (sub[None, :] * BLOCKSIZE < K), absmax_ptr, nabs_ptr,
+                               ncode_ptr, offset, NESTED)  # [ROWS, NB]
+                return tl.reshape(tl.broadcast_to(s_nb[:, :, None], (ROWS, NB, BLOCKSIZE)), (ROWS, COLS))
         else:  # blocks straddle rows: gathered per element
             return _absmax(flat // BLOCKSIZE, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED)
 
@@ -116,18 +128,8 @@ def _nf4_fwd_kernel(
         w_ok = k_ok[:, None] & col_ok[None, :]
         flat = col_base[None, :] + ks[:, None]  # [BK, BN]: the tile of deq(W)^T
         vals = _codes(flat, w_ok, packed_ptr, table)
-        if K_ALIGNED and BLOCKSIZE % BLOCK_K == 0:  # one absmax per column of the tile
-            scale = _absmax((col_base + k0) // BLOCKSIZE, col_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset,
-                            NESTED)[None, :]
-        elif K_ALIGNED and BLOCK_K % BLOCKSIZE == 0:  # BLOCK_K / BLOCKSIZE absmaxes per column
-            NB: tl.constexpr = BLOCK_K // BLOCKSIZE
-            sub = k0 // BLOCKSIZE + tl.arange(0, NB)
-            blk = (col_base // BLOCKSIZE)[None, :] + sub[:, None]
-            s_nb = _absmax(blk, (sub[:, None] * BLOCKSIZE < K) & col_ok[None, :], absmax_ptr, nabs_ptr, ncode_ptr,
-                           offset, NESTED)  # [NB, BN]
-            scale = tl.reshape(tl.broadcast_to(s_nb[:, None, :], (NB, BLOCKSIZE, BLOCK_N)), (BLOCK_K, BLOCK_N))
-        else:
-            scale = _absmax(flat // BLOCKSIZE, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED)
+        scale = _tile_scale(col_base, col_ok, k0, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, K, BLOCKSIZE,
+                            NESTED, K_ALIGNED, BLOCK_K, True)
         acc = _dot(x, (vals * scale).to(x_ptr.dtype.element_ty), acc, IEEE)
     if HAS_LORA:  # its own fp32 accumulator, scaled once (the tile helpers of lora_fwd)
         acc += scaling * _lora_dot(u_ptr, lb_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br,
@@ -165,8 +167,8 @@ def _nf4_dgrad_kernel(
         row_base = ns.to(tl.int64) * K
         flat = row_base[:, None] + kcols[None, :]  # [BK, BN]: rows ns of deq(W)
         vals = _codes(flat, w_ok, packed_ptr, table)
-        scale = _row_tile_scale(row_base, n_ok, pid_k * BLOCK_N, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset,
-                                K, BLOCKSIZE, NESTED, K_ALIGNED, BLOCK_N)
+        scale = _tile_scale(row_base, n_ok, pid_k * BLOCK_N, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, K,
+                            BLOCKSIZE, NESTED, K_ALIGNED, BLOCK_N, False)
         acc = _dot(dy, (vals * scale).to(dy_ptr.dtype.element_ty), acc, IEEE)
     if HAS_LORA:  # dU A: r more columns of the reduction, into the main accumulator
         acc = _lora_acc(acc, du_ptr, a_ptr, rows, kcols, row_ok, kc_ok, R, stride_dum, stride_dur, stride_ar,
@@ -215,8 +217,8 @@ def _nf4_gemv_kernel(
             vals = tl.interleave(_lookup(table, byte >> 4), _lookup(table, byte & 15))
         else:  # odd K: rows start mid-byte
             vals = _codes(flat, w_ok, packed_ptr, table)
-        scale = _row_tile_scale(row_base, n_ok, k0, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, K,
-                                BLOCKSIZE, NESTED, K_ALIGNED, BLOCK_K)
+        scale = _tile_scale(row_base, n_ok, k0, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, K, BLOCKSIZE,
+                            NESTED, K_ALIGNED, BLOCK_K, False)
         acc = _dot(x, tl.trans((vals * scale).to(x_ptr.dtype.element_ty)), acc, IEEE)
     if pid_s == 0:
         if HAS_LORA:
