@@ -126,5 +126,5 @@ def test_device_check_script_runs_tiny_under_the_interpreter(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "bench" / "device_check_nf4.py"
     main = runpy.run_path(str(script))["main"]
-    assert main(["--tiny", "--out", str(tmp_path)]) == 0
+    assert main(["--self-test", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "nf4.json").is_file()
