@@ -120,11 +120,18 @@ def test_kernel_rejects_bad_operands():
         kern.nf4_linear_dgrad(torch.randn(2, 8), layer.nf4_weight(), torch.randn(2, 3), torch.randn(3, 30))
 
 
-def test_device_check_script_runs_tiny_under_the_interpreter(tmp_path):
+def test_device_check_script_runs_tiny_under_the_interpreter(tmp_path, monkeypatch):
+    # the script sets these for its process; set here, they are restored for the tests that follow
+    for key, value in (("TRITON_INTERPRET", "1"), ("LORA_TRITON_BACKEND", "triton"), ("LORA_TRITON_AUTOTUNE", "0")):
+        monkeypatch.setenv(key, value)
     import runpy
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "bench" / "device_check_nf4.py"
     main = runpy.run_path(str(script))["main"]
     assert main(["--self-test", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "nf4.json").is_file()
+    import json
+
+    doc = json.loads((tmp_path / "nf4.json").read_text())
+    assert doc["checks"] and all(c["ok"] for c in doc["checks"])
+    assert [r["path"] for r in doc["rows"]] == ["gemv", "gemm"] and "gemm_path_fwd_s" in doc["rows"][0]
