@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import sys
 import warnings
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .report import write_json
 from .stats import summarize
 from .timing import measure_interleaved, saved_tensor_bytes
 
@@ -195,16 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         results.append(run_case(case, repeats, warmup, device, dtype))
         print(format_table(results[-1:]).splitlines()[-1], flush=True)
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": dtype_name,
-           "threads": torch.get_num_threads(), "repeats": repeats, "load_average_start": load_start,
-           "loadavg": list(os.getloadavg()), "torch": torch.__version__, "results": results}
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name(device) if cuda else "cpu", dtype=dtype_name,
+                threads=torch.get_num_threads(), repeats=repeats, load_average_start=load_start,
+                loadavg=list(os.getloadavg()), torch=torch.__version__)
     print(format_table(results))
-    print(f"{doc['date']} {doc['device']} {dtype_name}, load average {load_start} -> {doc['loadavg']}, "
-          f"{doc['threads']} threads, {repeats} repeats")
+    print(", ".join(f"{k} {v}" for k, v in meta.items()))
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(doc, f, indent=2)
+        write_json({**meta, "results": results}, args.json_path)
     return 0
 
 
