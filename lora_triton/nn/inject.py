@@ -25,6 +25,7 @@ from .nf4_linear import NF4Linear
 from .qlora import unloaded_base
 from .targets import candidate_modules, find_targets, resolve_targets
 from .transaction import transactional
+from .weight_tying import tie_adapters
 
 CONFIGS_ATTR = "_lora_triton_configs"
 
@@ -102,6 +103,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         if wrapped is not module:
             # A new module starts in training mode: take the wrapped layer's, or an eval model drops out.
             _set_child(model, path, wrapped.train(module.training))
+    tie_adapters(model, config, adapter_name)  # ensure_weight_tying: tied heads share the embedding's factors
     for path, module in list(candidate_modules(model)):
         # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
         if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
