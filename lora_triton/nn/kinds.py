@@ -27,6 +27,7 @@ from torch import nn
 from ..config import CONFIG_NAME, LoraConfig, as_lora_config
 from ..config_lycoris import LoHaConfig, LoKrConfig
 from .adapter_layer import AdapterLayer
+from .dora_layers import dora_shapes
 from .loha import LOHA_BASES, LoHaLayer
 from .lokr import LOKR_BASES, LoKrLayer
 from .lora_conv import CONV_TYPES, LoraConv
@@ -187,19 +188,11 @@ def _linear_shapes(base, c: LoraConfig, path: str) -> dict:
 
 
 def _embedding_args(c: LoraConfig, path: str) -> tuple:
-    _no_dora(c, "nn.Embedding")
-    return (c.rank_for(path), c.alpha_for(path), c.use_rslora, c.init_lora_weights, c.lora_bias)
+    return (c.rank_for(path), c.alpha_for(path), c.use_rslora, c.init_lora_weights, c.lora_bias, c.use_dora)
 
 
 def _conv_args(c: LoraConfig, path: str) -> tuple:
-    _no_dora(c, "nn.Conv1d/2d/3d")
-    return _linear_args(c, path)
-
-
-def _no_dora(c: LoraConfig, layer_type: str) -> None:
-    if c.use_dora:
-        raise NotImplementedError(f"use_dora=True on {layer_type} is not supported yet (DoRA runs on Linear "
-                                  "layers); exclude these modules or use plain LoRA for them")
+    return _linear_args(c, path) + (c.use_dora,)
 
 
 LORA_LINEAR = LayerType(
@@ -220,10 +213,11 @@ def adapter_layer_type(name: str, matches: Callable[[nn.Module], bool], layer_cl
 
 LORA_EMBEDDING = adapter_layer_type(
     "nn.Embedding", lambda m: isinstance(m, nn.Embedding), LoraEmbedding, _embedding_args,
-    shapes=lambda base, c, p: LoraEmbedding.adapter_shapes(base, c.rank_for(p)))
+    shapes=lambda base, c, p: {**LoraEmbedding.adapter_shapes(base, c.rank_for(p)), **dora_shapes(base, c.use_dora)})
 LORA_CONV = adapter_layer_type(
     "nn.Conv1d/2d/3d", lambda m: type(m) in CONV_TYPES, LoraConv, _conv_args,
-    shapes=lambda base, c, p: LoraConv.adapter_shapes(base, c.rank_for(p), c.lora_bias))
+    shapes=lambda base, c, p: {**LoraConv.adapter_shapes(base, c.rank_for(p), c.lora_bias),
+                               **dora_shapes(base, c.use_dora)})
 
 register(AdapterKind("LORA", LoraConfig, (LORA_LINEAR, LORA_EMBEDDING, LORA_CONV)))
 

@@ -96,8 +96,6 @@ class LoraLinear(nn.Module):
             raise ValueError(f"r must be a positive int, got {r!r}")
         if use_dora and lora_bias:
             raise ValueError("use_dora=True with lora_bias=True is not supported (PEFT refuses it too)")
-        if use_dora and isinstance(self.base_layer, NF4Linear):
-            raise NotImplementedError("use_dora=True on a 4-bit (NF4/FP4) base layer is not supported yet")
         device = self.base_layer.weight.device
         # Adapters stay fp32 on a half-precision base (PEFT's default); the op casts them, not x.
         dtype = self.base_layer.weight.dtype if self.base_layer.weight.dtype == torch.float64 else torch.float32
@@ -108,7 +106,7 @@ class LoraLinear(nn.Module):
         self.use_rslora[name] = use_rslora
         self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_dropout_p[name] = float(lora_dropout)
-        variant = make_variant(use_dora=use_dora)
+        variant = make_variant(use_dora=use_dora, base_layer=self.base_layer)
         if variant is not None:
             self.lora_variant[name] = variant
         self.reset_adapter(name, init_lora_weights)
@@ -170,6 +168,9 @@ class LoraLinear(nn.Module):
                 term_bias = extra if term_bias is None else term_bias + extra
             p = self.lora_dropout_p[name] if self.training else 0.0
             variant = self.lora_variant.get(name)
+            if variant is not None and y is not None:  # DoRA after other adapters: it rescales their sum
+                y = variant.forward_onto(self, name, x, y, weight, bias, p)
+                continue
             if variant is not None:
                 out = variant.forward(self, name, x, weight if y is None else None, term_bias, p)
             else:
@@ -192,8 +193,8 @@ class LoraLinear(nn.Module):
     def _merged_values(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The base weight and bias with these adapters folded in, in fp32 (nothing is written)."""
         quantized = isinstance(self.base_layer, NF4Linear)  # merged into a new full-precision Linear
-        if quantized:
-            merged_w = self.base_layer.dequantize(torch.float32) + sum(self.delta_weight(n) for n in names)
+        if quantized:  # DoRA folds its own way (nn/dora_layers.py); NF4 is never fan_in_fan_out
+            merged_w = self._fold_weights(names)
         else:
             merged_w = self._fold_weights(names)
             merged_w = merged_w.t() if self.fan_in_fan_out else merged_w
@@ -220,7 +221,8 @@ class LoraLinear(nn.Module):
 
     def _fold_weights(self, names: list[str]) -> torch.Tensor:
         """The current weight [out, in] in fp32 with ``names`` folded in, in order (variants fold their own way)."""
-        w = self.base_weight().detach().float()
+        quantized = isinstance(self.base_layer, NF4Linear)
+        w = self.base_layer.dequantize(torch.float32) if quantized else self.base_weight().detach().float()
         for n in names:
             variant = self.lora_variant.get(n)
             w = variant.merge_weight(self, n, w) if variant is not None else w + self._delta_out_in(n)
