@@ -10,7 +10,9 @@ values, and counts the bytes each saves for backward beyond its inputs and param
 (``timing.saved_tensor_bytes``). Ratios are to ``base``. CPU timings on a shared machine are noisy: the
 load average is recorded with the results. ``--device cuda`` runs the same cases in bf16 (base and
 inputs; adapters fp32 as both libraries keep them) with CUDA-event timing and more tokens per Linear
-case (``CUDA_TOKENS``); ``--quick`` trims repeats and warmup so the whole run fits a short device check.
+case (``CUDA_TOKENS``); ``--quick`` keeps the 1024-wide Linears only and trims repeats and warmup so
+the whole run fits a short device check (the first calls, in the warmup, include Triton's compile of
+the fused ``lora_linear`` kernels the LoHa Linear cases use).
 """
 
 from __future__ import annotations
@@ -164,11 +166,12 @@ def format_table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_triton.benchmark.kinds_bench", description=__doc__.split("\n")[0])
-    p.add_argument("--widths", default="1024,4096")
+    p.add_argument("--widths", default=None, help="Linear widths (default 1024,4096; 1024 with --quick)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
                                                  "bfloat16 on cuda)")
-    p.add_argument("--quick", action="store_true", help="3 warmup rounds and 10 repeats (a short device check)")
+    p.add_argument("--quick", action="store_true",
+                   help="1024-wide Linears only, 3 warmup rounds, 10 repeats (a short device check)")
     p.add_argument("--repeats", type=int, default=None, help="default 5 (cpu), 30 (cuda), 10 with --quick")
     p.add_argument("--warmup", type=int, default=None, help="default 1 (cpu), 3 (cuda)")
     p.add_argument("--only", default=None, help="comma-separated case names")
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, dtype_name)
     repeats = args.repeats or (10 if args.quick else 30 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    cases = default_cases(tuple(int(w) for w in args.widths.split(",")), CUDA_TOKENS if cuda else None)
+    widths = args.widths or ("1024" if args.quick else "1024,4096")
+    cases = default_cases(tuple(int(w) for w in widths.split(",")), CUDA_TOKENS if cuda else None)
     if args.only:
         keep = set(args.only.split(","))
         cases = [c for c in cases if c.name in keep]
