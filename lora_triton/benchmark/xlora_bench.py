@@ -2,7 +2,7 @@
 
     python -m lora_triton.benchmark.xlora_bench [--experts 3,8,32] [--tokens 512] [--dim 1024] [--rank 16]
                                                 [--repeats 20] [--model | --model-only]
-                                                [--model-tokens 16,64] [--json out.json]
+                                                [--model-tokens 16,64] [--threads N] [--json out.json]
 
 Cases (inference, no_grad, fp32, interleaved in one process; see timing.measure_interleaved):
 * layer: one Linear dim x dim holding n experts of rank r, x [tokens, dim], the same softmax routing
@@ -154,8 +154,11 @@ def main(argv=None) -> int:
     p.add_argument("--model-only", action="store_true", help="only the model case (implies --model)")
     p.add_argument("--model-tokens", default=None,
                    help="comma-separated token counts for the model case (batch 2); default min(tokens, 256)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     records = []
     load_before = list(os.getloadavg())
     model_tokens = [int(v) for v in args.model_tokens.split(",")] if args.model_tokens else [min(args.tokens, 256)]
