@@ -24,6 +24,8 @@ import threading
 
 import torch
 
+from .philox import few_threads
+
 _CHUNK_ELEMS = 1 << 24  # bound on one padded block's elements (64 MiB in fp32)
 
 
@@ -35,6 +37,15 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
         y = x.new_zeros((t, n)) if bias is None else bias.expand(t, n).clone()
     else:
         y = torch.nn.functional.linear(x, weight, bias)
+    # The LoRA term is small ops (gathers, two bmm's over [L, c, K]): few threads, as in the training
+    # reference, so a loaded machine's descheduled worker does not stall each op's barrier.
+    with few_threads(x.device, max(lora_A.numel(), lora_B.numel(), x.numel(), y.numel())):
+        return _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights)
+
+
+def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights):
+    t, n = y.shape
+    num, r_max, _ = lora_A.shape
     k = adapter_ids.shape[1]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     plan = token_plan(adapter_ids, num)
