@@ -60,3 +60,36 @@ def test_memo_is_bounded_and_taken_masks_equal_regenerated(monkeypatch):
         (_, _, got), = list(mask_memo.mask_chunks(*args, take=True))
         assert torch.equal(got, next(philox.keep_mask_chunks(*args))[2])
     assert len(mask_memo._memo) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_batches_projection_masks_with_each_seeds_bits(dtype):
+    seeds = torch.tensor([2**40 + 3, 11, 2**62 + 5, 7])
+    ps = [0.1, 0.0, 0.3, 0.05]
+    mask_memo.prefill(seeds, 37, 77, ps, dtype)
+    assert len(mask_memo._memo) == 3  # p = 0 draws nothing
+    for s, p in zip(seeds.tolist(), ps):
+        if p == 0.0:
+            continue
+        (_, _, got), = list(mask_memo.mask_chunks(s, 37, 77, p, "cpu", dtype, take=True))
+        assert torch.equal(got, next(philox.keep_mask_chunks(s, 37, 77, p, "cpu", dtype))[2])
+    assert mask_memo.held_bytes() == 0
+
+
+def test_grouped_op_same_bits_with_and_without_memo(monkeypatch):
+    from lora_triton.ops.grouped import lora_linear_grouped
+
+    def run():
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(6, 40, generator=g, requires_grad=True)
+        ws = [torch.randn(n, 40, generator=g) for n in (24, 8, 8)]
+        As = [torch.randn(4, 40, generator=g, requires_grad=True) for _ in ws]
+        Bs = [torch.randn(w.shape[0], 4, generator=g, requires_grad=True) for w in ws]
+        ys = lora_linear_grouped(x, ws, [None] * 3, As, Bs, [2.0] * 3, [0.1, 0.2, 0.1], seeds=[5, 6, 2**41])
+        loss = sum((y * torch.randn(y.shape, generator=g)).sum() for y in ys)
+        return [y.detach() for y in ys] + list(torch.autograd.grad(loss, [x, *As, *Bs]))
+
+    kept = run()
+    assert mask_memo.held_bytes() == 0
+    monkeypatch.setattr(mask_memo, "MAX_BYTES", 0)
+    assert all(torch.equal(a, b) for a, b in zip(kept, run()))

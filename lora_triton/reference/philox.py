@@ -78,11 +78,12 @@ class _Philox:
         self.buf = torch.empty((6, n), dtype=torch.int64, device=device)
 
     def run(self, counters: torch.Tensor, keys, flip16: bool = False) -> list[torch.Tensor]:
-        """Philox4x32-10 of int64 ``counters`` (flat, <= n). Returns [c0, c1, c2, c3] as views of the
+        """Philox4x32-10 of int64 ``counters`` (flat, or [G, n'] with keys broadcasting as [G, 1] tensors; <= n
+        in all). Returns [c0, c1, c2, c3] as views of the
         buffers, exact in bits 0..31 only (bits above are garbage: mask them to read the uint32).
         ``flip16`` XORs every word with 0x80008000 (for the int16 compare)."""
         n = counters.numel()
-        c0, c1, c2, c3, pa, pb = (b[:n] for b in self.buf)
+        c0, c1, c2, c3, pa, pb = (b[:n].view(counters.shape) for b in self.buf)  # [n] or [G, n]
         k0, k1 = keys[0]
         # Round 1 with c2 = c3 = 0 (umulhi(B, 0) = 0 and B * 0 = 0), so c1 becomes 0.
         torch.bitwise_and(counters, _MASK32, out=c3)
