@@ -1,9 +1,7 @@
 """The benchmark harness itself: statistics, the FLOP/byte model, the JSON schema, CLI parsing,
-device_check.sh's dry mode, and a tiny end-to-end ``--suite quick`` run."""
+and a tiny end-to-end ``--suite quick`` run (device_check.sh: tests/test_device_check.py)."""
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -216,37 +214,6 @@ def test_time_budget_skips_remaining_cases():
                            log=lambda s: None)
     records, skipped = run_cases([case], settings)
     assert records == [] and skipped[0]["reason"].startswith("time budget")
-
-
-# --- device_check.sh ---------------------------------------------------------------------------
-
-def _device_check(*args, env=None):
-    return subprocess.run(["bash", str(REPO / "bench" / "device_check.sh"), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=60)
-
-
-def test_device_check_dry_run(tmp_path):
-    res = _device_check("--dry-run", str(tmp_path / "out"))
-    assert res.returncode == 0, res.stderr
-    assert "--suite all --device cuda" in res.stdout and str(tmp_path / "out") + "/bench.json" in res.stdout
-    assert "PYTHONPATH=" + str(REPO) in res.stdout
-    # Both bf16 kernel checks and the fused/composed path check run before the benchmarks, each
-    # under its own time limit.
-    assert "device_check_kernels.py" in res.stdout and "device_check_serving.py" in res.stdout
-    assert "device_check_paths.py" in res.stdout
-    limits = [int(w) for line in res.stdout.splitlines() if line.startswith("+ timeout ")
-              for w in line.split()[2:3]]
-    assert len(limits) == 4 and sum(limits) <= 8 * 60 - 20, limits
-    assert not (tmp_path / "out").exists()  # dry mode creates nothing
-    res = _device_check(str(tmp_path / "o2"), env={"DRY_RUN": "1"})
-    assert res.returncode == 0 and "dry run" in res.stdout and not (tmp_path / "o2").exists()
-
-
-def test_device_check_argument_errors(tmp_path):
-    assert _device_check("--bogus").returncode == 2
-    assert _device_check("--dry-run", "a", "b").returncode == 2
-    assert _device_check(env={"DRY_RUN": "yes"}).returncode == 2
-    assert "OUTDIR" in _device_check("--help").stdout
 
 
 def test_loaded_machine_warns_in_table_and_json():
