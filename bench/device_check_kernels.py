@@ -32,11 +32,12 @@ SINGLE = [
     ("up_proj r16 p0", 8192, 4096, 14336, 16, 0.0, "plain", False, "bfloat16", ("fused", "composed"), True),
     ("up_proj r64 p0.1", 8192, 4096, 14336, 64, 0.1, "plain", False, "bfloat16", ("fused", "composed"), True),
     ("q_proj r64 p0", 8192, 4096, 4096, 64, 0.0, "plain", False, "bfloat16", ("fused", "composed"), True),
-    ("down_proj r256 (pointer)", 1024, 14336, 4096, 256, 0.05, "plain", False, "bfloat16", ("fused",), True),
+    ("down_proj r256 p0 (pointer)", 1024, 14336, 4096, 256, 0.0, "plain", False, "bfloat16", ("fused",), True),
     ("decode M=1 odd K,N r1", 1, 1000, 3000, 1, 0.0, "plain", True, "bfloat16", ("fused", "composed"), True),
     ("gpt2 Conv1D odd (pointer)", 37, 768, 2304, 3, 0.1, "transposed", True, "bfloat16", ("fused", "composed"), True),
     ("LoRA-only (weight None)", 512, 2048, 1536, 32, 0.1, "none", False, "bfloat16", ("fused", "composed"), True),
     ("fp16 q_proj bias", 4096, 4096, 4096, 16, 0.1, "plain", True, "float16", ("fused", "composed"), True),
+    ("down_proj r256 p0.05 (pointer)", 1024, 14336, 4096, 256, 0.05, "plain", False, "bfloat16", ("fused",), False),
     ("odd K,N M=1000 r1 p0.2", 1000, 1000, 3000, 1, 0.2, "plain", True, "bfloat16", ("fused", "composed"), False),
     ("bf16 M=3000 r8 p0", 3000, 2048, 5120, 8, 0.0, "plain", True, "bfloat16", ("fused",), False),
 ]
@@ -53,14 +54,37 @@ SELF_TEST_SINGLE = [
 SELF_TEST_GROUPED = [("tiny grouped", 13, 32, (24, 16), (2, 3), (0.2, 0.0), "float32", True)]
 
 
+_GEMMS: list[str] = []  # which main-GEMM kernels ("tma" / "pointer") the launchers chose, per case and path
+
+
+def _spy(fn):
+    def launch(*args, **kwargs):
+        kind = fn(*args, **kwargs)
+        _GEMMS.append(kind)
+        return kind
+
+    launch.spied = True
+    return launch
+
+
 def _modules():
     from lora_triton.kernels import composed, grouped
+    from lora_triton.kernels import gemm_launch as gl
     from lora_triton.kernels import lora_linear as fused
     from lora_triton.reference import grouped as ref_grouped
     from lora_triton.reference import lora_linear as ref
 
     common.poison_empty(fused, composed, grouped)
+    for name in ("fwd_gemm", "dgrad"):
+        if not getattr(getattr(gl, name), "spied", False):
+            setattr(gl, name, _spy(getattr(gl, name)))
     return fused, composed, grouped, ref, ref_grouped
+
+
+def _gemm_kinds() -> str:
+    kinds = "+".join(sorted(set(_GEMMS))) or "cuBLAS"
+    _GEMMS.clear()
+    return kinds
 
 
 def _rand(torch, dev, seed):
@@ -92,10 +116,12 @@ def single_case(case, dev):
     rows = []
     for path in paths:
         fwd, bwd = impl[path]
+        _GEMMS.clear()
         got = fwd(x, w, b, a, bb, s, p, seed)
         got += bwd(dy, x, w, a, bb, got[1], s, p, seed, True)
+        gemm = _gemm_kinds()
         for name, g_, r_, t_ in zip(("y", "u", "dx", "dA", "dB"), got, same, truth):
-            rows.append(dict(common.check(label, name, g_, r_, t_, ATOL), path=path, dtype=dtype_name,
+            rows.append(dict(common.check(label, name, g_, r_, t_, ATOL), path=path, gemm=gemm, dtype=dtype_name,
                              M=m, K=k, N=n, r=r, p=p))
     return rows
 
@@ -123,9 +149,11 @@ def grouped_case(case, dev):
         return dict({f"y{g}": y for g, y in enumerate(ys)}, u=u, dx=dx,
                     **{f"dA{g}": d for g, d in enumerate(d_as)}, **{f"dB{g}": d for g, d in enumerate(d_bs)})
 
-    got, same = run(grouped, x, ws, a_s, b_s, dys), run(ref, x, ws, a_s, b_s, dys)
-    truth = run(ref, x.float(), f32(ws), f32(a_s), f32(b_s), f32(dys))
-    return [dict(common.check(label, name, got[name], same[name], truth[name], ATOL), path="grouped",
+    _GEMMS.clear()
+    got = run(grouped, x, ws, a_s, b_s, dys)
+    gemm = _gemm_kinds()
+    same, truth = run(ref, x, ws, a_s, b_s, dys), run(ref, x.float(), f32(ws), f32(a_s), f32(b_s), f32(dys))
+    return [dict(common.check(label, name, got[name], same[name], truth[name], ATOL), path="grouped", gemm=gemm,
                  dtype=dtype_name, M=m, K=k, N=list(ns), r=list(rs), p=list(ps)) for name in got]
 
 
@@ -177,13 +205,15 @@ def main(argv=None) -> int:
                 except Exception as e:  # a worker died (e.g. a CUDA fault): that case fails, the rest report
                     results.append([dict(case=c[0], output="(worker died)", ok=False, error=repr(e)[:500])])
     rows = [row for rs in results for row in rs]
-    print(f"\n{'case':<28} {'path':<8} {'dtype':<9} {'out':<4} {'kernel err':>11} {'ref err':>11} {'bound':>9}  ok")
+    print(f"\n{'case':<30} {'path':<8} {'gemm':<11} {'dtype':<9} {'out':<4} {'kernel err':>11} {'ref err':>11} "
+          f"{'bound':>9}  ok")
     for r in rows:
         if "kernel_err" in r:
-            print(f"{r['case']:<28} {r['path']:<8} {r['dtype']:<9} {r['output']:<4} {r['kernel_err']:>11.3e} "
-                  f"{r['reference_err']:>11.3e} {r['bound']:>9.2e}  {'ok' if r['ok'] else 'FAIL'}")
+            print(f"{r['case']:<30} {r['path']:<8} {r['gemm']:<11} {r['dtype']:<9} {r['output']:<4} "
+                  f"{r['kernel_err']:>11.3e} {r['reference_err']:>11.3e} {r['bound']:>9.2e}  "
+                  f"{'ok' if r['ok'] else 'FAIL'}")
         else:
-            print(f"{r['case']:<28} {r['output']} {r.get('error', '')}")
+            print(f"{r['case']:<30} {r['output']} {r.get('error', '')}")
     rc = common.verdict(rows, deadline)
     common.write_json(args.out, "kernels.json", dict(common.metadata(torch, dev, args), ok=rc == 0, jobs=args.jobs,
                                                      seconds=deadline.elapsed(), rows=rows))

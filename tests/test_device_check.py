@@ -144,6 +144,7 @@ def test_kernel_check_self_test_covers_every_path(tmp_path, interp):
     assert _main("kernels")(["--self-test", "--jobs", "1", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "kernels.json").read_text())
     assert {r["path"] for r in doc["rows"]} == {"fused", "composed", "grouped"}
+    assert {kind for r in doc["rows"] for kind in r["gemm"].split("+")} == {"tma", "pointer"}  # both GEMM families
     assert all(r["ok"] for r in doc["rows"]) and doc["self_test"] and doc["device"] == "cpu"
 
 
