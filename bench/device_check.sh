@@ -72,7 +72,7 @@ step_spec() {
     preflight) ;;
     kernels|serving|paths)
       target="$repo/bench/device_check_$1.py"; help_cmd=("$py" "$target" --help); need=(--out --budget)
-      cmd=("$py" "$target" --out "$outdir" --budget $((b - 5)))
+      cmd=("$py" "$target" --out "$outdir" --budget $((b > 10 ? b - 5 : b)))  # 5 s to write the JSON
       case "$1" in
         kernels) need+=(--quick --jobs); cmd+=(--quick --jobs "$jobs") ;;
         serving) need+=(--quick); cmd+=(--quick) ;;
@@ -171,6 +171,9 @@ WALL[preflight]="$(secs "$t0" "$(now)")"
 n_problems=${#PROBLEM[@]}
 STATUS[preflight]=$([ "$n_problems" -eq 0 ] && echo ok || echo "FAIL")
 RC[preflight]=$([ "$n_problems" -eq 0 ] && echo 0 || echo 3)
+if [ "$dry_run" = 0 ]; then
+  for s in "${STEPS[@]}"; do echo "$s: ${PROBLEM[$s]:-ready}"; done > "$outdir/preflight.log"
+fi
 
 if [ "$dry_run" = 1 ]; then
   total=0
