@@ -1,10 +1,12 @@
-"""GPU check, DoRA part: bf16 / fp16 correctness of the DoRA kernels (kernels/dora.py) against the fp32
-reference on real layer shapes, then the issue's GPU goal: DoRA fwd+bwd vs our LoRA fwd+bwd at
-M = 8192, K = N = 4096, r = 16 (goal <= 1.15x), p = 0 and 0.1. Prints a table, writes OUTDIR/dora.json;
-exit 1 on a correctness failure (the timing is reported, not judged).
+"""GPU check, DoRA part: bf16 / fp16 correctness of every DoRA kernel (kernels/dora.py: row norm, factored
+norm, shrink, fused forward, dU/dB/dm, dA, dgrad; p = 0 and p > 0) against the fp32 reference on real layer
+shapes, then the issue's GPU goal: DoRA fwd+bwd vs our LoRA fwd+bwd at M = 8192, K = N = 4096, r = 16, bf16
+(goal <= 1.15x). Prints a table, writes DIR/dora.json; exit 1 on a correctness failure (the timing is
+reported, not judged). Kernels run with their default configs (LORA_TRITON_AUTOTUNE=0 unless set): the run
+is mostly Triton compiles, short by design.
 
-    python bench/device_check_dora.py OUTDIR            # on a GPU, well under a minute
-    TRITON_INTERPRET=1 python bench/device_check_dora.py OUTDIR --small --device cpu   # logic check
+    python bench/device_check_dora.py [--quick] [--out DIR]     # on a GPU; --quick: 3 cases, p = 0 timing only
+    TRITON_INTERPRET=1 python bench/device_check_dora.py --out DIR --small --device cpu   # logic check
 
 Criterion per output: max|kernel - fp32| <= 2 max|reference - fp32| + atol * (1 + max|fp32|), the
 reference being the PyTorch twin in the same low precision, fp32 the twin on the same inputs upcast.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ CASES = [
     ("odd sizes, M=1, r=1", 1, 1000, 3000, 1, 0.0, False, True, "bfloat16"),
     ("fp16 q_proj", 2048, 4096, 4096, 16, 0.1, False, True, "float16"),
 ]
+QUICK = ("llama-8b q_proj", "gpt2 c_attn Conv1D odd", "odd sizes, M=1, r=1")
 SMALL = [("small", 19, 40, 33, 3, 0.3, False, True, "float16"), ("small T", 1, 24, 20, 1, 0.0, True, True,
                                                                    "float32")]
 ATOL = 2e-3
@@ -44,11 +48,12 @@ def _operands(m, k, n, r, transposed, has_bias, dt, dev, torch):
 
 
 def _run(impl, c, mag, s, p, seed):
-    norm = impl.dora_weight_norm(c["w"], c["a"], c["b"], s, impl.dora_weight_sq(c["w"]))
+    sq = impl.dora_weight_sq(c["w"])
+    norm = impl.dora_weight_norm(c["w"], c["a"], c["b"], s, sq)
     y, u, y_pre = impl.dora_linear_fwd(c["x"], c["w"], c["bias"], c["a"], c["b"], mag, norm, s, p, seed)
     dx, d_a, d_b, d_m = impl.dora_linear_bwd(c["dy"], c["x"], c["w"], c["a"], c["b"], mag, norm, u, y_pre, s, p,
                                              seed, True)
-    return dict(norm=norm, y=y, y_pre=y_pre, dx=dx, dA=d_a, dB=d_b, dm=d_m)
+    return dict(sq=sq, norm=norm, u=u, y=y, y_pre=y_pre, dx=dx, dA=d_a, dB=d_b, dm=d_m)
 
 
 def check_case(case, kern, ref, torch, dev):
@@ -68,7 +73,7 @@ def check_case(case, kern, ref, torch, dev):
     return rows
 
 
-def time_goal(torch, dev, m=8192, k=4096, n=4096, r=16, repeats=20):
+def time_goal(torch, dev, m=8192, k=4096, n=4096, r=16, repeats=20, ps=(0.0, 0.1)):
     """Median seconds of one DoRA and one LoRA training step (fwd + bwd) through the ops, bf16."""
     from lora_triton.ops.dora import dora_linear, dora_weight_norm, dora_weight_sq
     from lora_triton.ops.lora_linear import lora_linear
@@ -82,7 +87,7 @@ def time_goal(torch, dev, m=8192, k=4096, n=4096, r=16, repeats=20):
     dy = torch.randn(m, n, device=dev, dtype=dt)
     sq = dora_weight_sq(w)
     out = {}
-    for p in (0.0, 0.1):
+    for p in ps:
         def lora_step(p=p):
             return torch.autograd.grad(lora_linear(x, w, None, a, b, 2.0, p), [x, a, b], dy)
 
@@ -110,30 +115,37 @@ def time_goal(torch, dev, m=8192, k=4096, n=4096, r=16, repeats=20):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("outdir")
+    ap.add_argument("--out", default="device_check_out", help="folder for dora.json")
+    ap.add_argument("--quick", action="store_true", help="3 correctness cases, the p = 0 timing only")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny shapes (interpreter logic check)")
     args = ap.parse_args(argv)
+    os.environ.setdefault("LORA_TRITON_AUTOTUNE", "0")
+    started = time.perf_counter()
     import torch
 
     from lora_triton.kernels import dora as kern
     from lora_triton.reference import dora as ref
 
-    rows = [row for case in (SMALL if args.small else CASES) for row in check_case(case, kern, ref, torch,
-                                                                                    args.device)]
+    cases = SMALL if args.small else [c for c in CASES if not args.quick or c[0] in QUICK]
+    rows = [row for case in cases for row in check_case(case, kern, ref, torch, args.device)]
     for row in rows:
         print(f"{row['case']:<26} {row['output']:<6} err {row['err']:.3g}  ref {row['ref_err']:.3g}  "
               f"bound {row['bound']:.3g}  {'ok' if row['ok'] else 'FAIL'}")
     timing = None
     if args.device == "cuda":
-        timing = time_goal(torch, args.device)
+        timing = time_goal(torch, args.device, repeats=10 if args.quick else 20,
+                           ps=(0.0,) if args.quick else (0.0, 0.1))
         for key, t in timing.items():
             print(f"M=8192 K=N=4096 r=16 bf16 {key}: lora {t['lora_s'] * 1e3:.3f} ms, dora {t['dora_s'] * 1e3:.3f} ms, "
                   f"dora/lora {t['ratio']:.3f} (goal <= {t['goal']})")
-    Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    elapsed = time.perf_counter() - started
+    print(f"device_check_dora: {len(rows)} checks, {sum(not r['ok'] for r in rows)} failed, {elapsed:.1f} s")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     doc = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": args.device,
-           "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None, "rows": rows, "timing": timing}
-    (Path(args.outdir) / "dora.json").write_text(json.dumps(doc, indent=2))
+           "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None, "quick": args.quick,
+           "elapsed_s": elapsed, "rows": rows, "timing": timing}
+    (Path(args.out) / "dora.json").write_text(json.dumps(doc, indent=2))
     return 0 if all(row["ok"] for row in rows) else 1
 
 

@@ -56,6 +56,18 @@ class AdapterConfigFile:
         os.makedirs(directory, exist_ok=True)
         atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
 
+    def normalize_targeting(self) -> None:
+        """The targeting fields in one form: sets / tuples of names as sorted lists, a single layer index or
+        layers_pattern as a one-element list (as PEFT accepts them)."""
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value, key=str))
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.layers_pattern, str):
+            self.layers_pattern = [self.layers_pattern]
+
 
 @dataclass
 class LoraConfig(AdapterConfigFile):
@@ -83,14 +95,7 @@ class LoraConfig(AdapterConfigFile):
     inference_mode: bool = False
 
     def __post_init__(self):
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value, key=str))
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        if isinstance(self.layers_pattern, str):
-            self.layers_pattern = [self.layers_pattern]
+        self.normalize_targeting()
         self.validate()
 
     def validate(self) -> None:

@@ -41,14 +41,7 @@ class _LycorisConfig(AdapterConfigFile):
     INIT_CHOICES = (True, False)
 
     def __post_init__(self):
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        if isinstance(self.layers_pattern, str):
-            self.layers_pattern = [self.layers_pattern]
+        self.normalize_targeting()
         self.validate()
 
     def validate(self) -> None:

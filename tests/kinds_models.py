@@ -57,6 +57,15 @@ def train_steps(model: nn.Module, inputs: dict, steps: int = 2, lr: float = 0.05
     model.eval()
 
 
+def trained_conv_net(config) -> tuple[nn.Module, dict, torch.Tensor]:
+    """``conv_net()`` with ``config`` injected and trained a few steps: (net, inputs, its outputs)."""
+    net = conv_net()
+    lt.inject_lora(net, config)
+    inputs = conv_inputs()
+    train_steps(net, inputs)
+    return net, inputs, call(net, inputs)
+
+
 def adapter_grads(model: nn.Module, inputs: dict) -> dict[str, torch.Tensor]:
     """Gradients of the trainable parameters, named without PEFT's ``base_model.model.`` prefix."""
     model.train()

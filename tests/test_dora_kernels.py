@@ -90,6 +90,6 @@ def test_device_check_script_logic_on_tiny_shapes(tmp_path):
     spec = importlib.util.spec_from_file_location("device_check_dora", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main([str(tmp_path), "--small", "--device", "cpu"]) == 0
+    assert module.main(["--out", str(tmp_path), "--small", "--device", "cpu"]) == 0
     doc = json.loads((tmp_path / "dora.json").read_text())
     assert doc["rows"] and all(row["ok"] for row in doc["rows"])

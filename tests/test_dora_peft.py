@@ -240,15 +240,20 @@ def test_norm_cache_is_paid_once_per_optimizer_step_and_invalidated():
     assert max_diff(layer(x), fresh()) <= TOL
 
 
-def test_dora_must_be_the_first_active_adapter():
+def test_dora_in_either_position_among_active_adapters():
     torch.manual_seed(3)
     layer = LoraLinear(torch.nn.Linear(8, 6), "plain", r=2, init_lora_weights=False)
     layer.add_adapter("d", 2, 4, use_dora=True, init_lora_weights=False)
-    layer.active_adapters = ["plain", "d"]
-    with pytest.raises(NotImplementedError, match="must be the first active adapter"):
-        layer(torch.randn(3, 8))
-    layer.active_adapters = ["d", "plain"]  # PEFT: DoRA's output, then the plain LoRA term added
     x = torch.randn(3, 8)
+    layer.active_adapters = ["plain", "d"]  # PEFT at p = 0: DoRA rescales the sum before it (bias excluded)
+    with torch.no_grad():
+        w, bias = layer.base_weight(), layer.base_bias()
+        a, b = layer.lora_A["plain"].weight, layer.lora_B["plain"].weight
+        y = x @ w.t() + bias + layer.scaling["plain"] * (x @ a.t()) @ b.t()
+        g = layer.lora_magnitude_vector["d"].weight / layer.lora_variant["d"].weight_norm(layer, "d")
+        lora_d = layer.scaling["d"] * (x @ layer.lora_A["d"].weight.t()) @ layer.lora_B["d"].weight.t()
+        assert max_diff(layer(x), y + (g - 1) * (y - bias) + g * lora_d) <= TOL
+    layer.active_adapters = ["d", "plain"]  # PEFT: DoRA's output, then the plain LoRA term added
     with torch.no_grad():
         only_d = layer.lora_variant["d"].forward(layer, "d", x, layer.base_weight(), layer.base_bias(), 0.0)
         a, b = layer.lora_A["plain"].weight, layer.lora_B["plain"].weight

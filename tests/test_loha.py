@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kinds_models import call, conv_inputs, conv_net, max_diff, peft_both_ways, train_steps
+from kinds_models import call, conv_inputs, conv_net, max_diff, peft_both_ways, trained_conv_net
 
 import lora_triton as lt
 from lora_triton.nn.loha import LoHaLayer
-from lora_triton.ops.loha import dense_delta, khatri_rao, loha_conv, loha_linear, use_factored
+from lora_triton.ops.loha import (
+    dense_delta,
+    khatri_rao,
+    loha_conv,
+    loha_linear,
+    loha_tucker_conv,
+    use_factored,
+    use_factored_tucker,
+)
 
 peft = pytest.importorskip("peft", reason="PEFT is the oracle for the LoHa format")
 
@@ -105,11 +113,7 @@ def test_rank_and_module_dropout_repeat_peft_masks(tmp_path):
 
 
 def test_merge_unmerge_safe_merge():
-    net = conv_net()
-    lt.inject_lora(net, lt.LoHaConfig(target_modules=["c2", "proj"], r=2, init_weights=False))
-    inputs = conv_inputs()
-    train_steps(net, inputs)
-    want = call(net, inputs)
+    net, inputs, want = trained_conv_net(lt.LoHaConfig(target_modules=["c2", "proj"], r=2, init_weights=False))
     lt.merge_adapter(net)
     assert max_diff(call(net, inputs), want) <= 1e-5
     lt.unmerge_adapter(net)
@@ -157,3 +161,48 @@ def test_loha_file_for_another_width_is_a_clear_error(tmp_path):
 def test_loha_refuses_embedding_by_name():
     with pytest.raises(TypeError, match="LOHA adapters in lora_triton support nn.Linear / nn.Conv1d / nn.Conv2d"):
         lt.inject_lora(conv_net(), lt.LoHaConfig(target_modules=["emb"]))
+
+
+def _both_forms_fp64(fn, x, params, row):
+    """Outputs and gradients (x, every factor) of ``fn(x, form, row)`` in the factored and the dense form."""
+    res = []
+    for form in ("factored", "dense"):
+        y = fn(x, form, row)
+        dy = torch.ones_like(y).cumsum(-1).sin()
+        res.append((y, torch.autograd.grad(y, [x, *params], dy)))
+    return res
+
+
+@pytest.mark.parametrize("conv,groups,stride,dilation,mode", [
+    (torch.nn.Conv2d, 1, 1, 1, "zeros"), (torch.nn.Conv2d, 2, 2, 1, "reflect"), (torch.nn.Conv2d, 3, 1, 2, "circular"),
+    (torch.nn.Conv1d, 2, 1, 1, "replicate")])
+def test_factored_effective_and_grouped_convs_equal_dense_fp64(conv, groups, stride, dilation, mode):
+    # The Tucker form (1x1 conv, core conv, 1x1 conv) and the grouped plain form against the dense kernels.
+    base = conv(6, 6, 3, stride=stride, padding=dilation, dilation=dilation, padding_mode=mode, groups=groups).double()
+    x = torch.randn(2, 6, *([7] * (base.weight.dim() - 2)), dtype=torch.float64, requires_grad=True)
+    row = torch.rand(6, dtype=torch.float64) + 0.5
+    for effective in (True, False):
+        layer = LoHaLayer(base, "a", r=2, alpha=3, use_effective_conv2d=effective, init_weights=False).double()
+        t = layer.adapter_tensors("a")
+        assert ("hada_t1" in t) is effective
+        if effective:
+            def fn(x, form, row, t=t):
+                return loha_tucker_conv(x, base, t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"], t["hada_t2"],
+                                        t["hada_w2_a"], t["hada_w2_b"], 0.7, row, form)
+        else:
+            def fn(x, form, row, t=t):
+                return loha_conv(x, base, t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], 0.7, row,
+                                 form)
+        (ya, ga), (yb, gb) = _both_forms_fp64(fn, x, list(t.values()), row)
+        assert max_diff(ya, yb) <= 1e-10
+        delta = layer.delta_weight("a") * (0.7 / layer.scaling["a"]) * row.reshape(-1, *[1] * (x.dim() - 1))
+        want = base._conv_forward(x, delta, None)
+        assert max_diff(ya, want) <= 1e-10
+        for u, v in zip(ga, gb):
+            assert max_diff(u, v) <= 1e-10
+
+
+def test_tucker_rule_picks_factored_for_wide_convs_only():
+    # r = 4 (rank 16) on a 320-channel 3x3 conv at 64x64: factored; r = 8 (rank 64) on a 16-channel one: dense.
+    assert use_factored_tucker(16, 320, 320, 1, 9, 64 * 64, 64 * 64)
+    assert not use_factored_tucker(64, 16, 16, 1, 9, 32 * 32, 32 * 32)

@@ -4,13 +4,15 @@ PEFT's factorization, Conv1d with use_effective_conv2d (PEFT crashes), dropout m
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from kinds_models import call, conv_inputs, conv_net, max_diff, peft_both_ways, train_steps
+from kinds_models import call, conv_inputs, conv_net, max_diff, peft_both_ways, trained_conv_net
 
 import lora_triton as lt
 from lora_triton.nn.lokr import LoKrLayer, factorization
-from lora_triton.ops.lokr import lokr_conv, lokr_linear
+from lora_triton.ops.lokr import chain_order, lokr_conv, lokr_linear
 
 peft = pytest.importorskip("peft", reason="PEFT is the oracle for the LoKr format")
 
@@ -60,6 +62,59 @@ def test_reshape_form_equals_kron_fp64_with_gradients(a, b, c, d, m):
     ref = torch.autograd.grad(want, [x, w1, w2], dy)
     for u, v in zip(got, ref):
         assert max_diff(u, v) <= 1e-12
+
+
+@pytest.mark.parametrize("a,b,c,d,r,m", [(3, 5, 2, 7, 2, 4), (1, 1, 1, 1, 1, 1), (8, 4, 2, 16, 3, 5)])
+@pytest.mark.parametrize("low1,low2", [(False, False), (False, True), (True, True)])
+def test_fused_chain_with_base_equals_dense_fp64(a, b, c, d, r, m, low1, low2):
+    # The hand-written backward: low-rank pairs kept split, the base GEMM in the same Function, every gradient.
+    g = torch.Generator().manual_seed(a + 10 * m + low1 + 2 * low2)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    w1 = (rnd(a, r), rnd(r, c)) if low1 else rnd(a, c)
+    w2 = (rnd(b, r), rnd(r, d)) if low2 else rnd(b, d)
+    weight, bias, x = rnd(a * b, c * d), rnd(a * b), rnd(m, 2, c * d)
+    leaves = [x, weight, bias, *(w1 if low1 else [w1]), *(w2 if low2 else [w2])]
+    full1, full2 = (w1[0] @ w1[1] if low1 else w1), (w2[0] @ w2[1] if low2 else w2)
+    want = x @ (weight + 0.3 * torch.kron(full1, full2)).t() + bias
+    y = lokr_linear(x, w1, w2, 0.3, weight=weight, bias=bias)
+    assert max_diff(y, want) <= 1e-12
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    for u, v in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(want, leaves, dy)):
+        assert max_diff(u, v) <= 1e-12
+
+
+def test_chain_order_takes_the_cheapest_interleaving():
+    # x [c=32, d=32], W2 = [32, 8] x [8, 32]: x w2_b^T first (to 8 columns), then W1, then w2_a.
+    assert chain_order([(32, 32)], [(8, 32), (32, 8)], 32, 32) == [1]
+    # A wide W1 [256, 4] on 4 rows: apply it last, after the columns shrink to 2.
+    assert chain_order([(256, 4)], [(2, 64)], 4, 64) == [1]
+    assert chain_order([(2, 64)], [(256, 4)], 64, 4) == [0]
+
+
+def test_lokr_linear_training_gradients_match_peft():
+    # A 64 x 96 Linear (W1 full, W2 low-rank; decompose_both: both low-rank), x requiring grad as in training.
+    for kwargs in (dict(r=2), dict(r=1, decompose_both=True, decompose_factor=4)):
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(96, 64))
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoKrConfig(target_modules=["0"], init_weights=False,
+                                                                          **kwargs))
+        ours = lt.inject_lora(copy.deepcopy(base), lt.LoKrConfig(target_modules=["0"], **kwargs))
+        named = dict(theirs.named_parameters())
+        with torch.no_grad():
+            for n, p in ours.named_parameters():
+                if p.requires_grad:
+                    p.copy_(named["base_model.model." + n])
+        x = torch.randn(7, 96, requires_grad=True)
+        got, want = ours(x), theirs(x)
+        assert max_diff(got, want) <= 1e-5
+        ours_p = [p for p in ours.parameters() if p.requires_grad]
+        theirs_p = [named["base_model.model." + n] for n, p in ours.named_parameters() if p.requires_grad]
+        dy = torch.randn(got.shape)
+        for u, v in zip(torch.autograd.grad(got, [x, *ours_p], dy), torch.autograd.grad(want, [x, *theirs_p], dy)):
+            assert max_diff(u, v) <= 1e-5 * (1 + v.abs().max().item())
 
 
 def test_reshape_form_saves_only_x_and_the_factors():
@@ -112,11 +167,7 @@ def test_rank_dropout_scale_masks_repeat_peft(tmp_path):
 
 
 def test_merge_and_unload_keeps_outputs():
-    net = conv_net()
-    lt.inject_lora(net, lt.LoKrConfig(target_modules=["c1", "c2", "proj"], r=1, init_weights=False))
-    inputs = conv_inputs()
-    train_steps(net, inputs)
-    want = call(net, inputs)
+    net, inputs, want = trained_conv_net(lt.LoKrConfig(target_modules=["c1", "c2", "proj"], r=1, init_weights=False))
     lt.merge_and_unload(net, safe_merge=True)
     assert type(net.proj) is torch.nn.Linear and type(net.c1) is torch.nn.Conv1d
     assert max_diff(call(net, inputs), want) <= 1e-5

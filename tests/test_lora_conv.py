@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from kinds_models import call, conv_inputs, conv_net, max_diff, peft_both_ways, train_steps
+from kinds_models import call, conv_inputs, conv_net, max_diff, peft_both_ways, trained_conv_net
 
 import lora_triton as lt
 from lora_triton.nn.lora_conv import LoraConv
@@ -51,11 +51,7 @@ def test_dilated_padded_conv_equals_merged_dense_math(padding_mode):
 
 
 def test_conv3d_and_strided_merge_and_unload_keeps_outputs():
-    net = conv_net()
-    lt.inject_lora(net, lt.LoraConfig(target_modules=["c2", "c3"], r=2, init_lora_weights=False))
-    inputs = conv_inputs()
-    train_steps(net, inputs)
-    want = call(net, inputs)
+    net, inputs, want = trained_conv_net(lt.LoraConfig(target_modules=["c2", "c3"], r=2, init_lora_weights=False))
     lt.merge_and_unload(net)
     assert type(net.c2) is torch.nn.Conv2d and type(net.c3) is torch.nn.Conv3d
     assert max_diff(call(net, inputs), want) <= 1e-5

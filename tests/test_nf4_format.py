@@ -194,3 +194,35 @@ def test_memory_per_parameter():
     n = 256 * 1024
     assert plain.weight_bytes() / n == pytest.approx(0.5625)
     assert nested.weight_bytes() / n == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked_gemm_twins_reuse_one_scratch_and_match_the_whole_weight(monkeypatch, dtype):
+    w = _weight((37, 96), torch.float32, seed=3)
+    packed, absmax = nf4.quantize_4bit(w, 64, "nf4")
+    q, nested, code2, off = nf4.double_quantize(absmax)
+    weight = nf4.NF4Weight(packed, q, nf4.code_table("nf4"), nested, code2, off, 64, 37, 96)
+    whole = weight.rows(0, 37, torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x, dy, bias = torch.randn(5, 96, generator=g), torch.randn(5, 37, generator=g), torch.randn(37, generator=g)
+    u, lb, du, la = (torch.randn(*s, generator=g) for s in ((5, 3), (37, 3), (5, 3), (3, 96)))
+    y64 = x.double() @ whole.t() + bias.double() + 0.5 * u.double() @ lb.double().t()
+    dx64 = dy.double() @ whole + du.double() @ la.double()
+    monkeypatch.setattr(nf4, "CHUNK_ELEMENTS", 400)  # several chunks of whole blocks
+    assert len(list(weight.row_chunks())) > 3
+    nf4._SCRATCH.buffers.clear()
+    cast = [t.to(dtype) for t in (x, dy, bias, u, lb, du, la)]
+    y = nf4.nf4_linear_fwd(cast[0], weight, cast[2], cast[3], cast[4], 0.5)
+    dx = nf4.nf4_linear_dgrad(cast[1], weight, cast[5], cast[6])
+    dx_base = nf4.nf4_linear_dgrad(cast[1], weight, None, None)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=5e-2)
+    assert y.dtype == dx.dtype == dtype
+    torch.testing.assert_close(y.double(), y64, **tol)
+    torch.testing.assert_close(dx.double(), dx64, **tol)
+    torch.testing.assert_close(dx_base.double(), dy.double() @ whole, **tol)
+    (index, pairs), = nf4._SCRATCH.buffers.values()  # one buffer pair, no larger than one chunk
+    assert pairs.numel() * 2 <= 400 and index.numel() == pairs.numel()
+    # A scratch-backed chunk equals the fresh dequantization bit for bit, and rows() never hands out scratch.
+    a = weight.rows(0, 4, torch.float32)
+    assert torch.equal(weight.rows(0, 4, torch.float32, scratch=True), a)
+    assert a.untyped_storage().data_ptr() != pairs.untyped_storage().data_ptr()

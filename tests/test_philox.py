@@ -188,7 +188,7 @@ def test_mask_equals_oracle_across_chunks(monkeypatch, p, rows, cols, row_offset
     for chunk in (1, 64, 1 << 14):
         monkeypatch.setattr(philox, "_CHUNK", chunk)
         assert torch.equal(dropout_keep_mask(seed, rows, cols, p, row_offset=row_offset), want)
-        for dtype in (torch.float32, torch.float16):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             got = torch.full((rows, cols), float("nan"), dtype=dtype)
             for r0, r1, keep in philox.keep_mask_chunks(seed, rows, cols, p, dtype=dtype, row_offset=row_offset):
                 assert keep.dtype == dtype and keep.shape == (r1 - r0, cols)
@@ -214,3 +214,16 @@ def test_serial_cpu_restores_thread_count():
         assert torch.get_num_threads() == 1
         raise RuntimeError("boom")
     assert torch.get_num_threads() == threads
+
+
+def test_serial_cpu_threads_scale_with_operand_size():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        grain = philox._THREAD_GRAIN
+        for numel, want in ((0, 1), (grain - 1, 1), (2 * grain, 2), (3 * grain + 5, 3), (100 * grain, 4)):
+            with philox.serial_cpu("cpu", numel):
+                assert torch.get_num_threads() == want, numel
+            assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)

@@ -123,6 +123,13 @@ def default_cases(widths=(1024, 4096), tokens: dict | None = None) -> list[KindC
         lambda g: torch.randn(4, 128, 32, 32, generator=g).requires_grad_(True),
         lt.LoraConfig(target_modules=["m"], r=16), peft.LoraConfig(target_modules=["m"], r=16, init_lora_weights=False),
         "Conv2d 128->128 3x3, x [4, 128, 32, 32], r=16"))
+    for effective in (False, True):
+        cases.append(KindCase(
+            f"loha-conv2d{'-effective' if effective else ''}", lambda: nn.Conv2d(320, 320, 3, padding=1),
+            lambda g: torch.randn(2, 320, 32, 32, generator=g).requires_grad_(True),
+            lt.LoHaConfig(target_modules=["m"], r=4, use_effective_conv2d=effective),
+            peft.LoHaConfig(target_modules=["m"], r=4, use_effective_conv2d=effective, init_weights=False),
+            f"Conv2d 320->320 3x3, x [2, 320, 32, 32], r=4{', effective conv (Tucker)' if effective else ''}"))
     cases.append(KindCase(
         "lora-embedding", lambda: nn.Embedding(32000, 1024),
         lambda g: torch.randint(0, 32000, (8, 512), generator=g),

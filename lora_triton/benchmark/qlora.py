@@ -4,10 +4,12 @@
                                           [--repeats 5] [--json out.json]
 
 One process, providers interleaved per round (``timing.measure_interleaved``). Per provider and shape:
-training step (forward + backward, x requires grad) and inference (no grad) seconds (median), bytes
-saved for backward beyond x and the parameters, peak bytes allocated during one training step above
-what was allocated before it (CPU: bytes held by the tensors aten ops create during the step, tracked
-by a dispatch mode, outputs and x.grad included; CUDA: the allocator's peak), and the weight bytes per parameter.
+training step (forward + backward, x requires grad) and inference (no grad) seconds (median), the step's
+process CPU time (median, all threads), bytes saved for backward beyond x and the parameters, peak bytes
+allocated during one training step above what was allocated before it (CPU: bytes held by the tensors
+aten ops create during the step, those inside custom ops included, tracked by a dispatch mode, outputs
+and x.grad included, x / dy / parameters excluded; CUDA: the allocator's peak), and the weight bytes per
+parameter.
 PEFT + bnb runs in training mode for the step (bitsandbytes 0.50 repacks the weight for its bf16 CPU
 kernel at the first eval-mode no-grad forward and training fails afterwards) and on its own copy in
 eval mode for inference.
@@ -22,52 +24,70 @@ import json
 import os
 import statistics
 import sys
+import time
 import weakref
 
 import torch
 from torch import nn
+from torch._library import custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..reference.nf4 import _SCRATCH
 from .timing import cuda_peak_bytes, measure_interleaved, saved_tensor_bytes
 
 
 class _LiveTensorBytes(TorchDispatchMode):
     """Bytes of the storages held by tensors that aten ops create while active (views share their
-    storage; a storage is released when the last tensor seen on it dies): peak and current."""
+    storage; a storage is released when the last tensor seen on it dies): peak and current.
 
-    def __init__(self):
+    Storages alive before the step (``exclude``: x, dy, parameters, buffers) are never counted. A custom
+    op defined in Python (ours, bitsandbytes') is opaque to a dispatch mode: its body runs under a child
+    mode sharing these counters, so its temporaries (dequantized chunks, index buffers) count too."""
+
+    def __init__(self, exclude=(), parent: _LiveTensorBytes | None = None):
         super().__init__()
-        self.live = self.peak = 0
-        self.refs: dict[int, list] = {}  # storage ptr -> [tensors alive, bytes]
+        self.root = parent.root if parent is not None else self
+        if parent is None:
+            self.live = self.peak = 0
+            self.refs: dict[int, list] = {}  # storage ptr -> [tensors alive, bytes]
+            self.skip = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
 
     def _release(self, ptr: int) -> None:
-        entry = self.refs[ptr]
+        root = self.root
+        entry = root.refs[ptr]
         entry[0] -= 1
         if entry[0] == 0:
-            self.live -= entry[1]
-            del self.refs[ptr]
+            root.live -= entry[1]
+            del root.refs[ptr]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        opdef = custom_ops.OPDEFS.get(func._schema.name) if isinstance(func, torch._ops.OpOverload) else None
+        if opdef is not None:
+            with _LiveTensorBytes(parent=self):
+                out = opdef._init_fn(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
+        root = self.root
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 ptr = storage.data_ptr()
-                if ptr == 0:
+                if ptr == 0 or ptr in root.skip:
                     continue
-                entry = self.refs.setdefault(ptr, [0, storage.nbytes()])
+                entry = root.refs.setdefault(ptr, [0, storage.nbytes()])
                 if entry[0] == 0:
-                    self.live += entry[1]
-                    self.peak = max(self.peak, self.live)
+                    root.live += entry[1]
+                    root.peak = max(root.peak, root.live)
                 entry[0] += 1
                 weakref.finalize(t, self._release, ptr)
         return out
 
 
-def cpu_peak_bytes(fn, i: int) -> int:
-    """Peak bytes held by tensors created during one call (outputs, saved tensors, x.grad, temporaries)."""
+def cpu_peak_bytes(fn, i: int, exclude=()) -> int:
+    """Peak bytes held by tensors created during one call (outputs, saved tensors, x.grad, temporaries,
+    those inside custom ops included), storages in ``exclude`` left out."""
     gc.collect()
-    mode = _LiveTensorBytes()
+    mode = _LiveTensorBytes(exclude)
     with mode:
         fn(i)
     return mode.peak
@@ -125,6 +145,18 @@ def _available(name: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("bitsandbytes", "peft"))
 
 
+def _cpu_timed(fn, log: list):
+    """``fn`` also logging the process CPU time (all threads) of each call: on a shared machine, less
+    sensitive than wall time to other jobs holding the cores (not to their cache and memory traffic)."""
+
+    def timed(i):
+        c0 = time.process_time()
+        fn(i)
+        log.append(time.process_time() - c0)
+
+    return timed
+
+
 def run_shape(n: int, k: int, tokens: int, r: int, repeats: int, warmup: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     w, b = (torch.randn(n, k, generator=g) / k**0.5).to(device), torch.randn(n, generator=g).to(device)
@@ -146,20 +178,28 @@ def run_shape(n: int, k: int, tokens: int, r: int, repeats: int, warmup: int, de
                 return layer(xs[i])
 
         steps[name], infers[name] = step, infer
-    train_t = measure_interleaved(steps, device, repeats, warmup, n_sets=2)
+    cpu_t: dict[str, list[float]] = {name: [] for name in names}
+    train_t = measure_interleaved({name: _cpu_timed(steps[name], cpu_t[name]) for name in names}, device, repeats,
+                                  warmup, n_sets=2)
     infer_t = measure_interleaved(infers, device, repeats, warmup, n_sets=2)
     out = {}
     for name in names:
         params = list(train_layers[name].parameters()) + list(train_layers[name].buffers())
         saved = saved_tensor_bytes(lambda i, f=train_layers[name]: f(xs[i]), 0, [xs[0], *params])
-        peak = (cuda_peak_bytes(steps[name], 0, device) if device.type == "cuda" else cpu_peak_bytes(steps[name], 0))
+        if device.type == "cuda":
+            peak = cuda_peak_bytes(steps[name], 0, device)
+        else:
+            _SCRATCH.buffers.clear()  # our reused chunk buffers are allocated (and counted) inside the step
+            peak = cpu_peak_bytes(steps[name], 0, [xs[0], dy, *params])
         out[name] = dict(train_s=statistics.median(train_t[name]), infer_s=statistics.median(infer_t[name]),
+                         train_cpu_s=statistics.median(cpu_t[name][warmup:]),
                          saved_bytes=saved, step_peak_bytes=peak, weight_bytes=wbytes[name],
                          weight_bytes_per_param=wbytes[name] / (n * k))
     base = out["frozen_fp32"]
     for rec in out.values():
         rec["train_vs_frozen"] = rec["train_s"] / base["train_s"]
         rec["infer_vs_frozen"] = rec["infer_s"] / base["infer_s"]
+        rec["train_cpu_vs_frozen"] = rec["train_cpu_s"] / base["train_cpu_s"]
     return dict(shape=dict(out_features=n, in_features=k, tokens=tokens, r=r, dtype="float32"), results=out)
 
 
@@ -189,7 +229,8 @@ def main(argv=None) -> int:
         doc["runs"].append(run)
         print(f"{n}x{k}, {args.tokens} tokens, r={args.rank}, fp32, {args.device}:")
         for name, rec in run["results"].items():
-            print(f"  {name:<18} step {rec['train_s'] * 1e3:8.1f} ms ({rec['train_vs_frozen']:.2f}x frozen)  "
+            print(f"  {name:<18} step {rec['train_s'] * 1e3:8.1f} ms ({rec['train_vs_frozen']:.2f}x frozen; "
+                  f"CPU time {rec['train_cpu_s'] * 1e3:.1f} ms, {rec['train_cpu_vs_frozen']:.2f}x)  "
                   f"infer {rec['infer_s'] * 1e3:8.1f} ms ({rec['infer_vs_frozen']:.2f}x)  "
                   f"saved {rec['saved_bytes'] / 2**20:6.2f} MiB  step peak {rec['step_peak_bytes'] / 2**20:7.1f} MiB  "
                   f"weight {rec['weight_bytes_per_param']:.4f} B/param")

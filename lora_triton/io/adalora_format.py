@@ -1,6 +1,8 @@
 """AdaLoRA adapters in PEFT's format: keys ``base_model.model.<path>.lora_{A,E,B}`` (no ``.weight``), config
-``rank_pattern`` = {"<path>.lora_E": [bool] * init_r}; tensors are sliced to the kept ranks on save and
-layers resized from rank_pattern on load (rank 0 allowed). ranknum (= init_r) is not saved, as in PEFT.
+``rank_pattern`` = {"<path>.lora_E": [bool] * init_r}; tensors are sliced to the kept ranks on save
+(``save_adapter`` comes here for an AdaLoRA adapter) and layers built at the kept ranks on load (rank 0
+allowed; ``load_adapter`` through the registry's ADALORA kind, ``nn/adalora.py``). ranknum (= init_r) is
+not saved, as in PEFT.
 """
 
 from __future__ import annotations
@@ -8,17 +10,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import CONFIG_NAME
-from ..nn.adalora import STATE_ATTR, AdaLoraConfig, adalora_layers, adalora_state, inject_adalora
-from ..nn.lora_linear import is_conv1d, is_supported_base
-from ..nn.targets import find_targets, resolve_targets
-from ..nn.transaction import model_transaction
-from .atomic import atomic_path
+from ..nn.adalora import adalora_layers, adalora_state
+from ..nn.inject import adapter_configs
+from ..nn.modules_to_save import ModulesToSaveWrapper
+from .adapter_files import write_pair
+from .peft_format import _bias_params, load_adapter
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -35,66 +38,56 @@ def is_adalora_dir(directory: str) -> bool:
         return False
 
 
-def adalora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = adalora_state(model)
-    name, pattern = state.adapter_name, state.config.rank_pattern or {}
+def _live_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """PEFT key -> the model's own tensor, for one AdaLoRA adapter: lora_{A,E,B}, its modules_to_save copies
+    and the biases its ``bias`` setting saves (the keys ``io.peft_format`` writes for LoRA)."""
     out = {}
     for path, layer in adalora_layers(model):
-        if name not in layer.lora_A:
-            continue
-        a, e, b = (t[name].detach() for t in (layer.lora_A, layer.lora_E, layer.lora_B))
-        keep = pattern.get(f"{path}.lora_E")
-        if keep is not None and len(keep) == a.shape[0]:  # still at init_r: slice to the kept ranks
-            idx = torch.tensor(keep, dtype=torch.bool, device=a.device)
-            a, e, b = a[idx], e[idx], b[:, idx]
-        for key, value in (("lora_A", a), ("lora_E", e), ("lora_B", b)):
-            out[f"{PREFIX}{path}.{key}"] = value.to("cpu").contiguous()
+        if layer.has_adapter(name):
+            for suffix, tensor in layer.adapter_tensors(name).items():
+                out[f"{PREFIX}{path}.{suffix}"] = tensor
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
+            for k, v in module.modules_to_save[name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.{k}"] = v
+    for k, v in _bias_params(model, adapter_configs(model)[name], name).items():
+        out[f"{PREFIX}{k}"] = v
     return out
 
 
-def save_adalora(model: nn.Module, directory: str) -> None:
+def adalora_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The adapter's PEFT-keyed tensors, lora_{A,E,B} sliced to the kept ranks of its rank_pattern."""
     state = adalora_state(model)
-    tensors = adalora_state_dict(model)
-    os.makedirs(directory, exist_ok=True)
-    with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+    name = adapter_name or state.adapter_name
+    if name not in state.names():
+        raise KeyError(f"unknown AdaLoRA adapter {name!r}; the model holds {state.names()}")
+    pattern = adapter_configs(model)[name].rank_pattern or {}
+    out = {k: v.detach() for k, v in _live_tensors(model, name).items()}
+    for path, layer in adalora_layers(model):
+        keep = pattern.get(f"{path}.lora_E")
+        if name not in layer.lora_A or keep is None or len(keep) != layer.r[name]:
+            continue  # already resized to the kept ranks (or no pattern yet)
+        idx = torch.tensor(keep, dtype=torch.bool, device=layer.lora_A[name].device)
+        for key in ("lora_A", "lora_E"):
+            out[f"{PREFIX}{path}.{key}"] = out[f"{PREFIX}{path}.{key}"][idx]
+        out[f"{PREFIX}{path}.lora_B"] = out[f"{PREFIX}{path}.lora_B"][:, idx]
+    return {k: v.to("cpu").contiguous() for k, v in out.items()}
+
+
+def save_adalora(model: nn.Module, directory: str, adapter_name: Optional[str] = None) -> None:
+    """Write one AdaLoRA adapter (default: the trainable one, else the first) in PEFT's format, atomically."""
+    state = adalora_state(model)
+    name = adapter_name or state.adapter_name
+    tensors = adalora_state_dict(model, name)
+    config = adapter_configs(model)[name]
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    dataclasses.replace(state.config, base_model_name_or_path=name_or_path).save_pretrained(directory)
+    config = dataclasses.replace(config, base_model_name_or_path=name_or_path, inference_mode=True)
+    write_pair(directory, lambda tmp, metadata: save_file(tensors, tmp, metadata=metadata), config.to_json_string())
 
 
 def load_adalora(model: nn.Module, directory: str, adapter_name: str = "default",
                  is_trainable: bool = False) -> nn.Module:
-    """Inject at init_r, resize each layer to its rank_pattern, copy the tensors (all checked first)."""
-    if STATE_ATTR in model.__dict__:
-        raise ValueError("the model already holds an AdaLoRA adapter")
-    config = AdaLoraConfig.from_pretrained(directory)
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}")
-    tensors = load_file(path)
-    config = dataclasses.replace(config, inference_mode=not is_trainable)
-    pattern = config.rank_pattern or {}
-    expected = {}
-    for p, module in find_targets(model, resolve_targets(model, config)):
-        if not is_supported_base(module):
-            raise TypeError(f"AdaLoRA targets nn.Linear and transformers' Conv1D; {p!r} is {type(module).__name__}")
-        w = module.weight
-        in_f, out_f = (w.shape[0], w.shape[1]) if is_conv1d(module) else (w.shape[1], w.shape[0])
-        r = sum(pattern[f"{p}.lora_E"]) if f"{p}.lora_E" in pattern else config.init_r
-        expected.update({f"{PREFIX}{p}.lora_A": (r, in_f), f"{PREFIX}{p}.lora_E": (r, 1),
-                         f"{PREFIX}{p}.lora_B": (out_f, r)})
-    problems = sorted(set(expected) ^ set(tensors)) + [
-        f"{k}: file {tuple(tensors[k].shape)}, expected {v}" for k, v in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != v]
-    if problems:
-        raise ValueError(f"{path} does not match its config / the model: {problems[:6]}")
-    name = adapter_name
-    with model_transaction(model), torch.no_grad():
-        inject_adalora(model, config, adapter_name, init_weights=False)
-        for p, layer in adalora_layers(model):
-            if f"{p}.lora_E" in pattern:
-                layer.resize(name, pattern[f"{p}.lora_E"])
-            for key, table in (("lora_A", layer.lora_A), ("lora_E", layer.lora_E), ("lora_B", layer.lora_B)):
-                table[name].copy_(tensors[f"{PREFIX}{p}.{key}"])
-    return model
-
+    """``load_adapter`` for an AdaLoRA folder (the registry's ADALORA kind builds each layer at its saved ranks)."""
+    if not is_adalora_dir(directory):
+        raise ValueError(f"{directory!r} holds no AdaLoRA adapter (peft_type 'ADALORA' in {CONFIG_NAME})")
+    return load_adapter(model, directory, adapter_name, is_trainable=is_trainable)

@@ -118,7 +118,12 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     """Write one adapter to ``directory`` in PEFT's format, as one atomic save (``io/adapter_files.py``):
     after a crash at any point the directory loads as the old adapter or the new one, never a mix.
 
-    ``tensors``: PEFT-keyed values to write instead of the model's own (e.g. gathered from shards)."""
+    ``tensors``: PEFT-keyed values to write instead of the model's own (e.g. gathered from shards).
+    AdaLoRA adapters go to ``io.adalora_format.save_adalora`` (tensors sliced by rank_pattern)."""
+    if tensors is None and getattr(adapter_configs(model).get(adapter_name), "peft_type", None) == "ADALORA":
+        from .adalora_format import save_adalora
+
+        return save_adalora(model, directory, adapter_name)
     tensors = adapter_state_dict(model, adapter_name) if tensors is None else tensors
     config = adapter_configs(model)[adapter_name]
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or config.base_model_name_or_path
@@ -301,13 +306,8 @@ def load_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
 
     Transactional: every key, shape and dtype is checked first, and any exception after that (even
     KeyboardInterrupt) rolls the model back, so a failed load leaves it bit-identical.
-    Folders with peft_type "ADALORA" go to ``io.adalora_format.load_adalora``.
     """
     check_adapter_name(adapter_name)
-    from .adalora_format import is_adalora_dir, load_adalora
-
-    if config is None and is_adalora_dir(_adapter_dir(directory, adapter_name)):
-        return load_adalora(model, _adapter_dir(directory, adapter_name), adapter_name, is_trainable=is_trainable)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"adapter {adapter_name!r} already exists; loaded: {sorted(adapter_configs(model))}")
     if config is not None:

@@ -10,9 +10,10 @@
    y = x W^T + b + (g - 1) y_pre + s U B^T (PEFT's form, without its second GEMM launch).
 5. ``_dudb_kernel``: one pass over dy (scaled by g as it is loaded): dU = s (g dy) B, dB += s (g dy)^T U
    (fp32 atomics) and the column reduction dm += sum_t dy * y_pre / n.
-6. ``_da_kernel``: dA = dU^T D(x).
-7. ``_dx_kernel``: dgrad with g folded into the dy loads; at p > 0 two accumulators over one read of
-   dy and W (dy W and (g - 1) dy W), then dx = dy W + D'((g - 1) dy W + dU A).
+6. dA = dU^T D(x): LoRA's ``lora_bwd._da_kernel`` (dU already carries g); the tile helpers ``_dot``,
+   ``_lora_dot`` and the shrink loop ``_shrink_block`` are ``lora_fwd``'s too.
+7. ``_dx_kernel``: dgrad with g folded into the W tiles (dy diag(g) W = dy (diag(g) W)); at p > 0 two
+   accumulators over one read of dy and W (dy W and dy diag(g - 1) W), then dx = dy W + D'(... + dU A).
 Fixed launch configs (not autotuned yet); under TRITON_INTERPRET=1 small blocks keep CPU tests fast.
 The dropout mask is regenerated from the on-device seed with ``lora_fwd._dropout_scale``.
 """
@@ -24,7 +25,8 @@ import triton
 import triton.language as tl
 
 from .autotune import interpreting
-from .lora_fwd import _dropout_scale, _shrink_block
+from .lora_bwd import _da_kernel
+from .lora_fwd import _dot, _dropout_scale, _lora_dot, _shrink_block
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_R = 128
@@ -33,14 +35,6 @@ _MAX_R = 128
 def _empty(shape, dtype, device):
     # Single allocation point for outputs: tests patch it to NaN-fill and check every element is written.
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-@triton.jit
-def _mm(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:  # fp32 operands: exact fp32 products (no TF32), as the reference computes
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -102,19 +96,6 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, seed_ptr, M, K, R, stride_xm, stride_xk,
 
 
 @triton.jit
-def _rank_dot(u_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br, stride_bn,
-              BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr):
-    """[BM, BN] fp32 = U[rows, :R] @ Bt[:R, cols], Bt[j, n] at b_ptr + j * stride_br + n * stride_bn."""
-    rr = tl.arange(0, R_PAD)
-    r_ok = rr < R
-    u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :] * stride_ur,
-                mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-    b_t = tl.load(b_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn,
-                  mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-    return _mm(u, b_t, tl.zeros((BM, BN), dtype=tl.float32), IEEE)
-
-
-@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, lb_ptr, gm1_ptr, seed_ptr, y_ptr, yp_ptr,
                 M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
                 stride_bn, stride_br, stride_ym, stride_yn, scaling, p, inv_keep,
@@ -135,11 +116,11 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, lb_ptr, gm1_ptr, seed_ptr, y_ptr,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                       mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = _mm(x, w_t, acc, IEEE)
+        acc = _dot(x, w_t, acc, IEEE)
         if HAS_DROPOUT:  # the same x and W tiles feed the second accumulator: W D(x)
             xd = (x.to(tl.float32) * _dropout_scale(seed, rows, ks, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
-            acc_d = _mm(xd, w_t, acc_d, IEEE)
-    lora = scaling * _rank_dot(u_ptr, lb_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur,
+            acc_d = _dot(xd, w_t, acc_d, IEEE)
+    lora = scaling * _lora_dot(u_ptr, lb_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur,
                                stride_br, stride_bn, BLOCK_M, BLOCK_N, R_PAD, IEEE)
     gm1 = tl.load(gm1_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_DROPOUT:
@@ -181,37 +162,12 @@ def _dudb_kernel(dy_ptr, u_ptr, lb_ptr, g_ptr, yp_ptr, inv_n_ptr, du_ptr, db_ptr
         dyg = (dy * g[None, :]).to(dy_ptr.dtype.element_ty)
         b = tl.load(lb_ptr + cols[:, None] * stride_bn + rr[None, :] * stride_br,
                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-        acc_du = _mm(dyg, b, acc_du, IEEE)
-        d_b = _mm(tl.trans(dyg), u, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), IEEE)
+        acc_du = _dot(dyg, b, acc_du, IEEE)
+        d_b = _dot(tl.trans(dyg), u, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), IEEE)
         tl.atomic_add(db_ptr + cols[:, None] * stride_dbn + rr[None, :] * stride_dbr, scaling * d_b,
                       mask=col_ok[:, None] & r_ok[None, :])
     tl.store(du_ptr + rows[:, None] * stride_dum + rr[None, :] * stride_dur,
              (scaling * acc_du).to(du_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
-
-
-@triton.jit
-def _da_kernel(du_ptr, x_ptr, seed_ptr, da_ptr, M, K, R, stride_dum, stride_dur, stride_xm, stride_xk,
-               stride_dar, stride_dak, p, inv_keep,
-               R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, R_PAD)
-    k_ok = ks < K
-    r_ok = rr < R
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        du_t = tl.load(du_ptr + rr[:, None] * stride_dur + rows[None, :] * stride_dum,
-                       mask=r_ok[:, None] & row_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = (x.to(tl.float32) * _dropout_scale(seed, rows, ks, K, p, inv_keep)).to(x_ptr.dtype.element_ty)
-        acc = _mm(du_t, x, acc, IEEE)
-    tl.store(da_ptr + rr[:, None] * stride_dar + ks[None, :] * stride_dak, acc, mask=r_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
@@ -233,14 +189,17 @@ def _dx_kernel(dy_ptr, w_ptr, g_ptr, gm1_ptr, du_ptr, a_ptr, seed_ptr, dx_ptr,
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk,
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        # dy diag(g) W = dy (diag(g) W): the per-column scale of dy is a per-row scale of the W tile, so the
+        # tile computed in registers is the MMA's B operand (through shared memory) and dy, straight from
+        # memory, its A operand; a register-scaled A operand made ptxas serialize wgmma (C7515).
         if HAS_DROPOUT:
             gm1 = tl.load(gm1_ptr + cols, mask=col_ok, other=0.0)
-            acc = _mm(dy, w, acc, IEEE)
-            acc_d = _mm((dy.to(tl.float32) * gm1[None, :]).to(dy_ptr.dtype.element_ty), w, acc_d, IEEE)
+            acc = _dot(dy, w, acc, IEEE)
+            acc_d = _dot(dy, (w.to(tl.float32) * gm1[:, None]).to(w_ptr.dtype.element_ty), acc_d, IEEE)
         else:
             g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
-            acc = _mm((dy.to(tl.float32) * g[None, :]).to(dy_ptr.dtype.element_ty), w, acc, IEEE)
-    lora = _rank_dot(du_ptr, a_ptr, rows, ks, row_ok, k_ok, R, stride_dum, stride_dur, stride_ar, stride_ak,
+            acc = _dot(dy, (w.to(tl.float32) * g[:, None]).to(w_ptr.dtype.element_ty), acc, IEEE)
+    lora = _lora_dot(du_ptr, a_ptr, rows, ks, row_ok, k_ok, R, stride_dum, stride_dur, stride_ar, stride_ak,
                      BLOCK_M, BLOCK_K, R_PAD, IEEE)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -369,9 +328,11 @@ def dora_linear_bwd(dy, x, weight, lora_A, lora_B, magnitude, weight_norm, u, y_
             dy, u, lora_B, g, y_pre, inv_n, d_u, d_b, d_m, m, n, r, dy.stride(0), dy.stride(1),
             u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1), d_u.stride(0), d_u.stride(1),
             d_b.stride(0), d_b.stride(1), float(scaling), R_PAD=r_pad, IEEE=ieee)
-    _launch(_da_kernel, "da", lambda b: (triton.cdiv(k, b["BLOCK_K"]),),
-            d_u, x, seed_arg, d_a, m, k, r, d_u.stride(0), d_u.stride(1), x.stride(0), x.stride(1),
-            d_a.stride(0), d_a.stride(1), p, inv_keep, R_PAD=r_pad, HAS_DROPOUT=drop, IEEE=ieee)
+    # dA = dU^T D(x) is LoRA's (dU already carries g): lora_bwd's kernel, one M split, r in chunks of 64.
+    ws = d_a.unsqueeze(0)
+    _launch(_da_kernel, "da", lambda b: (triton.cdiv(k, b["BLOCK_K"]), 1, triton.cdiv(r_pad, 64)),
+            d_u, x, seed_arg, ws, m, k, r, 0, d_u.stride(0), d_u.stride(1), x.stride(0), x.stride(1),
+            *ws.stride(), p, inv_keep, 1, R_PAD=r_pad, HAS_DROPOUT=drop, IEEE=ieee)
     if need_dx:
         # The dgrad tile's second axis walks K (BLOCK_K), its inner loop N (BLOCK_N).
         _launch(_dx_kernel, "gemm", lambda b: (triton.cdiv(m, b["BLOCK_M"]), triton.cdiv(k, b["BLOCK_K"])),

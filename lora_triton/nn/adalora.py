@@ -17,6 +17,7 @@ added to ``outputs.loss`` whenever the model returns a loss (a forward hook, whi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,6 +26,9 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..ops.lora_linear import lora_linear
+from . import kinds
+from .adapter_layer import AdapterLayer
+from .inject import _check_name, _set_child, active_adapters, adapter_configs, add_modules_to_save, set_adapter
 from .lora_linear import is_conv1d, is_supported_base
 from .targets import candidate_modules, find_targets, resolve_targets
 from .transaction import transactional
@@ -76,31 +80,29 @@ class AdaLoraConfig(LoraConfig):
                 raise ValueError(f"rank_pattern[{key!r}] must be a list of init_r={self.init_r} bools, got {mask!r}")
 
 
-class SVDLinear(nn.Module):
-    """A frozen Linear / GPT-2 Conv1D plus AdaLoRA adapters (lora_A, lora_E, lora_B by adapter name)."""
+class SVDLinear(AdapterLayer):
+    """A frozen Linear / GPT-2 Conv1D plus AdaLoRA adapters (lora_A, lora_E, lora_B by adapter name).
+
+    An ``AdapterLayer``: activation, disabling, merge / unmerge / merge_and_unload and deletion are the
+    shared ones (``nn/inject.py``); the forward is the fused op on A * E."""
+
+    param_dicts = ("lora_A", "lora_E", "lora_B")
+    setting_dicts = ("scaling", "r", "lora_alpha", "ranknum", "lora_dropout_p")
 
     def __init__(self, base_layer: nn.Module):
-        super().__init__()
         if not is_supported_base(base_layer):
             raise TypeError(f"SVDLinear wraps nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         w = base_layer.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1],
                                                                                                    w.shape[0])
         self.lora_A, self.lora_E, self.lora_B = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.ranknum: dict[str, float] = {}
-        self.lora_dropout_p: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.disable_adapters = False
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     init_weights: bool = True) -> None:
-        w = self.base_layer.weight
-        dtype = w.dtype if w.dtype == torch.float64 else torch.float32
-        kw = dict(dtype=dtype, device=w.device)
+        self._check_new(name)
+        kw = dict(dtype=self.adapter_dtype(), device=self.base_layer.weight.device)
         self.lora_A[name] = nn.Parameter(torch.zeros(r, self.in_features, **kw))
         self.lora_E[name] = nn.Parameter(torch.zeros(r, 1, **kw))
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, **kw))
@@ -109,6 +111,8 @@ class SVDLinear(nn.Module):
                 self.lora_A[name].normal_(0.0, 0.02)
                 self.lora_B[name].normal_(0.0, 0.02)
         self.r[name], self.lora_alpha[name], self.ranknum[name] = r, lora_alpha, float(r)
+        # PEFT: lora_alpha / (ranknum + 1e-5), ranknum = init_r also after a resize (it is not saved)
+        self.scaling[name] = (lora_alpha if lora_alpha > 0 else float(r)) / (float(r) + 1e-5)
         self.lora_dropout_p[name] = float(lora_dropout)
 
     def resize(self, name: str, keep: list[bool]) -> None:
@@ -120,16 +124,17 @@ class SVDLinear(nn.Module):
             table[name] = nn.Parameter(value.clone(), requires_grad=table[name].requires_grad)
         self.r[name] = int(idx.sum())
 
-    def scaling(self, name: str) -> float:
-        alpha = self.lora_alpha[name]
-        return (alpha if alpha > 0 else self.r[name]) / (self.ranknum[name] + 1e-5)
-
     def base_weight(self) -> torch.Tensor:
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.lora_A and self.r[a]]
+        if self.mixed_batch is not None:
+            return self.mixed_batch(self, x, *args, **kwargs)
+        if self.disable_adapters and self.merged_adapters:
+            self.unmerge()
+        active = [] if self.disable_adapters else [a for a in self.active_adapters if a in self.lora_A and self.r[a]
+                                                   and a not in self.merged_adapters]
         if not active:
             return self.base_layer(x, *args, **kwargs)
         weight, bias = self.base_weight(), self.base_layer.bias
@@ -138,9 +143,22 @@ class SVDLinear(nn.Module):
             a_e = self.lora_A[name] * self.lora_E[name]  # [r, in]: E folded into A, exact gradients via autograd
             p = self.lora_dropout_p[name] if self.training else 0.0
             out = lora_linear(x, weight if y is None else None, bias if y is None else None, a_e,
-                              self.lora_B[name], self.scaling(name), p)
+                              self.lora_B[name], self.scaling[name], p)
             y = out if y is None else y + out
         return y
+
+    def adapter_forward(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self.r[name]:
+            return None
+        p = self.lora_dropout_p[name] if self.training else 0.0
+        h = torch.nn.functional.dropout(x, p, training=True) if p > 0.0 else x
+        a_e = (self.lora_A[name] * self.lora_E[name]).to(x.dtype)
+        return (h @ a_e.t() @ self.lora_B[name].to(x.dtype).t()) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a_e = self.merge_value(self.lora_A[name]) * self.merge_value(self.lora_E[name])
+        delta = (self.merge_value(self.lora_B[name]) @ a_e) * self.scaling[name]
+        return delta.t() if self.fan_in_fan_out else delta
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.lora_A)
@@ -153,9 +171,10 @@ class RankAllocator:
     def __init__(self, model: nn.Module, config: AdaLoraConfig, adapter_name: str):
         self.config, self.adapter_name = config, adapter_name
         self.reset_ipt()
-        self.triplets = sorted(n.replace("lora_A", "%s") for n, _ in model.named_parameters()
-                               if f"lora_A.{adapter_name}" in n)
-        self.init_bgt = sum(p.shape[0] for n, p in model.named_parameters() if f"lora_A.{adapter_name}" in n)
+        # Names end in ".lora_A.<adapter>" (PEFT tests a substring, which also matches other adapters' names).
+        own = [(n, p) for n, p in model.named_parameters() if n.endswith(f".lora_A.{adapter_name}")]
+        self.triplets = sorted(n.replace("lora_A", "%s") for n, _ in own)
+        self.init_bgt = sum(p.shape[0] for _, p in own)
         self.target_bgt = config.target_r * len(self.triplets)
 
     def reset_ipt(self) -> None:
@@ -175,7 +194,7 @@ class RankAllocator:
         b1, b2 = self.config.beta1, self.config.beta2
         with torch.no_grad():
             for n, p in model.named_parameters():
-                if "lora_" not in n or self.adapter_name not in n:
+                if "lora_" not in n or not n.endswith(f".{self.adapter_name}"):
                     continue
                 if p.grad is None:
                     raise RuntimeError(f"{n} has no gradient: call update_and_allocate after backward(), "
@@ -208,23 +227,40 @@ class RankAllocator:
     def mask_using_rank_pattern(self, model: nn.Module, pattern: dict[str, list[bool]]) -> None:
         with torch.no_grad():
             for n, p in model.named_parameters():
-                key = n.replace(f".{self.adapter_name}", "")
-                if f"lora_E.{self.adapter_name}" in n and key in pattern:
+                key = n[: -len(self.adapter_name) - 1]
+                if n.endswith(f".lora_E.{self.adapter_name}") and key in pattern:
                     keep = torch.tensor(pattern[key], dtype=torch.bool, device=p.device)
                     p.masked_fill_(~keep.view(-1, 1), 0.0)
 
 
 @dataclass
 class AdaLoraState:
-    config: AdaLoraConfig
-    adapter_name: str
-    allocator: Optional[RankAllocator]
+    """The model's AdaLoRA adapters: at most one trainable (it owns the allocator and the orth hook),
+    any number in inference mode, as in PEFT. Their configs live with the other adapters' configs."""
+    model: nn.Module
+    trainable: Optional[str] = None
+    allocator: Optional[RankAllocator] = None
     hook: Optional[object] = None
+
+    def names(self) -> list[str]:
+        return [n for n, c in adapter_configs(self.model).items() if isinstance(c, AdaLoraConfig)]
+
+    def live_trainable(self) -> Optional[str]:
+        return self.trainable if self.trainable in self.names() else None
+
+    @property
+    def adapter_name(self) -> str:
+        """The trainable adapter, else the first AdaLoRA adapter."""
+        return self.live_trainable() or self.names()[0]
+
+    @property
+    def config(self) -> AdaLoraConfig:
+        return adapter_configs(self.model)[self.adapter_name]
 
 
 def adalora_state(model: nn.Module) -> AdaLoraState:
     state = model.__dict__.get(STATE_ATTR)
-    if state is None:
+    if state is None or not state.names():
         raise ValueError("the model holds no AdaLoRA adapter (inject_adalora or load_adalora first)")
     return state
 
@@ -233,40 +269,61 @@ def adalora_layers(model: nn.Module) -> list[tuple[str, SVDLinear]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, SVDLinear)]
 
 
+ONE_TRAINABLE = ("AdaLoraModel supports only 1 trainable adapter. When using multiple adapters, set inference_mode "
+                 "to True for all adapters except the one you want to train.")
+
+
 @transactional
 def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
-                   init_weights: bool = True) -> nn.Module:
-    """Wrap the targeted Linear / Conv1D layers with ``SVDLinear`` at rank init_r (one AdaLoRA adapter per model)."""
+                   init_weights: Optional[bool] = None) -> nn.Module:
+    """Wrap the targeted Linear / Conv1D layers with ``SVDLinear`` at rank init_r, or add ``adapter_name`` to
+    the model's existing ones. PEFT's rules: one trainable AdaLoRA adapter per model (the others
+    ``inference_mode=True``, frozen); the first adapter is the active one, later ones are added inactive
+    (``set_adapter`` switches). ``bias`` and ``modules_to_save`` as for LoRA. ``inject_lora`` with an
+    AdaLoraConfig comes here; the layers come from the adapter-kind registry (``nn/kinds.py``, "ADALORA")."""
     if not isinstance(config, AdaLoraConfig):
         raise TypeError(f"config must be a lora_triton AdaLoraConfig, got {type(config).__name__}")
-    if STATE_ATTR in model.__dict__:
-        raise ValueError(f"the model already holds AdaLoRA adapter {model.__dict__[STATE_ATTR].adapter_name!r}")
-    if config.modules_to_save or config.bias != "none":
-        raise NotImplementedError("AdaLoRA with modules_to_save or bias != 'none' is not supported yet")
+    if init_weights is not None:
+        config = dataclasses.replace(config, init_lora_weights=bool(init_weights))
+    config.validate()
+    _check_name(adapter_name)
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; loaded: {sorted(configs)}")
+    others = [n for n, c in configs.items() if not isinstance(c, AdaLoraConfig)]
+    if others:
+        raise ValueError(f"the model holds non-AdaLoRA adapters {others}; AdaLoRA adapters cannot be mixed with "
+                         "them (PEFT keeps one tuner type per model)")
+    state = model.__dict__.get(STATE_ATTR) or AdaLoraState(model)
+    if not config.inference_mode and state.live_trainable() is not None:
+        raise ValueError(ONE_TRAINABLE)
     config = resolve_targets(model, config)
     targets = find_targets(model, config)
     if not targets:
         names = [p for p, m in candidate_modules(model) if p and is_supported_base(m)][:8]
         raise ValueError(f"target_modules={config.target_modules!r} matched no module; linear modules include {names}")
-    bad = [p for p, m in targets if not is_supported_base(m)]
+    bad = [p for p, m in targets if not (is_supported_base(m) or isinstance(m, SVDLinear))]
     if bad:
         raise TypeError(f"AdaLoRA targets nn.Linear and transformers' Conv1D; not {bad[:4]}")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    first = not configs
+    previous_active = active_adapters(model)
     for path, module in targets:
-        layer = SVDLinear(module)
-        layer.add_adapter(adapter_name, config.init_r, config.lora_alpha, config.lora_dropout, init_weights)
-        layer.active_adapters = [adapter_name]
-        layer.requires_grad_(False)
-        if not config.inference_mode:
-            for table in (layer.lora_A, layer.lora_E, layer.lora_B):
-                table[adapter_name].requires_grad_(True)
-        parent_path, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
-    allocator = None if config.inference_mode else RankAllocator(model, config, adapter_name)
-    state = AdaLoraState(config, adapter_name, allocator)
-    if not config.inference_mode:
-        state.hook = model.register_forward_hook(_add_orth_reg_to_loss)
+        layer = kinds.attach(module, adapter_name, config, path)  # ADALORA_LINEAR below
+        if layer is not module:
+            layer.active_adapters = []
+            _set_child(model, path, layer)
+    add_modules_to_save(model, config, adapter_name)
+    configs[adapter_name] = config
+    set_adapter(model, [adapter_name] if first else previous_active)
+    if config.inference_mode:  # PEFT's _freeze_adapter
+        for _, layer in adalora_layers(model):
+            for p in layer.adapter_parameters(adapter_name):
+                p.requires_grad_(False)
+    else:
+        state.trainable = adapter_name
+        state.allocator = RankAllocator(model, config, adapter_name)
+        if state.hook is None:
+            state.hook = model.register_forward_hook(_add_orth_reg_to_loss)
     model.__dict__[STATE_ATTR] = state
     return model
 
@@ -287,6 +344,9 @@ def orth_regularization(model: nn.Module) -> torch.Tensor:
 
 
 def _add_orth_reg_to_loss(model, args, output):
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None or state.live_trainable() is None:  # deleted, or merged and unloaded
+        return output
     loss = getattr(output, "loss", None)
     if isinstance(loss, torch.Tensor):
         output.loss = loss + orth_regularization(model)
@@ -296,8 +356,8 @@ def _add_orth_reg_to_loss(model, args, output):
 def update_and_allocate(model: nn.Module, global_step: int) -> Optional[dict[str, list[bool]]]:
     """One allocator step; returns the new rank pattern when masks changed (also stored in the config)."""
     state = adalora_state(model)
-    if state.allocator is None:
-        raise ValueError(f"AdaLoRA adapter {state.adapter_name!r} is in inference mode: nothing to allocate")
+    if state.allocator is None or state.live_trainable() is None:
+        raise ValueError(f"AdaLoRA adapters {state.names()} are in inference mode: nothing to allocate")
     c, alloc = state.config, state.allocator
     final = c.total_step - c.tfinal
     if global_step < final:
@@ -333,3 +393,40 @@ def adalora_callback(model: nn.Module):
 
     return AdaLoraCallback()
 
+
+
+# -- the ADALORA adapter kind (nn/kinds.py): load_adapter / save_adapter / inject_lora dispatch on it ----
+def _features(base: nn.Module) -> tuple[int, int]:
+    w = base.weight
+    return (w.shape[0], w.shape[1]) if is_conv1d(base) else (w.shape[1], w.shape[0])
+
+
+def _kept(config: AdaLoraConfig, path: str) -> Optional[list[bool]]:
+    """The layer's mask in ``config.rank_pattern`` (a saved adapter's config): its layer is built at the kept
+    ranks, which is what the saved, sliced tensors hold (PEFT resizes on load the same way)."""
+    return (config.rank_pattern or {}).get(f"{path}.lora_E")
+
+
+def _add_svd(layer: SVDLinear, name: str, config: AdaLoraConfig, path: str) -> None:
+    layer.add_adapter(name, config.init_r, config.lora_alpha, config.lora_dropout, bool(config.init_lora_weights))
+    keep = _kept(config, path)
+    if keep is not None:
+        layer.resize(name, keep)
+
+
+def _wrap_svd(base: nn.Module, name: str, config: AdaLoraConfig, path: str) -> SVDLinear:
+    layer = SVDLinear(base).train(base.training)
+    _add_svd(layer, name, config, path)
+    return layer
+
+
+def _svd_shapes(base: nn.Module, config: AdaLoraConfig, path: str) -> dict[str, tuple[int, int]]:
+    in_f, out_f = _features(base)
+    keep = _kept(config, path)
+    r = config.init_r if keep is None else sum(keep)
+    return {"lora_A": (r, in_f), "lora_E": (r, 1), "lora_B": (out_f, r)}
+
+
+ADALORA_LINEAR = kinds.LayerType("nn.Linear / transformers Conv1D", is_supported_base, SVDLinear, wrap=_wrap_svd,
+                                 add=_add_svd, shapes=_svd_shapes, tensors=lambda layer, n: layer.adapter_tensors(n))
+kinds.register(kinds.AdapterKind("ADALORA", AdaLoraConfig, (ADALORA_LINEAR,)))

@@ -22,6 +22,7 @@ class AdapterLayer(nn.Module):
     param_dicts: tuple[str, ...] = ()
     mixed_batch = mixed_batch_slot()  # per thread (nn/batch_slot.py): set by serving.adapter_batch
     setting_dicts: tuple[str, ...] = ("scaling",)  # per-adapter plain dicts, forgotten on delete
+    fuses_linear = False  # True: one adapter on a Linear runs as ``linear_forward`` (base GEMM included)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -79,6 +80,9 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.mixed_batch is not None:
             return self.mixed_batch(self, x, *args, **kwargs)
+        name = self.single_linear_adapter(x, args, kwargs) if self.fuses_linear else None
+        if name is not None:
+            return self.base_layer(x) if self.module_dropped(name) else self.linear_forward(name, x)
         if self.disable_adapters and self.merged_adapters:
             self.unmerge()
         result = self.base_layer(x, *args, **kwargs)
@@ -88,6 +92,46 @@ class AdapterLayer(nn.Module):
             if self.has_adapter(name) and name not in self.merged_adapters:
                 result = self.add_adapter_output(name, x, result)
         return result
+
+    def linear_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """base(x) plus adapter ``name``'s term in one op (a kind with ``fuses_linear`` on a Linear base)."""
+        raise NotImplementedError
+
+    def module_dropped(self, name: str) -> bool:
+        """PEFT's module_dropout (kinds with that setting): in training, one ``torch.rand(1)`` draw on every
+        forward; the adapter is skipped this call when it is <= module_dropout."""
+        return self.training and not torch.rand(1) > self.module_dropout[name]
+
+    def rank_dropout_rows(self, name: str) -> Optional[torch.Tensor]:
+        """PEFT's rank_dropout (kinds with that setting): in training, a mask over the output features from
+        ``torch.rand(out) > rank_dropout``, divided by its mean where ``rank_dropout_scaled``; None otherwise."""
+        p = self.rank_dropout[name]
+        if not (self.training and p):
+            return None
+        drop = (torch.rand(self.base_layer.weight.shape[0]) > p).to(torch.float32)
+        if self.rank_dropout_scaled(name):
+            drop = drop / drop.mean()
+        return drop.to(self.base_layer.weight.device)
+
+    def rank_dropout_scaled(self, name: str) -> bool:
+        return True
+
+    def dense_conv_term(self, x: torch.Tensor, delta: torch.Tensor, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """conv(x, delta) with the base conv's stride, padding, dilation, groups and padding_mode; the output
+        channels (rows of delta) scaled by ``row_scale`` when given."""
+        if row_scale is not None:
+            delta = delta * row_scale.reshape(-1, *([1] * (delta.dim() - 1)))
+        return self.base_layer._conv_forward(x, delta.to(x.dtype), None)
+
+    def single_linear_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
+        """The one active, unmerged adapter when this call can fuse it with the base GEMM (a Linear base,
+        no mixed batch, adapters enabled, x in the base's dtype); None otherwise."""
+        if not isinstance(self.base_layer, nn.Linear) or self.mixed_batch is not None or self.disable_adapters:
+            return None
+        names = [n for n in self.active_adapters if self.has_adapter(n) and n not in self.merged_adapters]
+        if args or kwargs or len(names) != 1 or x.dtype != self.base_layer.weight.dtype:
+            return None
+        return names[0]
 
     def add_adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result`` plus the adapter's output; a layer type that can accumulate in place overrides it."""

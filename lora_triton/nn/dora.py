@@ -14,22 +14,34 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dora import dora_linear, dora_weight_norm, dora_weight_sq
+from ..ops.lora_linear import lora_linear
 from .variants import LoraVariant
 
 
 class DoraMagnitude(nn.Module):
-    """Holds ``weight`` [out] so the parameter is named ``lora_magnitude_vector.<adapter>.weight``, as in PEFT."""
+    """Holds ``weight`` so the parameter is named ``lora_magnitude_vector.<adapter>.weight``, as in PEFT:
+    [out] on Linear layers, [dim] on embeddings, [1, out, 1, ...] on convs (PEFT's shapes)."""
 
-    def __init__(self, out_features: int, device=None, dtype=None):
+    def __init__(self, shape, device=None, dtype=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    return (id(t), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+    # A view (Conv1D's W^T, an embedding's E^T, a conv kernel flattened) is rebuilt on every call: key on the
+    # tensor that owns the storage; the version counter is shared with its views.
+    owner = t if t._base is None else t._base
+    return (id(owner), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+def dora_onto(result: torch.Tensor, base: torch.Tensor, lora: torch.Tensor, g: torch.Tensor,
+              gm1: torch.Tensor) -> torch.Tensor:
+    """PEFT's DoRA step onto an accumulated ``result``: result + (g - 1) base + g lora (g, g - 1 broadcast)."""
+    return result + gm1 * base + g * lora
 
 
 class DoraVariant(LoraVariant):
@@ -50,36 +62,65 @@ class DoraVariant(LoraVariant):
             self._sq = (key, dora_weight_sq(weight))
         return self._sq[1]
 
+    def factors(self, layer, name: str) -> tuple:
+        """(W [N, K], A [r, K], B [N, r], s) whose row norm ||W + s B A|| is DoRA's n (layer types override)."""
+        return layer.base_weight(), layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
+
+    def magnitude_shape(self, layer) -> tuple:
+        return (layer.out_features,)
+
+    def compute_norm(self, layer, weight, a, b, scaling: float) -> torch.Tensor:
+        return dora_weight_norm(weight, a, b, scaling, self.weight_sq(weight))
+
     def weight_norm(self, layer, name: str) -> torch.Tensor:
-        """n = ||W + s B A||_row (float32 [out], detached) for the layer's current unmerged weight."""
-        weight, a, b = layer.base_weight(), layer.lora_A[name].weight, layer.lora_B[name].weight
-        scaling = float(layer.scaling[name])
+        """n = ||W + s B A||_row (float32 [N], detached) for the layer's current unmerged weight."""
+        weight, a, b, scaling = self.factors(layer, name)
         if torch.compiler.is_compiling():
-            return dora_weight_norm(weight, a, b, scaling)
+            return self.compute_norm(layer, weight, a, b, scaling)
         key = (_tensor_key(weight), _tensor_key(a), _tensor_key(b), scaling)
         if self._norm is None or self._norm[0] != key:
             self.norm_computations += 1
-            self._norm = (key, dora_weight_norm(weight, a, b, scaling, self.weight_sq(weight)))
+            self._norm = (key, self.compute_norm(layer, weight, a, b, scaling))
         return self._norm[1]
+
+    def scales(self, layer, name: str, dtype: torch.dtype, shape=(-1,)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, g - 1) = (m / n, (m - n) / n) in ``dtype``, viewed as ``shape``; differentiable in m only."""
+        m = layer.lora_magnitude_vector[name].weight.reshape(-1).float()
+        n = self.weight_norm(layer, name)
+        return (m / n).to(dtype).view(shape), ((m - n) / n).to(dtype).view(shape)
 
     # -- LoraVariant ------------------------------------------------------------------------------
     def init(self, layer, name: str) -> None:
-        a = layer.lora_A[name].weight
         if name not in layer.lora_magnitude_vector:
-            layer.lora_magnitude_vector[name] = DoraMagnitude(layer.out_features, device=a.device, dtype=a.dtype)
+            w = self.factors(layer, name)[1]
+            layer.lora_magnitude_vector[name] = DoraMagnitude(self.magnitude_shape(layer), device=w.device,
+                                                              dtype=w.dtype)
         with torch.no_grad():
-            layer.lora_magnitude_vector[name].weight.copy_(self.weight_norm(layer, name))
+            target = layer.lora_magnitude_vector[name].weight
+            target.copy_(self.weight_norm(layer, name).view(target.shape))
 
     def forward(self, layer, name, x, weight, bias, dropout_p):
-        if weight is None:
-            raise NotImplementedError(
-                f"DoRA adapter {name!r} must be the first active adapter of its layer (active: "
-                f"{layer.active_adapters}): PEFT scales the output of the adapters before it, which lora_triton "
-                "does not reproduce")
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
         m = layer.lora_magnitude_vector[name].weight
         return dora_linear(x, weight, bias, a, b, m, layer.scaling[name], dropout_p,
                            weight_norm=self.weight_norm(layer, name))
+
+    def forward_onto(self, layer, name, x, result, weight, bias, dropout_p):
+        """After other adapters, PEFT's form: at p = 0 (or eval) DoRA rescales everything before it,
+        result + (g - 1)(result - b) + g s B A x; with dropout result + (g - 1) W D(x) + g s B A D(x), D drawn
+        from torch's generator like PEFT's nn.Dropout. Composed from ops (autograd through them)."""
+        return self.onto(layer, name, x, result, bias, dropout_p, lambda h: F.linear(h, weight))
+
+    def onto(self, layer, name, x, result, bias, dropout_p, base_fn):
+        g, gm1 = self.scales(layer, name, result.dtype)
+        if dropout_p == 0.0:
+            h, base = x, (result if bias is None else result - bias)
+        else:
+            h = F.dropout(x, dropout_p, training=True)
+            base = base_fn(h)
+        lora = lora_linear(h, None, None, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                           layer.scaling[name], 0.0)
+        return dora_onto(result, base, lora, g, gm1)
 
     def _delta(self, layer, name: str) -> torch.Tensor:
         a = layer.lora_A[name].weight.detach().float()

@@ -74,6 +74,10 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     same tensor (q/k/v, gate/up) are grouped (``nn.grouping``; ``ungroup_siblings`` undoes it).
     """
     config = coerce_config(config)  # ours (LoRA / LoHa / LoKr) or PEFT's LoraConfig; else a TypeError
+    if getattr(config, "peft_type", None) == "ADALORA":  # its layers and its rank allocator: nn/adalora.py
+        from .adalora import inject_adalora
+
+        return inject_adalora(model, config, adapter_name)
     config.validate()  # fields may have been changed since construction
     _check_name(adapter_name)
     if getattr(config, "init_lora_weights", None) in LOAD_ONLY_INITS:
@@ -102,14 +106,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         if wrapped is not module:
             # A new module starts in training mode: take the wrapped layer's, or an eval model drops out.
             _set_child(model, path, wrapped.train(module.training))
-    for path, module in list(candidate_modules(model)):
-        # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
-        if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
-            wrapper = module if isinstance(module, ModulesToSaveWrapper) else \
-                ModulesToSaveWrapper(module).train(module.training)
-            wrapper.add_adapter(adapter_name)
-            if wrapper is not module:
-                _set_child(model, path, wrapper)
+    add_modules_to_save(model, config, adapter_name)
     configs[adapter_name] = config
     active = [adapter_name] if first else previous_active
     set_adapter(model, active)
@@ -120,6 +117,18 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
 
     install_peft_methods(model)  # transformers models: save_pretrained writes PEFT's adapter format
     return model
+
+
+def add_modules_to_save(model: nn.Module, config, adapter_name: str) -> None:
+    """Wrap (or extend) the modules named by ``config.modules_to_save`` with ``adapter_name``'s trainable copy."""
+    for path, module in list(candidate_modules(model)):
+        # PEFT's rule is a plain suffix test (no dot boundary): "head" also wraps "lm_head".
+        if config.modules_to_save and path and any(path.endswith(m) for m in config.modules_to_save):
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else \
+                ModulesToSaveWrapper(module).train(module.training)
+            wrapper.add_adapter(adapter_name)
+            if wrapper is not module:
+                _set_child(model, path, wrapper)
 
 
 def active_adapters(model: nn.Module) -> list[str]:

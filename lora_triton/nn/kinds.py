@@ -27,6 +27,7 @@ from torch import nn
 from ..config import CONFIG_NAME, LoraConfig, as_lora_config
 from ..config_lycoris import LoHaConfig, LoKrConfig
 from .adapter_layer import AdapterLayer
+from .dora_layers import dora_shapes
 from .loha import LOHA_BASES, LoHaLayer
 from .lokr import LOKR_BASES, LoKrLayer
 from .lora_conv import CONV_TYPES, LoraConv
@@ -187,19 +188,11 @@ def _linear_shapes(base, c: LoraConfig, path: str) -> dict:
 
 
 def _embedding_args(c: LoraConfig, path: str) -> tuple:
-    _no_dora(c, "nn.Embedding")
-    return (c.rank_for(path), c.alpha_for(path), c.use_rslora, c.init_lora_weights, c.lora_bias)
+    return (c.rank_for(path), c.alpha_for(path), c.use_rslora, c.init_lora_weights, c.lora_bias, c.use_dora)
 
 
 def _conv_args(c: LoraConfig, path: str) -> tuple:
-    _no_dora(c, "nn.Conv1d/2d/3d")
-    return _linear_args(c, path)
-
-
-def _no_dora(c: LoraConfig, layer_type: str) -> None:
-    if c.use_dora:
-        raise NotImplementedError(f"use_dora=True on {layer_type} is not supported yet (DoRA runs on Linear "
-                                  "layers); exclude these modules or use plain LoRA for them")
+    return _linear_args(c, path) + (c.use_dora,)
 
 
 LORA_LINEAR = LayerType(
@@ -207,18 +200,24 @@ LORA_LINEAR = LayerType(
     wrap=lambda base, n, c, p: LoraLinear(base, n, *_linear_args(c, p), use_dora=c.use_dora),
     add=lambda layer, n, c, p: layer.add_adapter(n, *_linear_args(c, p), use_dora=c.use_dora),
     shapes=_linear_shapes, tensors=_lora_linear_tensors)
-LORA_EMBEDDING = LayerType(
-    "nn.Embedding", lambda m: isinstance(m, nn.Embedding), LoraEmbedding,
-    wrap=lambda base, n, c, p: LoraEmbedding(base, n, *_embedding_args(c, p)),
-    add=lambda layer, n, c, p: layer.add_adapter(n, *_embedding_args(c, p)),
-    shapes=lambda base, c, p: LoraEmbedding.adapter_shapes(base, c.rank_for(p)),
-    tensors=lambda layer, n: layer.adapter_tensors(n))
-LORA_CONV = LayerType(
-    "nn.Conv1d/2d/3d", lambda m: type(m) in CONV_TYPES, LoraConv,
-    wrap=lambda base, n, c, p: LoraConv(base, n, *_conv_args(c, p)),
-    add=lambda layer, n, c, p: layer.add_adapter(n, *_conv_args(c, p)),
-    shapes=lambda base, c, p: LoraConv.adapter_shapes(base, c.rank_for(p), c.lora_bias),
-    tensors=lambda layer, n: layer.adapter_tensors(n))
+
+
+def adapter_layer_type(name: str, matches: Callable[[nn.Module], bool], layer_class: type,
+                       args: Callable[[Any, str], tuple], shapes: Callable[[nn.Module, Any, str], dict]) -> LayerType:
+    """A LayerType for an ``AdapterLayer`` subclass built as ``layer_class(base, name, *args(config, path))``
+    and extended with ``layer.add_adapter(name, *args(config, path))``."""
+    return LayerType(name, matches, layer_class, wrap=lambda base, n, c, p: layer_class(base, n, *args(c, p)),
+                     add=lambda layer, n, c, p: layer.add_adapter(n, *args(c, p)), shapes=shapes,
+                     tensors=lambda layer, n: layer.adapter_tensors(n))
+
+
+LORA_EMBEDDING = adapter_layer_type(
+    "nn.Embedding", lambda m: isinstance(m, nn.Embedding), LoraEmbedding, _embedding_args,
+    shapes=lambda base, c, p: {**LoraEmbedding.adapter_shapes(base, c.rank_for(p)), **dora_shapes(base, c.use_dora)})
+LORA_CONV = adapter_layer_type(
+    "nn.Conv1d/2d/3d", lambda m: type(m) in CONV_TYPES, LoraConv, _conv_args,
+    shapes=lambda base, c, p: {**LoraConv.adapter_shapes(base, c.rank_for(p), c.lora_bias),
+                               **dora_shapes(base, c.use_dora)})
 
 register(AdapterKind("LORA", LoraConfig, (LORA_LINEAR, LORA_EMBEDDING, LORA_CONV)))
 
@@ -234,19 +233,13 @@ def _lokr_args(c: LoKrConfig, path: str) -> tuple:
             c.decompose_both, c.decompose_factor, c.rank_dropout_scale, c.init_weights)
 
 
-LOHA_LAYERS = LayerType(
-    "nn.Linear / nn.Conv1d / nn.Conv2d", lambda m: type(m) in LOHA_BASES, LoHaLayer,
-    wrap=lambda base, n, c, p: LoHaLayer(base, n, *_loha_args(c, p)),
-    add=lambda layer, n, c, p: layer.add_adapter(n, *_loha_args(c, p)),
-    shapes=lambda base, c, p: LoHaLayer.adapter_shapes(base, c.rank_for(p), c.use_effective_conv2d),
-    tensors=lambda layer, n: layer.adapter_tensors(n))
-LOKR_LAYERS = LayerType(
-    "nn.Linear / nn.Conv1d / nn.Conv2d", lambda m: type(m) in LOKR_BASES, LoKrLayer,
-    wrap=lambda base, n, c, p: LoKrLayer(base, n, *_lokr_args(c, p)),
-    add=lambda layer, n, c, p: layer.add_adapter(n, *_lokr_args(c, p)),
+LOHA_LAYERS = adapter_layer_type(
+    "nn.Linear / nn.Conv1d / nn.Conv2d", lambda m: type(m) in LOHA_BASES, LoHaLayer, _loha_args,
+    shapes=lambda base, c, p: LoHaLayer.adapter_shapes(base, c.rank_for(p), c.use_effective_conv2d))
+LOKR_LAYERS = adapter_layer_type(
+    "nn.Linear / nn.Conv1d / nn.Conv2d", lambda m: type(m) in LOKR_BASES, LoKrLayer, _lokr_args,
     shapes=lambda base, c, p: LoKrLayer.adapter_shapes(base, c.rank_for(p), c.use_effective_conv2d,
-                                                       c.decompose_both, c.decompose_factor),
-    tensors=lambda layer, n: layer.adapter_tensors(n))
+                                                       c.decompose_both, c.decompose_factor))
 
 register(AdapterKind("LOHA", LoHaConfig, (LOHA_LAYERS,)))
 register(AdapterKind("LOKR", LoKrConfig, (LOKR_LAYERS,)))

@@ -6,7 +6,8 @@ on a kernel that is not 1x1, ``hada_t1`` / ``hada_t2`` [r, r, kh, kw] ([r, r, k,
 ``hada_w1_a`` stored as [r, out], ``hada_w1_b`` as [r, in / groups]. Scaling alpha / r.
 
 Forward: ``ops.loha`` (the Khatri-Rao form on the fused LoRA op, dense only where cheaper by its rule);
-the effective-conv (CP) form builds its kernel (the Tucker product) densely. rank_dropout and
+the effective-conv (CP / Tucker) form as a 1x1 conv, a core conv and a 1x1 conv
+(``ops.loha.loha_tucker_conv``, dense only where cheaper by ``use_factored_tucker``). rank_dropout and
 module_dropout follow PEFT, in training only, drawing from torch's global CPU generator in PEFT's order
 (``torch.rand(1)`` for module_dropout on every training forward, then ``torch.rand(out)`` for the
 rank_dropout row mask, kept rows scaled by 1 / mean(mask)), so a seeded run repeats PEFT's masks.
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.loha import dense_delta, loha_conv, loha_linear
+from ..ops.loha import cp_kernel, dense_delta, loha_conv, loha_linear, loha_tucker_conv
 from .adapter_layer import AdapterLayer
 
 LOHA_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -36,13 +37,9 @@ def _effective(base: nn.Module, use_effective_conv2d: bool) -> bool:
         any(k != 1 for k in base.kernel_size)
 
 
-def cp_kernel(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """The Tucker (CP) kernel of the effective-conv form: [out, in, *k] from t [r, r, *k], wa [r, out], wb [r, in]."""
-    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
-
-
 class LoHaLayer(AdapterLayer):
     param_dicts = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    fuses_linear = True
     setting_dicts = ("scaling", "r", "alpha", "rank_dropout", "module_dropout")
     form = "auto"  # "factored" / "dense" force one form (tests, benchmarks); "auto" applies ops.loha's rule
 
@@ -88,38 +85,20 @@ class LoHaLayer(AdapterLayer):
                     nn.init.zeros_(p)
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # One adapter on a Linear: the base GEMM and the LoHa term in one fused op call.
-        base = self.base_layer
-        names = [n for n in self.active_adapters if self.has_adapter(n) and n not in self.merged_adapters]
-        if (isinstance(base, nn.Linear) and self.mixed_batch is None and not self.disable_adapters and not args
-                and not kwargs and len(names) == 1 and x.dtype == base.weight.dtype):
-            name = names[0]
-            if self.training and not torch.rand(1) > self.module_dropout[name]:
-                return base(x)
-            t = self.adapter_tensors(name)
-            return loha_linear(x, t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"],
-                               self.scaling[name], self._row_scale(name), self.form, base.weight, base.bias)
-        return super().forward(x, *args, **kwargs)
-
-    def _row_scale(self, name: str) -> Optional[torch.Tensor]:
-        p = self.rank_dropout[name]
-        if not (self.training and p):
-            return None
-        drop = (torch.rand(self.base_layer.weight.shape[0]) > p).to(torch.float32)
-        return (drop / drop.mean()).to(self.base_layer.weight.device)
+    def linear_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        # The base GEMM and the LoHa term in one fused op call.
+        base, t = self.base_layer, self.adapter_tensors(name)
+        return loha_linear(x, t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"],
+                           self.scaling[name], self.rank_dropout_rows(name), self.form, base.weight, base.bias)
 
     def adapter_forward(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.training and not torch.rand(1) > self.module_dropout[name]:
+        if self.module_dropped(name):
             return None
-        row_scale = self._row_scale(name)
-        t = self.adapter_tensors(name)
-        base, s = self.base_layer, self.scaling[name]
+        t, s, row_scale = self.adapter_tensors(name), self.scaling[name], self.rank_dropout_rows(name)
+        base = self.base_layer
         if "hada_t1" in t:
-            delta = self._cp_delta(t) * s
-            if row_scale is not None:
-                delta = delta * row_scale.reshape(-1, *([1] * (delta.dim() - 1)))
-            return base._conv_forward(x, delta.to(x.dtype), None)
+            return loha_tucker_conv(x, base, t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"], t["hada_t2"],
+                                    t["hada_w2_a"], t["hada_w2_b"], s, row_scale, self.form)
         factors = (t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"])
         if isinstance(base, nn.Linear):
             return loha_linear(x, *factors, s, row_scale, self.form)

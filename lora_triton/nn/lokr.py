@@ -8,12 +8,12 @@ kernel that is not 1x1, ``lokr_t2`` [r, r, kh, kw] ([r, r, k, 1] for Conv1d) and
 ``lokr_w2_b`` as [r, d]. Scaling alpha / r, as PEFT, even with both factors full (LyCORIS uses 1 there).
 
 Forward: ``ops.lokr`` (W1 X W2^T on reshaped inputs; the Kronecker product is never built) for Linear
-and for convs with groups == 1. Two cases build the dense kernel instead: grouped convs, and Conv1d with
-a full 3-D ``lokr_w2``, where PEFT's ``torch.kron`` of a 2-D and a 3-D tensor gives a layout that is not
-a Kronecker product of the kernels; lora_triton reproduces that layout so PEFT's files give PEFT's
-outputs. Conv1d with use_effective_conv2d works here (PEFT's crashes). rank_dropout / module_dropout as
-in PEFT (training only; torch's global CPU generator in PEFT's order; mask / mean only with
-rank_dropout_scale).
+(one adapter: fused with the base GEMM, low-rank factors kept split) and for convs with groups == 1.
+Two cases build the dense kernel instead: grouped convs, and Conv1d with a full 3-D ``lokr_w2``,
+where PEFT's ``torch.kron`` of a 2-D and a 3-D tensor gives a layout that is not a Kronecker product of
+the kernels; lora_triton reproduces that layout so PEFT's files give PEFT's outputs. Conv1d with
+use_effective_conv2d works here (PEFT's crashes). rank_dropout / module_dropout as in PEFT (training
+only; torch's global CPU generator in PEFT's order; mask / mean only with rank_dropout_scale).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops.loha import cp_kernel
 from ..ops.lokr import lokr_conv, lokr_linear
 from .adapter_layer import AdapterLayer
-from .loha import cp_kernel
 
 LOKR_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -60,6 +60,7 @@ def _dims(base: nn.Module, decompose_factor: int):
 
 class LoKrLayer(AdapterLayer):
     param_dicts = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    fuses_linear = True
     setting_dicts = ("scaling", "r", "alpha", "rank_dropout", "module_dropout", "rank_dropout_scale")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 8, alpha: float = 8,
@@ -137,30 +138,33 @@ class LoKrLayer(AdapterLayer):
         return torch.kron(w1, w2.contiguous()).reshape(self.base_layer.weight.shape)
 
     # -- forward --------------------------------------------------------------------------------
-    def _row_scale(self, name: str) -> Optional[torch.Tensor]:
-        p = self.rank_dropout[name]
-        if not (self.training and p):
-            return None
-        drop = (torch.rand(self.base_layer.weight.shape[0]) > p).float()
-        if self.rank_dropout_scale[name]:
-            drop = drop / drop.mean()
-        return drop.to(self.base_layer.weight.device)
+    def linear_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        # The base GEMM and the LoKr chain in one autograd Function.
+        base = self.base_layer
+        return lokr_linear(x, *self._linear_factors(self.adapter_tensors(name)), self.scaling[name],
+                           self.rank_dropout_rows(name), base.weight, base.bias)
+
+    @staticmethod
+    def _linear_factors(t: dict):
+        """W1 and W2 of a Linear adapter, each a full matrix or its low-rank pair (kept split)."""
+        w1 = t["lokr_w1"] if "lokr_w1" in t else (t["lokr_w1_a"], t["lokr_w1_b"])
+        w2 = t["lokr_w2"] if "lokr_w2" in t else (t["lokr_w2_a"], t["lokr_w2_b"])
+        return w1, w2
+
+    def rank_dropout_scaled(self, name: str) -> bool:
+        return self.rank_dropout_scale[name]
 
     def adapter_forward(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.training and not torch.rand(1) > self.module_dropout[name]:
+        if self.module_dropped(name):
             return None
-        row_scale = self._row_scale(name)
-        t = self.adapter_tensors(name)
-        base, s = self.base_layer, self.scaling[name]
-        w1, w2 = self._factors(t)
+        t, s, row_scale = self.adapter_tensors(name), self.scaling[name], self.rank_dropout_rows(name)
+        base = self.base_layer
         if isinstance(base, nn.Linear):
-            return lokr_linear(x, w1, w2, s, row_scale)
+            return lokr_linear(x, *self._linear_factors(t), s, row_scale)
+        w1, w2 = self._factors(t)
         if base.groups == 1 and not self._peft_conv1d_layout(t):
             return lokr_conv(x, base, w1, w2, s, row_scale)
-        delta = self._dense(w1, w2, self._peft_conv1d_layout(t)) * s
-        if row_scale is not None:
-            delta = delta * row_scale.reshape(-1, *([1] * (delta.dim() - 1)))
-        return base._conv_forward(x, delta.to(x.dtype), None)
+        return self.dense_conv_term(x, self._dense(w1, w2, self._peft_conv1d_layout(t)) * s, row_scale)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         t = {k: self.merge_value(v) for k, v in self.adapter_tensors(name).items()}

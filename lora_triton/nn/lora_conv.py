@@ -19,24 +19,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter_layer import AdapterLayer
+from .dora_layers import DoraHooks
+from .lora_linear import init_lora_pair
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class LoraConv(AdapterLayer):
+class LoraConv(DoraHooks, AdapterLayer):  # DoraHooks: use_dora (nn/dora_layers.py)
     param_dicts = ("lora_A", "lora_B")
     setting_dicts = ("scaling", "r", "lora_alpha", "use_rslora", "lora_dropout_p")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True,
-                 lora_bias: bool = False):
+                 lora_bias: bool = False, use_dora: bool = False):
         if type(base_layer) not in CONV_TYPES:
             raise TypeError(f"LoraConv wraps nn.Conv1d/2d/3d, got {type(base_layer).__name__}")
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias,
+                         use_dora)
         self.active_adapters = [adapter_name]
 
     @staticmethod
@@ -49,7 +52,7 @@ class LoraConv(AdapterLayer):
         return shapes
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
-                    init_lora_weights=True, lora_bias: bool = False) -> None:
+                    init_lora_weights=True, lora_bias: bool = False, use_dora: bool = False) -> None:
         self._check_new(name)
         base = self.base_layer
         if not isinstance(r, int) or r <= 0:
@@ -66,26 +69,18 @@ class LoraConv(AdapterLayer):
         self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, lora_alpha, use_rslora
         self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_dropout_p[name] = float(lora_dropout)
-        a, b = self.lora_A[name], self.lora_B[name]
-        with torch.no_grad():
-            if init_lora_weights is True:
-                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-                nn.init.zeros_(b.weight)
-            elif init_lora_weights == "gaussian":
-                nn.init.normal_(a.weight, std=1.0 / r)
-                nn.init.zeros_(b.weight)
-            elif init_lora_weights is not False:
-                raise NotImplementedError(f"init_lora_weights={init_lora_weights!r} is not supported on convs")
-            if b.bias is not None:
-                nn.init.zeros_(b.bias)
+        init_lora_pair(self.lora_A[name], self.lora_B[name], init_lora_weights, r, " on convs")
+        self.attach_variant(name, use_dora, lora_bias)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         out = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
         if self.lora_B[name].bias is not None:
             out["lora_B.bias"] = self.lora_B[name].bias
-        return out
+        return self.dora_tensors(name, out)
 
     def adapter_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_variant:  # DoRA (mixed batches)
+            return self.lora_variant[name].delta(self, name, x)
         a, b = self.lora_A[name], self.lora_B[name]
         p = self.lora_dropout_p[name] if self.training else 0.0
         h = F.dropout(x, p, training=True) if p > 0.0 else x

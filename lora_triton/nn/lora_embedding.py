@@ -18,21 +18,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter_layer import AdapterLayer
+from .dora_layers import DoraHooks
 
 
-class LoraEmbedding(AdapterLayer):
+class LoraEmbedding(DoraHooks, AdapterLayer):  # DoraHooks: use_dora (nn/dora_layers.py)
     param_dicts = ("lora_embedding_A", "lora_embedding_B")
     setting_dicts = ("scaling", "r", "lora_alpha", "use_rslora")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
-                 use_rslora: bool = False, init_lora_weights=True, lora_bias: bool = False):
+                 use_rslora: bool = False, init_lora_weights=True, lora_bias: bool = False, use_dora: bool = False):
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"LoraEmbedding wraps nn.Embedding, got {type(base_layer).__name__}")
         super().__init__(base_layer)
         self.num_embeddings, self.embedding_dim = base_layer.weight.shape
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.add_adapter(adapter_name, r, lora_alpha, use_rslora, init_lora_weights, lora_bias)
+        self.add_adapter(adapter_name, r, lora_alpha, use_rslora, init_lora_weights, lora_bias, use_dora)
         self.active_adapters = [adapter_name]
 
     @staticmethod
@@ -41,7 +42,7 @@ class LoraEmbedding(AdapterLayer):
         return {"lora_embedding_A": (r, num), "lora_embedding_B": (dim, r)}
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool = False, init_lora_weights=True,
-                    lora_bias: bool = False) -> None:
+                    lora_bias: bool = False, use_dora: bool = False) -> None:
         self._check_new(name)
         if lora_bias:
             raise ValueError("lora_bias=True is not supported on nn.Embedding (PEFT refuses it too)")
@@ -61,9 +62,11 @@ class LoraEmbedding(AdapterLayer):
                 self.lora_embedding_B[name].normal_()
         else:
             raise NotImplementedError(f"init_lora_weights={init_lora_weights!r} is not supported on embeddings")
+        self.attach_variant(name, use_dora)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+        return self.dora_tensors(name, {"lora_embedding_A": self.lora_embedding_A[name],
+                                        "lora_embedding_B": self.lora_embedding_B[name]})
 
     def _embed_scale(self):
         scale = getattr(self.base_layer, "embed_scale", None)
@@ -74,6 +77,8 @@ class LoraEmbedding(AdapterLayer):
         return scale
 
     def adapter_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name in self.lora_variant:  # DoRA (mixed batches)
+            return self.lora_variant[name].delta(self, name, x)
         base = self.base_layer
         # The gather of r-vectors: [..., r]; then a tiny [r, dim] expand.
         u = F.embedding(x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm, base.norm_type,
@@ -88,6 +93,8 @@ class LoraEmbedding(AdapterLayer):
         # E[ids] is a fresh tensor that the embedding's backward never reads, so s * U B^T goes into it
         # in place (one addmm_, none of the [M, dim] temporaries of the generic path). A scaled
         # embedding, another dtype or a non-contiguous result takes the generic path.
+        if name in self.lora_variant:  # DoRA rescales the result (nn/dora_layers.py)
+            return self.lora_variant[name].add_output(self, name, x, result)
         b = self.lora_embedding_B[name]
         if self._embed_scale() is not None or result.dtype != b.dtype or not result.is_contiguous():
             return super().add_adapter_output(name, x, result)

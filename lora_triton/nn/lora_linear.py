@@ -33,6 +33,22 @@ def merge_is_finite(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     return bool(weight.isfinite().all()) and (bias is None or bool(bias.isfinite().all()))
 
 
+def init_lora_pair(a: nn.Module, b: nn.Module, init_lora_weights, r: int, where: str = "") -> None:
+    """PEFT's LoRA inits for the modules A and B (Linear or conv): True (A kaiming-uniform, B 0), "gaussian"
+    (A normal with std 1 / r, B 0), False (left random); B's bias zeroed. ``where`` ends the error."""
+    with torch.no_grad():
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(a.weight, std=1.0 / r)
+            nn.init.zeros_(b.weight)
+        elif init_lora_weights is not False:
+            raise NotImplementedError(f"init_lora_weights={init_lora_weights!r} is not supported{where}")
+        if b.bias is not None:
+            nn.init.zeros_(b.bias)
+
+
 class LoraLinear(nn.Module):
     mixed_batch = mixed_batch_slot()  # per thread: other threads never run a batch's adapters
 
@@ -80,8 +96,6 @@ class LoraLinear(nn.Module):
             raise ValueError(f"r must be a positive int, got {r!r}")
         if use_dora and lora_bias:
             raise ValueError("use_dora=True with lora_bias=True is not supported (PEFT refuses it too)")
-        if use_dora and isinstance(self.base_layer, NF4Linear):
-            raise NotImplementedError("use_dora=True on a 4-bit (NF4/FP4) base layer is not supported yet")
         device = self.base_layer.weight.device
         # Adapters stay fp32 on a half-precision base (PEFT's default); the op casts them, not x.
         dtype = self.base_layer.weight.dtype if self.base_layer.weight.dtype == torch.float64 else torch.float32
@@ -92,24 +106,13 @@ class LoraLinear(nn.Module):
         self.use_rslora[name] = use_rslora
         self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_dropout_p[name] = float(lora_dropout)
-        variant = make_variant(use_dora=use_dora)
+        variant = make_variant(use_dora=use_dora, base_layer=self.base_layer)
         if variant is not None:
             self.lora_variant[name] = variant
         self.reset_adapter(name, init_lora_weights)
 
     def reset_adapter(self, name: str, init_lora_weights=True) -> None:
-        a, b = self.lora_A[name], self.lora_B[name]
-        with torch.no_grad():
-            if init_lora_weights is True:
-                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-                nn.init.zeros_(b.weight)
-            elif init_lora_weights == "gaussian":
-                nn.init.normal_(a.weight, std=1.0 / self.r[name])
-                nn.init.zeros_(b.weight)
-            elif init_lora_weights is not False:
-                raise NotImplementedError(f"init_lora_weights={init_lora_weights!r} is not supported")
-            if b.bias is not None:
-                nn.init.zeros_(b.bias)
+        init_lora_pair(self.lora_A[name], self.lora_B[name], init_lora_weights, self.r[name])
         if name in self.lora_variant:
             self.lora_variant[name].init(self, name)
 
@@ -165,6 +168,9 @@ class LoraLinear(nn.Module):
                 term_bias = extra if term_bias is None else term_bias + extra
             p = self.lora_dropout_p[name] if self.training else 0.0
             variant = self.lora_variant.get(name)
+            if variant is not None and y is not None:  # DoRA after other adapters: it rescales their sum
+                y = variant.forward_onto(self, name, x, y, weight, bias, p)
+                continue
             if variant is not None:
                 out = variant.forward(self, name, x, weight if y is None else None, term_bias, p)
             else:
@@ -184,8 +190,8 @@ class LoraLinear(nn.Module):
     def _merged_values(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The base weight and bias with these adapters folded in, in fp32 (nothing is written)."""
         quantized = isinstance(self.base_layer, NF4Linear)  # merged into a new full-precision Linear
-        if quantized:
-            merged_w = self.base_layer.dequantize(torch.float32) + sum(self.delta_weight(n) for n in names)
+        if quantized:  # DoRA folds its own way (nn/dora_layers.py); NF4 is never fan_in_fan_out
+            merged_w = self._fold_weights(names)
         else:
             merged_w = self._fold_weights(names)
             merged_w = merged_w.t() if self.fan_in_fan_out else merged_w
@@ -212,7 +218,8 @@ class LoraLinear(nn.Module):
 
     def _fold_weights(self, names: list[str]) -> torch.Tensor:
         """The current weight [out, in] in fp32 with ``names`` folded in, in order (variants fold their own way)."""
-        w = self.base_weight().detach().float()
+        quantized = isinstance(self.base_layer, NF4Linear)
+        w = self.base_layer.dequantize(torch.float32) if quantized else self.base_weight().detach().float()
         for n in names:
             variant = self.lora_variant.get(n)
             w = variant.merge_weight(self, n, w) if variant is not None else w + self._delta_out_in(n)

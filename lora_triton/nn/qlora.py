@@ -36,6 +36,10 @@ def qlora_forward(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor:
             extra = scale * lora_b.bias.to(x.dtype)
             term_bias = extra if term_bias is None else term_bias + extra
         p = layer.lora_dropout_p[name] if layer.training else 0.0
+        variant = layer.lora_variant.get(name)
+        if variant is not None:  # DoRA over the 4-bit base (nn/dora_layers.py)
+            y = variant.forward_nf4(layer, name, x, y, weight, term_bias, p)
+            continue
         if y is None:
             y = nf4_lora_linear(x, weight, term_bias, layer.lora_A[name].weight, lora_b.weight, scale, p)
         else:

@@ -21,6 +21,12 @@ targets exactly the layers holding any source. A DoRA source contributes the who
 (m / ||W + s B A||_row)(W + s B A) - W (dense), so on layers with a DoRA source ``cat`` / ``linear`` are
 stored exactly like the pruned types (PEFT drops the magnitudes); the new adapter is plain LoRA.
 It is not activated. Bad input raises before anything changes.
+
+Layer types: LoRA on Linear / Conv1D, Conv1d/2d/3d and Embedding, each seen as one [out, in] map
+(``nn/merge_views.py``), so every type works on all of them (PEFT's SVD types fail on Conv1d / Conv3d,
+PEFT #3769). A grouped conv keeps its block-diagonal B: ``cat`` / ``linear`` reorder the channels by
+group (rank = the sum of the sources' ranks on that layer), the SVD types take one truncated SVD of
+rank / groups per group (the rank must divide by groups), the exact pruned types store A' = dW, B' = I.
 """
 
 from __future__ import annotations
@@ -34,10 +40,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapter_layer import AdapterLayer
 from .grouping import group_siblings
-from .inject import _check_name, active_adapters, adapter_configs, lora_layers, set_adapter
-from .lora_linear import LoraLinear
+from .inject import _check_name, active_adapters, adapter_configs, adapter_layers, set_adapter
+from .merge_views import view_of
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import find_targets
 
@@ -117,54 +122,47 @@ def _check(model, adapters, weights, adapter_name, combination_type, svd_rank, s
         raise ValueError(f"svd_rank must be a positive int or None, got {svd_rank!r}")
     if svd_clamp is not None and not (isinstance(svd_clamp, (int, float)) and 0 <= svd_clamp <= 1):
         raise ValueError(f"svd_clamp must be a quantile in [0, 1] or None, got {svd_clamp!r}")
-    for _, layer in lora_layers(model):
-        held = [a for a in adapters if a in layer.lora_A]
-        dora = [a for a in held if _is_dora(layer, a)]
+    kinds = {a: getattr(configs[a].peft_type, "value", configs[a].peft_type) for a in adapters}
+    if any(k != "LORA" for k in kinds.values()):
+        raise TypeError(f"add_weighted_adapter combines LoRA adapters only, got {kinds} (PEFT refuses AdaLoRA "
+                        "and the other kinds too)")
+    for _path, view in _views(model, adapters):
+        held = [a for a in adapters if view.holds(a)]
+        dora = [a for a in held if view.is_dora(a)]
         if dora and combination_type in FACTORWISE_TYPES:
             raise ValueError(f"{combination_type} combines factors and cannot carry DoRA magnitudes ({dora}); "
                              "use a type that works on the deltas")
-        merged = [a for a in held if a in layer.merged_adapters]
+        merged = [a for a in held if a in view.layer.merged_adapters]
         if merged:
             raise ValueError(f"adapters {merged} are merged into the base weights; unmerge them first")
-        if combination_type in FACTORWISE_TYPES and len({layer.r[a] for a in held}) > 1:
+        if combination_type in FACTORWISE_TYPES and len({view.rank(a) for a in held}) > 1:
             raise ValueError(f"{combination_type} combines A and B factors and needs equal ranks; a layer has "
-                             f"ranks {[layer.r[a] for a in held]} for {held}")
+                             f"ranks {[view.rank(a) for a in held]} for {held}")
+        if combination_type in SVD_TYPES and view.groups > 1:
+            rank = svd_rank or max(_config_rank(configs[a]) for a in adapters)
+            if rank % view.groups:
+                raise ValueError(f"a conv with groups={view.groups} takes an SVD rank divisible by its groups (one "
+                                 f"truncated SVD per group), got rank {rank}; pass svd_rank")
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper) and sum(a in m.modules_to_save for a in adapters) > 1:
             raise ValueError("cannot combine adapters that hold modules_to_save copies of the same module "
                              f"({[a for a in adapters if a in m.modules_to_save]})")
-    other = sorted(p for p, m in model.named_modules() if isinstance(m, AdapterLayer)
+    other = sorted(p for p, m in adapter_layers(model) if view_of(m) is None
                    and any(m.has_adapter(a) for a in adapters))
-    if other:  # Embedding / Conv LoRA, LoHa, LoKr layers (nn/kinds.py) are not combined here
-        raise NotImplementedError(f"add_weighted_adapter combines LoRA on Linear layers only; {other[:3]} hold "
-                                  f"other adapter layers of {list(adapters)}")
-    if not any(a in layer.lora_A for _, layer in lora_layers(model) for a in adapters):
+    if other:
+        raise NotImplementedError(f"add_weighted_adapter combines LoRA on Linear, Conv and Embedding layers; "
+                                  f"{other[:3]} hold other adapter layers of {list(adapters)}")
+    if not _views(model, adapters):
         raise ValueError(f"adapters {list(adapters)} hold no LoRA layer")
 
 
+def _views(model, adapters) -> list:
+    """(path, view) of every LoRA layer (Linear, Conv, Embedding) holding any of ``adapters``."""
+    views = [(p, view_of(m)) for p, m in adapter_layers(model)]
+    return [(p, v) for p, v in views if v is not None and any(v.holds(a) for a in adapters)]
+
+
 # -- per-layer construction ----------------------------------------------------------------------------
-def _compute_dtype(layer: LoraLinear, name: str) -> torch.dtype:
-    return torch.promote_types(layer.lora_A[name].weight.dtype, torch.float32)
-
-
-def _is_dora(layer: LoraLinear, name: str) -> bool:
-    return name in getattr(layer, "lora_magnitude_vector", {})
-
-
-def _delta_stored(layer: LoraLinear, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """s B A in the layout of the stored base weight ([in, out] for GPT-2 Conv1D), as PEFT's get_delta_weight.
-
-    DoRA: the whole change it makes, (m / ||W + s B A||_row) (W + s B A) - W (dense; its eval forward)."""
-    a, b = layer.lora_A[name].weight.detach().to(dtype), layer.lora_B[name].weight.detach().to(dtype)
-    delta = (b @ a) * layer.scaling[name]
-    if _is_dora(layer, name):
-        w = layer.unmerged_weight_fp32().to(dtype) if layer.merged_adapters else layer.base_weight().detach().to(dtype)
-        m = layer.lora_magnitude_vector[name].weight.detach().to(dtype).reshape(-1)
-        directed = w + delta
-        delta = (m / directed.norm(dim=1))[:, None] * directed - w
-    return delta.t() if layer.fan_in_fan_out else delta
-
-
 def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     extra = rank - a.shape[0]
     if extra <= 0:
@@ -182,39 +180,63 @@ def _svd_factors(delta: torch.Tensor, rank: int, clamp, full_matrices: bool, dri
     return _pad_rank(a, b, rank)
 
 
-def _layer_factors(layer: LoraLinear, held: list[str], weights: list[float], combination_type: str,
-                   rank: int, density, majority_sign_method, svd_clamp, svd_full_matrices, svd_driver):
-    """(A' [r, in], B' [out, r], bias' or None) of the new adapter on one layer, scaling 1."""
+def _grouped_svd_factors(delta, rank: int, groups: int, clamp, full_matrices, driver) -> tuple[torch.Tensor, ...]:
+    """A grouped conv's B only sees its group's channels: one truncated SVD of rank / groups per group of
+    output rows, B block-diagonal (``ConvView.write`` keeps the blocks)."""
+    parts = [_svd_factors(rows, rank // groups, clamp, full_matrices, driver) for rows in delta.chunk(groups)]
+    return torch.cat([a for a, _ in parts]), torch.block_diag(*[b for _, b in parts])
+
+
+def _cat_factors(view, held: list[str], weights: list[float], dtype, rank: int):
+    a = torch.cat([view.factors(n, dtype)[0] * (w * view.layer.scaling[n]) for n, w in zip(held, weights)])
+    b = torch.cat([view.factors(n, dtype)[1] for n in held], dim=1)
+    if view.groups > 1:  # rank = the sum of the sources' ranks here, so no padding breaks the groups
+        order = view.group_order([view.rank(n) for n in held])
+        return a[order], b[:, order]
+    return _pad_rank(a, b, rank)
+
+
+def _layer_factors(view, held: list[str], weights: list[float], combination_type: str, rank: int, density,
+                   majority_sign_method, svd_clamp, svd_full_matrices, svd_driver):
+    """(A' [r, in], B' [out, r], bias' or None) of the new adapter on one layer (flat view), scaling 1;
+    factor-wise types: (A', B') in the stored shapes."""
     method = _method_of(combination_type)
-    dtype = _compute_dtype(layer, held[0])
-    if combination_type in ("cat", "linear") and not any(_is_dora(layer, n) for n in held):
-        a = torch.cat([layer.lora_A[n].weight.detach().to(dtype) * (w * layer.scaling[n])
-                       for n, w in zip(held, weights)])
-        b = torch.cat([layer.lora_B[n].weight.detach().to(dtype) for n in held], dim=1)
-        a, b = _pad_rank(a, b, rank)
+    dtype = view.dtype(held[0])
+    if combination_type in ("cat", "linear") and not any(view.is_dora(n) for n in held):
+        a, b = _cat_factors(view, held, weights, dtype, rank)
     elif combination_type in FACTORWISE_TYPES:
-        ws = [w * layer.scaling[n] for n, w in zip(held, weights)]
+        ws = [w * view.layer.scaling[n] for n, w in zip(held, weights)]
         wa = [abs(x) ** 0.5 * (1 if x >= 0 else -1) for x in ws]
-        a = combine(method, [layer.lora_A[n].weight.detach().to(dtype) for n in held], wa, density,
-                    majority_sign_method)
-        b = combine(method, [layer.lora_B[n].weight.detach().to(dtype) for n in held], [abs(x) ** 0.5 for x in ws],
+        a = combine(method, [view.raw_factors(n)[0].to(dtype) for n in held], wa, density, majority_sign_method)
+        b = combine(method, [view.raw_factors(n)[1].to(dtype) for n in held], [abs(x) ** 0.5 for x in ws],
                     density, majority_sign_method)
     else:
-        delta = combine(method, [_delta_stored(layer, n, dtype) for n in held], weights, density, majority_sign_method)
-        if layer.fan_in_fan_out:
-            delta = delta.t()
-        if combination_type in SVD_TYPES:
+        stored = combine(method, [view.stored_delta(n, dtype) for n in held], weights, density, majority_sign_method)
+        delta = view.from_stored(stored)
+        if combination_type in SVD_TYPES and view.groups > 1:
+            a, b = _grouped_svd_factors(delta, rank, view.groups, svd_clamp, svd_full_matrices, svd_driver)
+        elif combination_type in SVD_TYPES:
             a, b = _svd_factors(delta, rank, svd_clamp, svd_full_matrices, svd_driver)
-        elif layer.in_features <= layer.out_features:  # exact: the identity on the smaller side
-            a, b = torch.eye(layer.in_features, dtype=dtype, device=delta.device), delta
-        else:
-            a, b = delta, torch.eye(layer.out_features, dtype=dtype, device=delta.device)
+        elif view.in_dim <= view.out_dim and view.groups == 1:  # exact: the identity on the smaller side
+            a, b = torch.eye(view.in_dim, dtype=dtype, device=delta.device), delta
+        else:  # (a grouped conv's B = I is block-diagonal)
+            a, b = delta, torch.eye(view.out_dim, dtype=dtype, device=delta.device)
     bias = None
-    if any(layer.lora_B[n].bias is not None for n in held):
-        biases = [layer.scaling[n] * layer.lora_B[n].bias.detach().to(dtype) if layer.lora_B[n].bias is not None
-                  else torch.zeros(layer.out_features, dtype=dtype, device=a.device) for n in held]
-        bias = combine(method, biases, weights, density, majority_sign_method)
+    if any(view.has_bias(n) for n in held):
+        bias = combine(method, [view.scaled_bias(n, dtype) for n in held], weights, density, majority_sign_method)
     return a.contiguous(), b.contiguous(), bias
+
+
+def _layer_rank(view, names: list[str], combination_type: str, rank: Optional[int]) -> int:
+    """The new adapter's rank on one layer (see ``_new_rank``)."""
+    if combination_type in FACTORWISE_TYPES:
+        return view.rank(names[0])
+    dora = any(view.is_dora(n) for n in names)
+    if rank is None or (combination_type in ("cat", "linear") and dora):  # exact, dense
+        return view.out_dim if view.groups > 1 else min(view.in_dim, view.out_dim)
+    if combination_type in ("cat", "linear") and view.groups > 1:
+        return sum(view.rank(n) for n in names)
+    return rank
 
 
 def _new_rank(configs, adapters, combination_type: str, svd_rank) -> Optional[int]:
@@ -256,18 +278,12 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     adapters, weights = list(adapters), [float(w) for w in weights]
     configs = adapter_configs(model)
     rank = _new_rank(configs, adapters, combination_type, svd_rank)
-    plan = []  # (path, layer, source names, their weights, new rank, lora_bias)
-    for path, layer in lora_layers(model):
-        held = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
-        if not held:
-            continue
+    plan = []  # (path, view, source names, their weights, new rank, lora_bias)
+    for path, view in _views(model, adapters):
+        held = [(a, w) for a, w in zip(adapters, weights) if view.holds(a)]
         names = [a for a, _ in held]
-        dora = any(_is_dora(layer, a) for a in names)
-        exact_dense = rank is None or (combination_type in ("cat", "linear") and dora)
-        layer_rank = layer.r[names[0]] if combination_type in FACTORWISE_TYPES else (
-            min(layer.in_features, layer.out_features) if exact_dense else rank)
-        has_bias = any(layer.lora_B[n].bias is not None for n in names)
-        plan.append((path, layer, names, [w for _, w in held], layer_rank, has_bias))
+        plan.append((path, view, names, [w for _, w in held], _layer_rank(view, names, combination_type, rank),
+                     any(view.has_bias(n) for n in names)))
     top = max(p[4] for p in plan)
     patterns = {p[0]: p[4] for p in plan if p[4] != top}
     targets, layers_to_transform, layers_pattern, exclude = _targets_config(model, configs, adapters,
@@ -284,20 +300,20 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     # The new layers are created before any value is computed, in PEFT's order, so that seeded DARE
     # draws the same random numbers as PEFT (its new adapter is injected first, too). A failure while
     # computing removes them again: the model is left as it was.
-    for _path, layer, _names, _ws, layer_rank, has_bias in plan:
-        layer.add_adapter(adapter_name, layer_rank, layer_rank, first.lora_dropout, False, False, has_bias)
+    for _path, view, _names, _ws, layer_rank, has_bias in plan:
+        view.add(adapter_name, layer_rank, first.lora_dropout, has_bias)
     try:
         with torch.no_grad():
-            for _path, layer, names, ws, layer_rank, _has_bias in plan:
-                a, b, bias = _layer_factors(layer, names, ws, combination_type, layer_rank, density,
+            for _path, view, names, ws, layer_rank, _has_bias in plan:
+                a, b, bias = _layer_factors(view, names, ws, combination_type, layer_rank, density,
                                             majority_sign_method, svd_clamp, svd_full_matrices, svd_driver)
-                layer.lora_A[adapter_name].weight.copy_(a)
-                layer.lora_B[adapter_name].weight.copy_(b)
+                (view.write_raw if combination_type in FACTORWISE_TYPES else view.write)(adapter_name, a, b)
                 if bias is not None:
-                    layer.lora_B[adapter_name].bias.copy_(bias)
+                    view.write_bias(adapter_name, bias)
     except BaseException:
-        for _path, layer, *_ in plan:
-            layer.delete_adapter(adapter_name)
+        for _path, view, *_ in plan:
+            if view.holds(adapter_name):
+                view.delete(adapter_name)
         raise
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper):

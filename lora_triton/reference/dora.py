@@ -59,8 +59,15 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     """n = ||W + s B A||_2 per output row, float32 [N], without forming W + s B A:
     n_i^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T. Cost: one read of W (N K r)."""
     wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    a, b = lora_A.to(wide), lora_B.to(wide)
-    wa = _weight_times_a(weight, lora_A).to(wide)  # [N, r]
+    return norm_from_products(weight_sq, _weight_times_a(weight, lora_A).to(wide), lora_A.to(wide),
+                              lora_B.to(wide), scaling)
+
+
+def norm_from_products(weight_sq: torch.Tensor, wa: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+    """n from ||W_i||^2 [N], W A^T [N, r] and the factors (all in one wide dtype): the part of the factored
+    norm that never touches W, shared by the dense path and the 4-bit one (W dequantized a chunk at a time)."""
+    wide, a, b = wa.dtype, lora_A, lora_B
     gram = a @ a.t()  # [r, r]
     cross = (wa * b).sum(1)
     quad = ((b @ gram) * b).sum(1)

@@ -37,40 +37,52 @@ def shrink_dropout(x, lora_A, dropout_p: float, seed):
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
-    u = x @ lora_A.t() if dropout_p == 0.0 else shrink_dropout(x, lora_A, dropout_p, seed)
+    if dropout_p == 0.0:
+        with serial_cpu(x.device, x.numel()):
+            u = x @ lora_A.t()
+    else:
+        u = shrink_dropout(x, lora_A, dropout_p, seed)
     return base_plus_expand(x, weight, bias, u, lora_B, scaling), u
 
 
 def base_plus_expand(x, weight, bias, u, lora_B, scaling: float):
-    """y = x W^T + b + s U B^T, the low-rank term added in place (no second [M, N] buffer)."""
-    if weight is None:
-        y = torch.zeros((x.shape[0], lora_B.shape[0]), dtype=x.dtype, device=x.device)
-        if bias is not None:
-            y += bias
-    elif bias is None:
-        y = x @ weight.t()
-    else:
-        y = torch.addmm(bias, x, weight.t())
-    return y.addmm_(u, lora_B.t(), alpha=scaling)
+    """y = x W^T + b + s U B^T: the rank-r term (and b) written first on few threads, then the base GEMM
+    accumulates into it in place (beta = 1: no second pass over [M, N])."""
+    sb = lora_B.t() * scaling  # [r, N], tiny
+    with serial_cpu(x.device, x.shape[0] * lora_B.shape[0]):
+        y = torch.mm(u, sb) if bias is None else torch.addmm(bias, u, sb)
+    return y if weight is None else y.addmm_(x, weight.t())
+
+
+def _rank_grads(dy, u, lora_B, scaling: float):
+    """dU = s dy B [M, r] and dB = s dy^T U [N, r]: two passes over dy on few threads (u^T dy, not
+    dy^T u: the transposed-A GEMM is about 2x slower on one thread)."""
+    d_u = torch.mm(dy, lora_B).mul_(scaling)
+    d_b = torch.mm(u.t(), dy).mul_(scaling).t().contiguous()
+    return d_u, d_b
 
 
 def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p: float, seed,
                     need_dx: bool = True):
     """Returns (dx or None, dA [r, K] float32, dB [N, r] float32).
 
-    Matmuls run in x's dtype (torch accumulates in fp32 inside them), as the kernels do.
+    Matmuls run in x's dtype (torch accumulates in fp32 inside them), as the kernels do. The rank-r
+    GEMMs run on few threads (``serial_cpu``); dx = dU A is written first and the dgrad GEMM dy W
+    accumulates into it in place.
     """
-    d_b = (dy.t() @ u) * scaling
-    d_u = (dy @ lora_B) * scaling
     if dropout_p == 0.0:
-        d_a = d_u.t() @ x
-        dx = None
-        if need_dx:
-            dx = d_u @ lora_A if weight is None else torch.addmm(d_u @ lora_A, dy, weight)
+        with serial_cpu(x.device, max(dy.numel(), x.numel())):
+            d_u, d_b = _rank_grads(dy, u, lora_B, scaling)
+            d_a = d_u.t() @ x
+            dx = d_u @ lora_A if need_dx else None
+        if dx is not None and weight is not None:
+            dx.addmm_(dy, weight)
         return dx, d_a.float(), d_b.float()
+    with serial_cpu(x.device, dy.numel()):
+        d_u, d_b = _rank_grads(dy, u, lora_B, scaling)
     # One mask regeneration per row chunk serves both D(x) for dA and D'(dU A) for dx; the 1/(1-p)
     # scale goes on the rank-r operand, so each [M, K] chunk takes a single masking pass.
-    d_us = d_u * (1.0 / (1.0 - dropout_p))
+    d_us = d_u.mul_(1.0 / (1.0 - dropout_p))
     dx = None
     if need_dx:
         dx = dy @ weight if weight is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)

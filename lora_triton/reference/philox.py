@@ -39,6 +39,9 @@ _UNIFORM_SCALE = 4.6566127342e-10
 # Philox counters per row chunk on CPU: large enough that per-op overhead stops dominating, small
 # enough that the six int64 word buffers (6 x 8 bytes per counter) and the chunk's mask stay in cache.
 _CHUNK = 1 << 15
+# Elements of the largest operand per intra-op thread in ``serial_cpu``: 16 MB of fp32 is 1-2 ms of one
+# core's bandwidth, enough to amortize the barrier a parallel op ends in.
+_THREAD_GRAIN = 1 << 22
 
 
 def round_keys(seed: torch.Tensor | int, device=None) -> list[tuple]:
@@ -143,18 +146,21 @@ def dropout_threshold(p: float) -> int:
 
 
 @contextlib.contextmanager
-def serial_cpu(device):
-    """Runs the block's CPU ops on the calling thread only (torch's intra-op thread count 1, restored after).
+def serial_cpu(device, numel: int = 0):
+    """Runs the block's CPU ops on fewer intra-op threads (restored after): one thread, or with ``numel``
+    one per ``_THREAD_GRAIN`` elements of the largest operand, at most torch's thread count.
 
-    The masked chunk loops issue hundreds of small ops; each parallel one ends in a barrier, and on a
-    loaded machine a barrier waits for whichever worker was descheduled (measured: 3-5x the base layer's
-    time at load 13 on 2 cores, against 1.2x on one thread). The large GEMMs outside stay parallel.
+    The masked chunk loops and the rank-r GEMMs are small ops; each parallel one ends in a barrier, and on
+    a loaded machine a barrier waits for whichever worker was descheduled (measured: 3-5x the base layer's
+    time at load 13 on 2 cores, against 1.2x on one thread; a [2048, 1024] x [1024, 16] GEMM took 16-24 ms
+    on two threads at load 2-3 against 1 ms on one). The large GEMMs outside stay parallel.
     """
     threads = torch.get_num_threads()
-    if torch.device(device).type != "cpu" or threads == 1:
+    want = max(1, min(threads, numel // _THREAD_GRAIN))
+    if torch.device(device).type != "cpu" or want == threads:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(want)
     try:
         yield
     finally:
@@ -183,6 +189,11 @@ def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, d
     gidx = torch.arange(groups, device=device, dtype=torch.int64)
     counters = torch.empty((step, groups), dtype=torch.int64, device=device)
     out = torch.empty((step, groups, 4, 2), dtype=dtype, device=device)
+    # The 16-bit halves become 0/1 by arithmetic, not by a compare: torch.ge into a float tensor builds a
+    # bool temporary and casts it (measured: 58% of the generator's time, 2048 x 2048). Exact in fp32 and
+    # fp64 (every int16 is); other dtypes go through an fp32 buffer.
+    exact = dtype in (torch.float32, torch.float64)
+    levels = out if exact else torch.empty(out.shape, dtype=torch.float32, device=device)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         n = r1 - r0
@@ -190,9 +201,14 @@ def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, d
         cnt = counters[:n]
         torch.add(gidx[None, :], ridx[:, None], alpha=groups, out=cnt)
         words = gen.run(cnt.reshape(-1), keys, flip16=True)
+        lv = levels[:n]
         for w, word in enumerate(words):
             halves = word.view(torch.int16).view(n, groups, 4)[:, :, :2]  # little endian: bits 0..15, 16..31
-            torch.ge(halves, thr16, out=out[:n, :, w, :])
+            lv[:, :, w, :].copy_(halves)
+        # Integers h: h - (thr - 1) >= 1 exactly when h >= thr, <= 0 otherwise, so the clamp gives 1 or 0.
+        lv.sub_(thr16 - 1).clamp_(0, 1)
+        if not exact:
+            out[:n].copy_(lv)
         yield r0, r1, out[:n].view(n, groups * 8)[:, :cols]
 
 
