@@ -4,10 +4,11 @@ grouped (q/k/v) op against the fp32 reference. Prints a table, writes OUT/kernel
 
     python bench/device_check_kernels.py [--quick] [--out DIR] [--budget S] [--jobs N] [--self-test]
 
-The cases run in N worker processes (default 4): on a cold GPU most of this step is Triton compiling
-~50 kernel specializations, which is CPU work the workers do side by side; the compiled kernels land in
-Triton's cache, where the timing steps after it (device_check_paths.py: the same M=8192 shapes, r 16/64,
-p 0/0.1) find them. Default configs (LORA_TRITON_AUTOTUNE=0) unless --autotune.
+The cases run in N worker processes (default 4): on a cold GPU most of this step is Triton compiling 52
+kernel specializations (--quick; counted by bench/compile_count.py), CPU work the workers do side by side;
+the compiled kernels land in Triton's cache, where the timing step after it (device_check_paths.py: the
+same M=8192 shapes, r 16/64, p 0/0.1) finds all of its kernels. Default configs (LORA_TRITON_AUTOTUNE=0)
+unless --autotune.
 Criterion per output (y, U, dx, dA, dB): max|kernel - fp32| <= 2 max|reference - fp32| + atol (1 + max|fp32|),
 "reference" being the PyTorch twin in the same low precision on the same inputs and seed (so the same
 dropout mask); outputs are NaN-filled before the kernels write them.
@@ -33,11 +34,11 @@ SINGLE = [
     ("up_proj r64 p0.1", 8192, 4096, 14336, 64, 0.1, "plain", False, "bfloat16", ("fused", "composed"), True),
     ("q_proj r64 p0", 8192, 4096, 4096, 64, 0.0, "plain", False, "bfloat16", ("fused", "composed"), True),
     ("down_proj r256 p0 (pointer)", 1024, 14336, 4096, 256, 0.0, "plain", False, "bfloat16", ("fused",), True),
+    ("down_proj r256 p0.05 (pointer)", 1024, 14336, 4096, 256, 0.05, "plain", False, "bfloat16", ("fused",), True),
     ("decode M=1 odd K,N r1", 1, 1000, 3000, 1, 0.0, "plain", True, "bfloat16", ("fused", "composed"), True),
-    ("gpt2 Conv1D odd (pointer)", 37, 768, 2304, 3, 0.1, "transposed", True, "bfloat16", ("fused", "composed"), True),
-    ("LoRA-only (weight None)", 512, 2048, 1536, 32, 0.1, "none", False, "bfloat16", ("fused", "composed"), True),
+    ("gpt2 Conv1D odd (W^T, TMA)", 37, 768, 2304, 3, 0.1, "transposed", True, "bfloat16", ("fused", "composed"), True),
+    ("LoRA-only (no W, pointer)", 512, 2048, 1536, 32, 0.1, "none", False, "bfloat16", ("fused", "composed"), True),
     ("fp16 q_proj bias", 4096, 4096, 4096, 16, 0.1, "plain", True, "float16", ("fused", "composed"), True),
-    ("down_proj r256 p0.05 (pointer)", 1024, 14336, 4096, 256, 0.05, "plain", False, "bfloat16", ("fused",), False),
     ("odd K,N M=1000 r1 p0.2", 1000, 1000, 3000, 1, 0.2, "plain", True, "bfloat16", ("fused", "composed"), False),
     ("bf16 M=3000 r8 p0", 3000, 2048, 5120, 8, 0.0, "plain", True, "bfloat16", ("fused",), False),
 ]

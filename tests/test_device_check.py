@@ -121,9 +121,10 @@ def test_missing_script_or_option_fails_its_step_and_the_guard_skips(tmp_path):
     assert _run("--dry-run", str(tmp_path / "d2"), repo_script=ready, env=env).returncode == 0
 
 
-@pytest.mark.parametrize("name", ["kernels", "serving", "paths", "dora", "nf4"])
+@pytest.mark.parametrize("name", ["device_check_kernels", "device_check_serving", "device_check_paths",
+                                  "device_check_dora", "device_check_nf4", "compile_count"])
 def test_script_help_works_on_cpu(name):
-    res = subprocess.run([sys.executable, str(REPO / "bench" / f"device_check_{name}.py"), "--help"],
+    res = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), "--help"],
                          capture_output=True, text=True, timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 0 and "usage:" in res.stdout, res.stderr
 
