@@ -9,7 +9,8 @@ with LORA_TRITON_AUTOTUNE=0), with each kernel launch replaced by a recorder of 
 kernel, its constexprs and launch options, and Triton's own specialization of every argument (dtype,
 16-divisibility of ints and pointers, the value 1, descriptor block shapes). Distinct keys = compiles.
 cuBLAS calls of the composed path return empty tensors; nothing is computed. The shapes of the paths step
-come last: "new compiles" there is what that step would compile after the kernels step (0 expected).
+come next: "new compiles" there is what that step would compile after the kernels step (0 expected); then
+the DoRA kernels of bench/device_check_dora.py's cases (its --quick list with --quick), counted apart.
 """
 
 from __future__ import annotations
@@ -82,6 +83,31 @@ def count(quick: bool) -> dict:
         return _count(quick, seen, torch, dck, composed, grouped, fused)
 
 
+def _dora_cases(seen, distinct, torch, quick) -> list[dict]:
+    """The DoRA kernels of device_check_dora.py's cases (its step compiles these; DoRA kernels have fixed configs)."""
+    import device_check_dora as dcd
+
+    from lora_triton.kernels import dora
+
+    quick_names = getattr(dcd, "QUICK", None)
+    rows = []
+    for label, m, k, n, r, p, transposed, has_bias, dtype_name in dcd.CASES:
+        if quick and quick_names is not None and label not in quick_names:
+            continue
+        dt = getattr(torch, dtype_name)
+        w = torch.empty(k, n, dtype=dt).t() if transposed else torch.empty(n, k, dtype=dt)
+        c = dict(x=torch.empty(m, k, dtype=dt), w=w, bias=torch.empty(n, dtype=dt) if has_bias else None,
+                 a=torch.empty(r, k, dtype=dt), b=torch.empty(n, r, dtype=dt), dy=torch.empty(m, n, dtype=dt))
+        seed = torch.tensor([1], dtype=torch.int64) if p else None
+        start = len(seen)
+        dcd._run(dora, c, torch.ones(n), 2.0, p, seed)
+        new = set(seen[start:]) - distinct
+        distinct |= new
+        rows.append(dict(case=f"dora {label}", launches=len(seen) - start, new_compiles=len(new),
+                         kernels=sorted({key[0] for key in seen[start:]})))
+    return rows
+
+
 def _count(quick, seen, torch, dck, composed, grouped, fused) -> dict:
     import device_check_paths
 
@@ -123,8 +149,11 @@ def _count(quick, seen, torch, dck, composed, grouped, fused) -> dict:
         per_case.append(dict(case=label, launches=len(seen) - start, new_compiles=len(new),
                              kernels=sorted({key[0] for key in seen[start:]})))
     kernels = sorted({key[0] for key in distinct})
-    return dict(quick=quick, cases=per_case, launches=len(seen), compiles=len(distinct),
+    lora = dict(quick=quick, cases=per_case, launches=len(seen), compiles=len(distinct),
                 per_kernel={name: sum(key[0] == name for key in distinct) for name in kernels})
+    dora_rows = _dora_cases(seen, set(), torch, quick)
+    lora["dora"] = dict(cases=dora_rows, compiles=sum(r["new_compiles"] for r in dora_rows))
+    return lora
 
 
 def main(argv=None) -> int:
@@ -136,8 +165,12 @@ def main(argv=None) -> int:
     for row in doc["cases"]:
         print(f"{row['case']:<32} launches {row['launches']:>3}  new compiles {row['new_compiles']:>3}  "
               f"{' '.join(k.removeprefix('_').removesuffix('_kernel') for k in row['kernels'])}")
-    print(f"total: {doc['launches']} launches, {doc['compiles']} distinct kernel compiles; per kernel: "
-          f"{doc['per_kernel']}")
+    print(f"kernels + paths steps: {doc['launches']} launches, {doc['compiles']} distinct kernel compiles; "
+          f"per kernel: {doc['per_kernel']}")
+    for row in doc["dora"]["cases"]:
+        print(f"{row['case']:<32} launches {row['launches']:>3}  new compiles {row['new_compiles']:>3}  "
+              f"{' '.join(k.removeprefix('_').removesuffix('_kernel') for k in row['kernels'])}")
+    print(f"dora step (device_check_dora.py cases): {doc['dora']['compiles']} distinct compiles")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(doc, indent=1))
     return 0
