@@ -10,7 +10,8 @@ kernel, its constexprs and launch options, and Triton's own specialization of ev
 16-divisibility of ints and pointers, the value 1, descriptor block shapes). Distinct keys = compiles.
 cuBLAS calls of the composed path return empty tensors; nothing is computed. The shapes of the paths step
 come next: "new compiles" there is what that step would compile after the kernels step (0 expected); then
-the DoRA kernels of bench/device_check_dora.py's cases (its --quick list with --quick), counted apart.
+the DoRA kernels of bench/device_check_dora.py's cases (its --quick list with --quick) and the multi-adapter
+kernels of device_check_serving.py, each counted apart.
 """
 
 from __future__ import annotations
@@ -108,6 +109,25 @@ def _dora_cases(seen, distinct, torch, quick) -> list[dict]:
     return rows
 
 
+def _serving_cases(seen, torch, quick) -> dict:
+    """The multi-adapter kernels device_check_serving.py launches (cases, the decode step, 256 distinct adapters)."""
+    import device_check_serving as dcs
+
+    from lora_triton.kernels import multi_lora
+
+    g = torch.Generator().manual_seed(0)
+    start = len(seen)
+    for t, k_in, n, num, r_max, slots, ranks, mode, q in dcs.CASES:
+        if q or not quick:
+            x, w, b, a, bb, s, ids, rk, wts = dcs._setup(torch, torch.device("cpu"), torch.bfloat16, g, t, k_in, n,
+                                                         num, r_max, slots, ranks)
+            multi_lora.multi_lora_linear(x, w, b, a, bb, s, ids, rk, wts, mode=mode)
+    for shape in (dcs.DECODE, dcs.DISTINCT):
+        x, w, b, a, bb, s, ids, rk, _ = dcs._setup(torch, torch.device("cpu"), torch.bfloat16, g, *shape)
+        multi_lora.multi_lora_linear(x, w, b, a, bb, s, ids, rk)
+    return dict(launches=len(seen) - start, compiles=len(set(seen[start:])))
+
+
 def _count(quick, seen, torch, dck, composed, grouped, fused) -> dict:
     import device_check_paths
 
@@ -153,6 +173,7 @@ def _count(quick, seen, torch, dck, composed, grouped, fused) -> dict:
                 per_kernel={name: sum(key[0] == name for key in distinct) for name in kernels})
     dora_rows = _dora_cases(seen, set(), torch, quick)
     lora["dora"] = dict(cases=dora_rows, compiles=sum(r["new_compiles"] for r in dora_rows))
+    lora["serving"] = _serving_cases(seen, torch, quick)
     return lora
 
 
@@ -171,6 +192,7 @@ def main(argv=None) -> int:
         print(f"{row['case']:<32} launches {row['launches']:>3}  new compiles {row['new_compiles']:>3}  "
               f"{' '.join(k.removeprefix('_').removesuffix('_kernel') for k in row['kernels'])}")
     print(f"dora step (device_check_dora.py cases): {doc['dora']['compiles']} distinct compiles")
+    print(f"serving step: {doc['serving']['launches']} launches, {doc['serving']['compiles']} distinct compiles")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(doc, indent=1))
     return 0
