@@ -163,7 +163,11 @@ else
   mkdir -p "$outdir"
   : > "$outdir/device_check.log"
 fi
-note "repo=$repo outdir=$outdir python=$py PYTHONPATH=$PYTHONPATH LORA_TRITON_AUTOTUNE=$LORA_TRITON_AUTOTUNE guard=${guard}s"
+rev="$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if [ "$rev" != unknown ] && ! git -C "$repo" diff --quiet HEAD 2>/dev/null; then rev="$rev+dirty"; fi
+started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+note "$started repo=$repo ($rev) outdir=$outdir python=$py PYTHONPATH=$PYTHONPATH" \
+  "LORA_TRITON_AUTOTUNE=$LORA_TRITON_AUTOTUNE guard=${guard}s"
 
 t0="$(now)"
 preflight
@@ -212,7 +216,8 @@ for s in "${STEPS[@]}"; do
 done
 [ "$status" -ne 0 ] || [ $skipped -eq 0 ] || status=4
 {
-  printf '{"outdir": "%s", "guard_s": %s, "total_s": %s, "exit": %s, "steps": [' "$outdir" "$guard" "$(elapsed)" "$status"
+  printf '{"started": "%s", "revision": "%s", "outdir": "%s", "guard_s": %s, "total_s": %s, "exit": %s, "steps": [' \
+    "$started" "$rev" "$outdir" "$guard" "$(elapsed)" "$status"
   sep=""
   for s in "${STEPS[@]}"; do
     printf '%s\n {"step": "%s", "status": "%s", "exit": %s, "wall_s": %s, "budget_s": %s, "problem": "%s"}' \
