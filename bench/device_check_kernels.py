@@ -1,5 +1,5 @@
 """GPU check, LoRA training kernels: bf16 (and fp16) correctness of the fused path (persistent TMA GEMMs on
-sm_90+, pointer GEMMs for r > 64 / transposed / weight-less operands), the composed cuBLAS path and the
+sm_90+, pointer GEMMs for r > 64 and weight-less operands), the composed cuBLAS path and the
 grouped (q/k/v) op against the fp32 reference. Prints a table, writes OUT/kernels.json; exit 1 on failure.
 
     python bench/device_check_kernels.py [--quick] [--out DIR] [--budget S] [--jobs N] [--self-test]
