@@ -6,7 +6,7 @@
 #
 #   bench/device_check.sh [--dry-run] [OUTDIR]     (DRY_RUN=1 works too; PYTHON=... picks python)
 #
-# Steps: env, kernels, serving, paths, dora, nf4, kinds, bench (docs/device_check.md: what each covers).
+# Steps: env, preflight, kernels, serving, paths, dora, nf4, kinds, bench (docs/device_check.md: what each covers).
 # Each writes OUTDIR/<step>.log (and its JSON); OUTDIR/device_check.json and the table printed last give
 # every step's status, wall time and budget. --dry-run prints the steps, budgets and preflight only.
 # Exit: 0 when every step passed; else the first failing step's status (3: a script or option is
@@ -44,7 +44,8 @@ jobs="${DEVICE_CHECK_JOBS:-4}"
 
 # name | budget s | what it checks (the goal it measures)
 STEPS=(env preflight kernels serving paths dora nf4 kinds bench)
-declare -A BUDGET=([env]=15 [preflight]=15 [kernels]=70 [serving]=45 [paths]=55 [dora]=70 [nf4]=45 [kinds]=40 [bench]=90)
+declare -A BUDGET=([env]=15 [preflight]=15 [kernels]=70 [serving]=45 [paths]=55 [dora]=70 [nf4]=45 [kinds]=40
+                  [bench]=90)
 declare -A WHAT=(
   [env]="versions, GPU, optional packages"
   [preflight]="every step's script exists and takes the options passed"
