@@ -97,7 +97,7 @@ def _fake_repo(root: Path, *, dora=True, nf4_quick=True, serving_rc=1) -> Path:
 
 def test_missing_script_or_option_fails_its_step_and_the_guard_skips(tmp_path):
     script = _fake_repo(tmp_path / "repo", dora=False, nf4_quick=False)
-    env = {"ENV_TIMEOUT": "10", "KERNELS_TIMEOUT": "10", "SERVING_TIMEOUT": "10", "PATHS_TIMEOUT": "2",
+    env = {"ENV_TIMEOUT": "10", "KERNELS_TIMEOUT": "10", "SERVING_TIMEOUT": "10", "PATHS_TIMEOUT": "1",
            "KINDS_TIMEOUT": "100", "DEVICE_CHECK_GUARD": "40", "PYTHONPATH": ""}
     dry = _run("--dry-run", str(tmp_path / "dry"), repo_script=script, env=env)
     assert dry.returncode == 3, dry.stdout + dry.stderr
