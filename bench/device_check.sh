@@ -6,7 +6,7 @@
 #
 #   bench/device_check.sh [--dry-run] [OUTDIR]     (DRY_RUN=1 works too; PYTHON=... picks python)
 #
-# Steps: env, kernels, serving, paths, dora, nf4, kinds, bench (docs/device_check.md: what each covers).
+# Steps: env, preflight, kernels, serving, paths, dora, nf4, kinds, bench (docs/device_check.md: what each covers).
 # Each writes OUTDIR/<step>.log (and its JSON); OUTDIR/device_check.json and the table printed last give
 # every step's status, wall time and budget. --dry-run prints the steps, budgets and preflight only.
 # Exit: 0 when every step passed; else the first failing step's status (3: a script or option is
@@ -44,7 +44,8 @@ jobs="${DEVICE_CHECK_JOBS:-4}"
 
 # name | budget s | what it checks (the goal it measures)
 STEPS=(env preflight kernels serving paths dora nf4 kinds bench)
-declare -A BUDGET=([env]=15 [preflight]=15 [kernels]=70 [serving]=45 [paths]=70 [dora]=55 [nf4]=45 [kinds]=40 [bench]=90)
+declare -A BUDGET=([env]=15 [preflight]=15 [kernels]=70 [serving]=45 [paths]=55 [dora]=70 [nf4]=45 [kinds]=40
+                  [bench]=90)
 declare -A WHAT=(
   [env]="versions, GPU, optional packages"
   [preflight]="every step's script exists and takes the options passed"
@@ -72,7 +73,7 @@ step_spec() {
     preflight) ;;
     kernels|serving|paths)
       target="$repo/bench/device_check_$1.py"; help_cmd=("$py" "$target" --help); need=(--out --budget)
-      cmd=("$py" "$target" --out "$outdir" --budget $((b - 5)))
+      cmd=("$py" "$target" --out "$outdir" --budget $((b > 10 ? b - 5 : b)))  # 5 s to write the JSON
       case "$1" in
         kernels) need+=(--quick --jobs); cmd+=(--quick --jobs "$jobs") ;;
         serving) need+=(--quick); cmd+=(--quick) ;;
@@ -163,7 +164,11 @@ else
   mkdir -p "$outdir"
   : > "$outdir/device_check.log"
 fi
-note "repo=$repo outdir=$outdir python=$py PYTHONPATH=$PYTHONPATH LORA_TRITON_AUTOTUNE=$LORA_TRITON_AUTOTUNE guard=${guard}s"
+rev="$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if [ "$rev" != unknown ] && ! git -C "$repo" diff --quiet HEAD 2>/dev/null; then rev="$rev+dirty"; fi
+started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+note "$started repo=$repo ($rev) outdir=$outdir python=$py PYTHONPATH=$PYTHONPATH" \
+  "LORA_TRITON_AUTOTUNE=$LORA_TRITON_AUTOTUNE guard=${guard}s"
 
 t0="$(now)"
 preflight
@@ -171,6 +176,9 @@ WALL[preflight]="$(secs "$t0" "$(now)")"
 n_problems=${#PROBLEM[@]}
 STATUS[preflight]=$([ "$n_problems" -eq 0 ] && echo ok || echo "FAIL")
 RC[preflight]=$([ "$n_problems" -eq 0 ] && echo 0 || echo 3)
+if [ "$dry_run" = 0 ]; then
+  for s in "${STEPS[@]}"; do echo "$s: ${PROBLEM[$s]:-ready}"; done > "$outdir/preflight.log"
+fi
 
 if [ "$dry_run" = 1 ]; then
   total=0
@@ -209,7 +217,8 @@ for s in "${STEPS[@]}"; do
 done
 [ "$status" -ne 0 ] || [ $skipped -eq 0 ] || status=4
 {
-  printf '{"outdir": "%s", "guard_s": %s, "total_s": %s, "exit": %s, "steps": [' "$outdir" "$guard" "$(elapsed)" "$status"
+  printf '{"started": "%s", "revision": "%s", "outdir": "%s", "guard_s": %s, "total_s": %s, "exit": %s, "steps": [' \
+    "$started" "$rev" "$outdir" "$guard" "$(elapsed)" "$status"
   sep=""
   for s in "${STEPS[@]}"; do
     printf '%s\n {"step": "%s", "status": "%s", "exit": %s, "wall_s": %s, "budget_s": %s, "problem": "%s"}' \

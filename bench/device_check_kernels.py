@@ -1,13 +1,14 @@
 """GPU check, LoRA training kernels: bf16 (and fp16) correctness of the fused path (persistent TMA GEMMs on
-sm_90+, pointer GEMMs for r > 64 / transposed / weight-less operands), the composed cuBLAS path and the
+sm_90+, pointer GEMMs for r > 64 and weight-less operands), the composed cuBLAS path and the
 grouped (q/k/v) op against the fp32 reference. Prints a table, writes OUT/kernels.json; exit 1 on failure.
 
     python bench/device_check_kernels.py [--quick] [--out DIR] [--budget S] [--jobs N] [--self-test]
 
-The cases run in N worker processes (default 4): on a cold GPU most of this step is Triton compiling
-~50 kernel specializations, which is CPU work the workers do side by side; the compiled kernels land in
-Triton's cache, where the timing steps after it (device_check_paths.py: the same M=8192 shapes, r 16/64,
-p 0/0.1) find them. Default configs (LORA_TRITON_AUTOTUNE=0) unless --autotune.
+The cases run in N worker processes (default 4): on a cold GPU most of this step is Triton compiling 52
+kernel specializations (--quick; counted by bench/compile_count.py), CPU work the workers do side by side;
+the compiled kernels land in Triton's cache, where the timing step after it (device_check_paths.py: the
+same M=8192 shapes, r 16/64, p 0/0.1) finds all of its kernels. Default configs (LORA_TRITON_AUTOTUNE=0)
+unless --autotune.
 Criterion per output (y, U, dx, dA, dB): max|kernel - fp32| <= 2 max|reference - fp32| + atol (1 + max|fp32|),
 "reference" being the PyTorch twin in the same low precision on the same inputs and seed (so the same
 dropout mask); outputs are NaN-filled before the kernels write them.
@@ -32,10 +33,11 @@ SINGLE = [
     ("up_proj r16 p0", 8192, 4096, 14336, 16, 0.0, "plain", False, "bfloat16", ("fused", "composed"), True),
     ("up_proj r64 p0.1", 8192, 4096, 14336, 64, 0.1, "plain", False, "bfloat16", ("fused", "composed"), True),
     ("q_proj r64 p0", 8192, 4096, 4096, 64, 0.0, "plain", False, "bfloat16", ("fused", "composed"), True),
-    ("down_proj r256 (pointer)", 1024, 14336, 4096, 256, 0.05, "plain", False, "bfloat16", ("fused",), True),
+    ("down_proj r256 p0 (pointer)", 1024, 14336, 4096, 256, 0.0, "plain", False, "bfloat16", ("fused",), True),
+    ("down_proj r256 p0.05 (pointer)", 1024, 14336, 4096, 256, 0.05, "plain", False, "bfloat16", ("fused",), True),
     ("decode M=1 odd K,N r1", 1, 1000, 3000, 1, 0.0, "plain", True, "bfloat16", ("fused", "composed"), True),
-    ("gpt2 Conv1D odd (pointer)", 37, 768, 2304, 3, 0.1, "transposed", True, "bfloat16", ("fused", "composed"), True),
-    ("LoRA-only (weight None)", 512, 2048, 1536, 32, 0.1, "none", False, "bfloat16", ("fused", "composed"), True),
+    ("gpt2 Conv1D odd (W^T, TMA)", 37, 768, 2304, 3, 0.1, "transposed", True, "bfloat16", ("fused", "composed"), True),
+    ("LoRA-only (no W, pointer)", 512, 2048, 1536, 32, 0.1, "none", False, "bfloat16", ("fused", "composed"), True),
     ("fp16 q_proj bias", 4096, 4096, 4096, 16, 0.1, "plain", True, "float16", ("fused", "composed"), True),
     ("odd K,N M=1000 r1 p0.2", 1000, 1000, 3000, 1, 0.2, "plain", True, "bfloat16", ("fused", "composed"), False),
     ("bf16 M=3000 r8 p0", 3000, 2048, 5120, 8, 0.0, "plain", True, "bfloat16", ("fused",), False),
@@ -53,14 +55,37 @@ SELF_TEST_SINGLE = [
 SELF_TEST_GROUPED = [("tiny grouped", 13, 32, (24, 16), (2, 3), (0.2, 0.0), "float32", True)]
 
 
+_GEMMS: list[str] = []  # which main-GEMM kernels ("tma" / "pointer") the launchers chose, per case and path
+
+
+def _spy(fn):
+    def launch(*args, **kwargs):
+        kind = fn(*args, **kwargs)
+        _GEMMS.append(kind)
+        return kind
+
+    launch.spied = True
+    return launch
+
+
 def _modules():
     from lora_triton.kernels import composed, grouped
+    from lora_triton.kernels import gemm_launch as gl
     from lora_triton.kernels import lora_linear as fused
     from lora_triton.reference import grouped as ref_grouped
     from lora_triton.reference import lora_linear as ref
 
     common.poison_empty(fused, composed, grouped)
+    for name in ("fwd_gemm", "dgrad"):
+        if not getattr(getattr(gl, name), "spied", False):
+            setattr(gl, name, _spy(getattr(gl, name)))
     return fused, composed, grouped, ref, ref_grouped
+
+
+def _gemm_kinds() -> str:
+    kinds = "+".join(sorted(set(_GEMMS))) or "cuBLAS"
+    _GEMMS.clear()
+    return kinds
 
 
 def _rand(torch, dev, seed):
@@ -92,10 +117,12 @@ def single_case(case, dev):
     rows = []
     for path in paths:
         fwd, bwd = impl[path]
+        _GEMMS.clear()
         got = fwd(x, w, b, a, bb, s, p, seed)
         got += bwd(dy, x, w, a, bb, got[1], s, p, seed, True)
+        gemm = _gemm_kinds()
         for name, g_, r_, t_ in zip(("y", "u", "dx", "dA", "dB"), got, same, truth):
-            rows.append(dict(common.check(label, name, g_, r_, t_, ATOL), path=path, dtype=dtype_name,
+            rows.append(dict(common.check(label, name, g_, r_, t_, ATOL), path=path, gemm=gemm, dtype=dtype_name,
                              M=m, K=k, N=n, r=r, p=p))
     return rows
 
@@ -123,9 +150,11 @@ def grouped_case(case, dev):
         return dict({f"y{g}": y for g, y in enumerate(ys)}, u=u, dx=dx,
                     **{f"dA{g}": d for g, d in enumerate(d_as)}, **{f"dB{g}": d for g, d in enumerate(d_bs)})
 
-    got, same = run(grouped, x, ws, a_s, b_s, dys), run(ref, x, ws, a_s, b_s, dys)
-    truth = run(ref, x.float(), f32(ws), f32(a_s), f32(b_s), f32(dys))
-    return [dict(common.check(label, name, got[name], same[name], truth[name], ATOL), path="grouped",
+    _GEMMS.clear()
+    got = run(grouped, x, ws, a_s, b_s, dys)
+    gemm = _gemm_kinds()
+    same, truth = run(ref, x, ws, a_s, b_s, dys), run(ref, x.float(), f32(ws), f32(a_s), f32(b_s), f32(dys))
+    return [dict(common.check(label, name, got[name], same[name], truth[name], ATOL), path="grouped", gemm=gemm,
                  dtype=dtype_name, M=m, K=k, N=list(ns), r=list(rs), p=list(ps)) for name in got]
 
 
@@ -177,13 +206,15 @@ def main(argv=None) -> int:
                 except Exception as e:  # a worker died (e.g. a CUDA fault): that case fails, the rest report
                     results.append([dict(case=c[0], output="(worker died)", ok=False, error=repr(e)[:500])])
     rows = [row for rs in results for row in rs]
-    print(f"\n{'case':<28} {'path':<8} {'dtype':<9} {'out':<4} {'kernel err':>11} {'ref err':>11} {'bound':>9}  ok")
+    print(f"\n{'case':<30} {'path':<8} {'gemm':<11} {'dtype':<9} {'out':<4} {'kernel err':>11} {'ref err':>11} "
+          f"{'bound':>9}  ok")
     for r in rows:
         if "kernel_err" in r:
-            print(f"{r['case']:<28} {r['path']:<8} {r['dtype']:<9} {r['output']:<4} {r['kernel_err']:>11.3e} "
-                  f"{r['reference_err']:>11.3e} {r['bound']:>9.2e}  {'ok' if r['ok'] else 'FAIL'}")
+            print(f"{r['case']:<30} {r['path']:<8} {r['gemm']:<11} {r['dtype']:<9} {r['output']:<4} "
+                  f"{r['kernel_err']:>11.3e} {r['reference_err']:>11.3e} {r['bound']:>9.2e}  "
+                  f"{'ok' if r['ok'] else 'FAIL'}")
         else:
-            print(f"{r['case']:<28} {r['output']} {r.get('error', '')}")
+            print(f"{r['case']:<30} {r['output']} {r.get('error', '')}")
     rc = common.verdict(rows, deadline)
     common.write_json(args.out, "kernels.json", dict(common.metadata(torch, dev, args), ok=rc == 0, jobs=args.jobs,
                                                      seconds=deadline.elapsed(), rows=rows))

@@ -40,8 +40,7 @@ _UNSUPPORTED_AT_DEFAULT: dict[str, Any] = {
     "kasa_config": None,
 }
 # PEFT fields that carry no meaning for the weights: read and dropped without a word.
-_IGNORED = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "runtime_config",
-            "ensure_weight_tying"}
+_IGNORED = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "runtime_config"}
 
 
 class AdapterConfigFile:
@@ -88,6 +87,7 @@ class LoraConfig(AdapterConfigFile):
     modules_to_save: Optional[list[str]] = None
     lora_bias: bool = False
     loftq_config: dict = field(default_factory=dict)  # init_lora_weights="loftq": nn/loftq.py
+    ensure_weight_tying: bool = False  # adapters on tied embedding / head share their factors: nn/weight_tying.py
     peft_type: str = "LORA"
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
@@ -114,7 +114,7 @@ class LoraConfig(AdapterConfigFile):
         _check_number("lora_dropout", self.lora_dropout)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode"):
+        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode", "ensure_weight_tying"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool (true/false), got {_show(getattr(self, name))}")
         for name in ("task_type", "base_model_name_or_path", "revision"):

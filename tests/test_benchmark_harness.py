@@ -167,6 +167,10 @@ def test_cli_list_and_defaults(capsys):
     assert cli.main(["--list", "--suite", "all", "--device", "cuda"]) == 0
     listed = capsys.readouterr().out.split()
     assert "train/llama-8b.q_proj/fwd+bwd/r16/p0.1/T8192" in listed
+    assert cli.main(["--list", "--suite", "train", "--only", "up_proj,sq1024/fwd+bwd/r16/p0.1"]) == 0
+    assert capsys.readouterr().out.split() == ["train/llama-8b.sq1024/fwd+bwd/r16/p0.1/T2048",
+                                               "train/llama-8b.up_proj/fwd+bwd/r16/T2048",
+                                               "train/llama-8b.up_proj/fwd+bwd/r16/p0.1/T2048"]
 
 
 def test_quick_suite_end_to_end(tmp_path, capsys):

@@ -4,9 +4,10 @@ lora_alpha (PEFT's factors only at alpha = r), injection through LoraConfig on C
 import pytest
 import torch
 from models import max_diff, model_input, run, tiny_llama
+from torch import nn
 
 import lora_triton
-from lora_triton.nn.loftq import loftq, reconstruction_error
+from lora_triton.nn.loftq import int8_rowwise_dequantized, loftq, reconstruction_error
 from lora_triton.nn.nf4_linear import NF4Linear
 
 
@@ -80,8 +81,8 @@ def test_loftq_through_lora_config_on_cpu(tmp_path):
 def test_bad_loftq_configs_raise():
     with pytest.raises(ValueError, match="loftq_config"):
         lora_triton.LoraConfig(init_lora_weights="loftq")
-    with pytest.raises(NotImplementedError, match="4-bit only"):
-        lora_triton.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 8})
+    with pytest.raises(ValueError, match="loftq_bits must be one of"):
+        lora_triton.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 2})
     with pytest.raises(NotImplementedError, match="DoRA"):
         lora_triton.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_iter": 1}, use_dora=True)
     with pytest.raises(ValueError, match="loftq_iter"):
@@ -90,3 +91,72 @@ def test_bad_loftq_configs_raise():
     with pytest.raises(TypeError, match="full-precision"):
         lora_triton.inject_lora(model, lora_triton.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq",
                                                               loftq_config={"loftq_iter": 1}))
+
+
+def test_8bit_quantizer_is_bitsandbytes_int8_and_errors_fall():
+    _, w = _pretrained_weight()
+    deq = int8_rowwise_dequantized(w)
+    bnbf = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the int8 oracle")
+    q, stats, _ = bnbf.int8_vectorwise_quant(w.half())  # what PEFT's Int8Params stores (on the GPU)
+    assert torch.equal(deq, bnbf.int8_vectorwise_dequant(q, stats))
+    errors = []
+    q8, a, b = loftq(w, 16, 2.0, 3, history=errors, bits=8)
+    plain = (torch.linalg.matrix_norm(w - deq) / torch.linalg.matrix_norm(w)).item()
+    assert errors[-1] == pytest.approx(reconstruction_error(w, q8, a, b, 2.0), rel=1e-4)
+    print(f"LoftQ 8-bit: int8 alone {plain:.5f}; iter 1..3: " + ", ".join(f"{e:.5f}" for e in errors))
+    assert errors[0] < plain and errors[-1] <= errors[0] + 1e-7
+
+
+def _embed_conv_model():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("embed", nn.Embedding(96, 64))
+    model.add_module("conv", nn.Conv2d(8, 32, 3, padding=1))
+    model.add_module("proj", nn.Linear(64, 48))
+    with torch.no_grad():
+        for p in model.parameters():  # heavy-tailed weights: 4-bit error worth correcting
+            p.copy_(torch.distributions.StudentT(3.0).sample(p.shape) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_loftq_on_embedding_conv_and_8bit_targets(bits):
+    reference = _embed_conv_model()
+    config = lambda it: lora_triton.LoraConfig(  # noqa: E731
+        target_modules=["embed", "conv", "proj"], r=4, lora_alpha=12, init_lora_weights="loftq",
+        loftq_config={"loftq_bits": bits, "loftq_iter": it})
+    errs = {}
+    for it in (1, 3):
+        model = lora_triton.inject_lora(_embed_conv_model(), config(it))
+        emb, conv, proj = model.embed, model.conv, model.proj
+        assert type(emb).__name__ == "LoraEmbedding" and type(conv).__name__ == "LoraConv"
+        assert isinstance(proj.base_layer, NF4Linear) == (bits == 4)
+        for name, layer in (("embed", emb), ("conv", conv), ("proj", proj)):
+            want = getattr(reference, name).weight.detach()
+            base = layer.base_layer
+            deq = base.dequantize(torch.float32) if isinstance(base, NF4Linear) else base.weight.detach()
+            err_q = (torch.linalg.matrix_norm((want - deq).flatten(1)) / torch.linalg.matrix_norm(want.flatten(1)))
+            got = deq + layer.delta_weight("default").reshape(want.shape)
+            err = (torch.linalg.matrix_norm((want - got).flatten(1)) / torch.linalg.matrix_norm(want.flatten(1)))
+            assert err < err_q, (name, it, err, err_q)  # the adapter corrects the quantization error
+            errs[name, it] = err.item()
+    for name in ("embed", "conv", "proj"):
+        assert errs[name, 3] <= errs[name, 1] + 1e-6, errs  # and more iterations do not undo it
+    # the model's outputs follow: the LoftQ-initialised model is closer to the original than deq(Q) alone
+    x_ids, img = torch.randint(0, 96, (5,)), torch.randn(2, 8, 6, 6)
+    model.eval()
+    with torch.no_grad():
+        for name, inp in (("embed", x_ids), ("conv", img)):
+            layer, ref = getattr(model, name), getattr(reference, name)
+            adapted, base_only = layer(inp), layer.base_layer(inp)
+            assert max_diff(adapted, ref(inp)) < max_diff(base_only, ref(inp))
+
+
+def test_loftq_refuses_grouped_convs_before_changing_anything():
+    model = nn.Sequential()
+    model.add_module("conv", nn.Conv2d(8, 8, 3, groups=2))
+    before = model.conv.weight.detach().clone()
+    with pytest.raises(NotImplementedError, match="groups=2"):
+        lora_triton.inject_lora(model, lora_triton.LoraConfig(target_modules=["conv"], r=4, init_lora_weights="loftq",
+                                                              loftq_config={"loftq_iter": 1}))
+    assert isinstance(model.conv, nn.Conv2d) and torch.equal(model.conv.weight, before)

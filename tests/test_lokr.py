@@ -227,3 +227,16 @@ def test_half_precision_base_keeps_fp32_adapters_and_its_dtype(dtype, tmp_path):
     got = call(half, {"ids": inputs["ids"], "img": inputs["img"].to(dtype)})
     assert got.dtype == dtype
     assert max_diff(got, want) <= 0.05 * (1 + want.abs().max().item())
+
+
+def test_fused_lokr_linear_compiles_without_graph_breaks():
+    # The hand-written chain is an autograd.Function: torch.compile(fullgraph=True) traces through it, in
+    # training too (module_dropout 0: PEFT's rand(1) draw is made but not branched on).
+    model = lt.inject_lora(torch.nn.Sequential(torch.nn.Linear(64, 48)), lt.LoKrConfig(target_modules=["0"], r=2,
+                                                                                      init_weights=False)).train()
+    x = torch.randn(5, 64, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got, want = compiled(x), model(x)
+    assert max_diff(got, want) <= 1e-6
+    (g_got,), (g_want,) = torch.autograd.grad(got.sum(), [x]), torch.autograd.grad(want.sum(), [x])
+    assert max_diff(g_got, g_want) <= 1e-6

@@ -134,3 +134,18 @@ def test_mixed_batch_rows_on_conv_embedding_loha_lokr_match_one_adapter_per_call
             alone = call(net, {k: v[i:i + 1] for k, v in inputs.items()})
         assert max_diff(mixed[i:i + 1], alone) <= 1e-5, (i, name)
     assert net.c2.mixed_batch is None  # the hooks are gone after the block
+
+
+def test_kinds_bench_cli_writes_a_result(tmp_path):
+    # The benchmark module's CLI (the device check runs it with --device cuda --quick): one small case, CPU.
+    import json
+
+    from lora_triton.benchmark import kinds_bench
+
+    out = tmp_path / "kinds.json"
+    assert kinds_bench.main(["--only", "lora-conv2d", "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "cpu" and doc["dtype"] == "float32" and [r["case"] for r in doc["results"]] == [
+        "lora-conv2d"]
+    row = doc["results"][0]
+    assert row["max_abs_diff_vs_peft"] <= 1e-4 and set(row["median_s"]) == {"base", "lora_triton", "peft"}

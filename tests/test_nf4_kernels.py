@@ -39,6 +39,25 @@ def test_fused_fwd_and_dgrad_match_reference_and_fp64(m, k, n, r, blocksize, dou
     _compare(m, k, n, r, blocksize, double_quant, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,k,n,r,blocksize", [s for s in SHAPES if s[0] <= 16])
+def test_small_m_forward_on_the_gemm_path_too(monkeypatch, m, k, n, r, blocksize, dtype):
+    # M <= 16 takes the split-K GEMV above; the tiled GEMM must stay right for small M as well
+    monkeypatch.setattr(kern, "GEMV_MAX_M", 0)
+    _compare(m, k, n, r, blocksize, True, dtype, dgrad=False)
+
+
+@pytest.mark.parametrize("m,k,n,r,blocksize,split", [(1, 256, 20, 1, 64, 8), (16, 96, 33, 5, 32, 3),
+                                                     (7, 65, 17, 2, 64, 3), (2, 64, 40, 16, 128, 1)])
+def test_decode_gemv_across_k_splits(monkeypatch, m, k, n, r, blocksize, split):
+    # split-K GEMV: one BLOCK_K (32) per split at most, ragged last split, odd K (bytes straddle rows),
+    # K = one block with tiles spanning several absmaxes (BLOCK_K 64 over blocksize 32 is the other case)
+    monkeypatch.setattr(kern, "gemv_split", lambda *a: split)
+    _compare(m, k, n, r, blocksize, True, torch.float32, dgrad=False)
+    monkeypatch.setattr(kern, "_GEMV_INTERP", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64))
+    _compare(m, k, n, r, 32, False, torch.float16, dgrad=False)
+
+
 def test_tiles_spanning_several_absmax_blocks(monkeypatch):
     # GPU tiles (64 wide) over blocksize 32: several absmaxes per W row of a tile, decoded and broadcast
     monkeypatch.setattr(kern.at, "interp_meta", lambda family: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=2))
@@ -46,7 +65,7 @@ def test_tiles_spanning_several_absmax_blocks(monkeypatch):
     _compare(3, 128, 70, 2, 32, False, torch.float16)
 
 
-def _compare(m, k, n, r, blocksize, double_quant, dtype):
+def _compare(m, k, n, r, blocksize, double_quant, dtype, dgrad=True):
     g = torch.Generator().manual_seed(m * 100 + k)
     layer = NF4Linear.from_weight(torch.randn(n, k, generator=g) / k**0.5, blocksize=blocksize,
                                   double_quant=double_quant)
@@ -66,6 +85,8 @@ def _compare(m, k, n, r, blocksize, double_quant, dtype):
         if use_lora:
             y64 = y64 + s * u.double() @ lora_b.double().t()
         _check("y", y, y_ref, y64, dtype)
+        if not dgrad:
+            continue
         du_, la_ = (u if use_lora else None), (lora_a if use_lora else None)
         dx = kern.nf4_linear_dgrad(dy, w, du_, la_)
         dx_ref = ref.nf4_linear_dgrad(dy, w, du_, la_)
@@ -99,11 +120,18 @@ def test_kernel_rejects_bad_operands():
         kern.nf4_linear_dgrad(torch.randn(2, 8), layer.nf4_weight(), torch.randn(2, 3), torch.randn(3, 30))
 
 
-def test_device_check_script_runs_tiny_under_the_interpreter(tmp_path):
+def test_device_check_script_runs_tiny_under_the_interpreter(tmp_path, monkeypatch):
+    # the script sets these for its process; set here, they are restored for the tests that follow
+    for key, value in (("TRITON_INTERPRET", "1"), ("LORA_TRITON_BACKEND", "triton"), ("LORA_TRITON_AUTOTUNE", "0")):
+        monkeypatch.setenv(key, value)
     import runpy
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "bench" / "device_check_nf4.py"
     main = runpy.run_path(str(script))["main"]
-    assert main([str(tmp_path), "--tiny"]) == 0
-    assert (tmp_path / "nf4.json").is_file()
+    assert main(["--self-test", "--out", str(tmp_path)]) == 0
+    import json
+
+    doc = json.loads((tmp_path / "nf4.json").read_text())
+    assert doc["checks"] and all(c["ok"] for c in doc["checks"])
+    assert [r["path"] for r in doc["rows"]] == ["gemv", "gemm"] and "gemm_path_fwd_s" in doc["rows"][0]

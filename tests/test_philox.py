@@ -216,12 +216,17 @@ def test_serial_cpu_restores_thread_count():
     assert torch.get_num_threads() == threads
 
 
-def test_serial_cpu_threads_scale_with_operand_size():
+def test_thread_helpers_scale_with_operand_size():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(4)
-        grain = philox._THREAD_GRAIN
-        for numel, want in ((0, 1), (grain - 1, 1), (2 * grain, 2), (3 * grain + 5, 3), (100 * grain, 4)):
+        grain, small = philox._THREAD_GRAIN, philox._TOGGLE_MIN
+        for numel, want in ((0, 4), (small - 1, 4), (small, 1), (grain - 1, 1), (2 * grain, 2), (3 * grain + 5, 3),
+                            (100 * grain, 4)):
+            with philox.few_threads("cpu", numel):
+                assert torch.get_num_threads() == want, numel
+            assert torch.get_num_threads() == 4
+        for numel, want in ((None, 1), (small - 1, 4), (small, 1), (100 * grain, 1)):
             with philox.serial_cpu("cpu", numel):
                 assert torch.get_num_threads() == want, numel
             assert torch.get_num_threads() == 4

@@ -82,3 +82,17 @@ def test_token_plan_reused_for_equal_ids_only(monkeypatch):
     ids2 = torch.tensor([0, 1, 1, 0, 1, 0, -1, 0])
     check(ops.multi_lora_linear(x, w, b, a2, bb2, s[:2], ids2, ranks[:2]), x, w, b, a2, bb2, s[:2], ids2, ranks[:2])
     assert len(sorts) == 3
+
+
+def test_scratch_reuse_never_aliases_results(monkeypatch):
+    """The equal-count path gathers rows and writes deltas into per-thread buffers reused across calls: the
+    outputs of earlier calls stay intact, and equal those of fresh buffers (cap 0) bit for bit."""
+    x, w, b, a, bb, s, _, ranks = make(8, ranks=(4, 4), seed=11)
+    ids = torch.tensor([0, 1] * 4)
+    y1 = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks)
+    first = y1.clone()
+    y2 = ops.multi_lora_linear(x[:4] * 2, None, None, a, bb, s, ids[:4], ranks)  # other shapes, same buffers
+    assert torch.equal(y1, first)
+    monkeypatch.setattr(ref, "_WORKSPACE_MAX", 0)
+    assert torch.equal(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), first)
+    assert torch.equal(ops.multi_lora_linear(x[:4] * 2, None, None, a, bb, s, ids[:4], ranks), y2)

@@ -198,3 +198,26 @@ def test_bad_inputs_on_conv_layers_leave_the_model(case):
     after = net.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert lt.nn.adapter_configs(net) == configs
+
+
+def test_dora_sources_on_conv_and_embedding_contribute_their_whole_change():
+    # A DoRA adapter at weight 1 reproduces itself (PEFT drops the magnitudes); mixed with a LoRA adapter,
+    # `linear` gives the weighted sum of both changes. fp64; groups=1 (DoRA refuses grouped convs).
+    net = _ours(dict(target_modules=["emb", "c1", "c2", "c3"], r=2, use_dora=True),
+                dict(target_modules=["emb", "c2"], r=3), groups=1)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1.3)
+    lt.add_weighted_adapter(net, ["a"], [1.0], "same", combination_type="cat")
+    lt.add_weighted_adapter(net, ["a", "b"], WEIGHTS, "mix", combination_type="linear")
+    g = torch.Generator().manual_seed(4)
+    for path in ("emb", "c1", "c2", "c3"):
+        layer, x = net.get_submodule(path), _layer_input(path, g, torch.float64)
+        itself = _out(layer, "a", x)
+        # DoRA's forward takes its norm in fp32 (nn/dora_layers.py): relative 1e-6 on an fp64 model
+        assert max_diff(_out(layer, "same", x), itself) <= 1e-6 * (1 + itself.abs().max().item()), path
+        want = sum(w * _out(layer, n, x) for n, w in zip(("a", "b"), WEIGHTS) if holds_adapter(layer, n))
+        assert max_diff(_out(layer, "mix", x), want) <= 1e-6 * (1 + want.abs().max().item()), path
+    with pytest.raises(ValueError, match="DoRA"):
+        lt.add_weighted_adapter(net, ["a"], [1.0], "fw", combination_type="linear_factorwise")

@@ -232,3 +232,22 @@ def test_lora_bias_experts_equal_peft(tmp_path):
     inputs = model_input("llama")
     with torch.no_grad():
         assert max_diff(ours(**inputs).logits, pm(**inputs).logits) <= TOL
+
+
+@pytest.mark.parametrize("routing", [{}, {"top_k_lora": 2}], ids=["dense", "top2"])
+def test_triton_weighted_pass_under_the_interpreter_equals_peft(routing, expert_dirs, monkeypatch):
+    # The fused Triton path (one multi_lora_linear kernel launch per layer) on CPU through Triton's
+    # interpreter (TRITON_INTERPRET=1, tests/conftest.py); tiny shapes: one sequence of 5 tokens.
+    kernels = pytest.importorskip("lora_triton.kernels.multi_lora", reason="needs triton")
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "triton")
+    calls = []
+    launch = kernels.multi_lora_linear
+    monkeypatch.setattr(kernels, "multi_lora_linear", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    pm, ours = _pair(expert_dirs, "multi_lora", scaling_pass_value=0.0, **routing)
+    inputs = {"input_ids": model_input("llama", batch=1, seq=5)["input_ids"]}
+    with torch.no_grad():
+        got = ours(**inputs).logits
+        want = pm(**inputs).logits
+    layers = [layer for _, layer in lora_layers(ours.model) if any(n in layer.lora_A for n in ("0", "1", "2"))]
+    assert len(calls) == len(layers), "one kernel call per layer in the weighted pass (the scaling pass at 0 skips)"
+    assert max_diff(got, want) <= 1e-4

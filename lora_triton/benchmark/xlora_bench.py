@@ -1,7 +1,8 @@
 """X-LoRA benchmark: lora_triton's fused weighted pass vs PEFT's per-expert loop, 3 / 8 / 32 experts.
 
     python -m lora_triton.benchmark.xlora_bench [--experts 3,8,32] [--tokens 512] [--dim 1024] [--rank 16]
-                                                [--repeats 20] [--model] [--json out.json]
+                                                [--repeats 20] [--model | --model-only]
+                                                [--model-tokens 16,64] [--threads N] [--json out.json]
 
 Cases (inference, no_grad, fp32, interleaved in one process; see timing.measure_interleaved):
 * layer: one Linear dim x dim holding n experts of rank r, x [tokens, dim], the same softmax routing
@@ -138,7 +139,7 @@ def _row(rec: dict) -> str:
     med = {k: v["median_s"] for k, v in rec["seconds"].items()}
     parts = [f"{k} {med[k] * 1e3:.2f} ms" for k in med]
     ratio = med["peft"] / med["lora_triton"]
-    return f"{rec['case']:5s} n={rec['experts']:2d}  " + "  ".join(parts) + \
+    return f"{rec['case']:5s} n={rec['experts']:2d} tokens={rec['tokens']:3d}  " + "  ".join(parts) + \
         f"  peft/ours {ratio:5.2f}x  |diff| {rec['max_abs_diff_vs_peft']:.1e}"
 
 
@@ -150,21 +151,31 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--model", action="store_true", help="also time the whole two-pass forward of a small Llama")
+    p.add_argument("--model-only", action="store_true", help="only the model case (implies --model)")
+    p.add_argument("--model-tokens", default=None,
+                   help="comma-separated token counts for the model case (batch 2); default min(tokens, 256)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     records = []
+    load_before = list(os.getloadavg())
+    model_tokens = [int(v) for v in args.model_tokens.split(",")] if args.model_tokens else [min(args.tokens, 256)]
     with tempfile.TemporaryDirectory() as root:
         for n in (int(v) for v in args.experts.split(",")):
-            rec = layer_case(n, args.tokens, args.dim, args.rank, args.repeats, os.path.join(root, f"l{n}"))
-            records.append(rec)
-            print(_row(rec), flush=True)
-            if args.model:
-                rec = model_case(n, min(args.tokens, 256), args.rank, max(3, args.repeats // 4),
-                                 os.path.join(root, f"m{n}"))
+            if not args.model_only:
+                rec = layer_case(n, args.tokens, args.dim, args.rank, args.repeats, os.path.join(root, f"l{n}"))
                 records.append(rec)
                 print(_row(rec), flush=True)
+            if args.model or args.model_only:
+                for tokens in model_tokens:
+                    rec = model_case(n, tokens, args.rank, max(3, args.repeats // 4),
+                                     os.path.join(root, f"m{n}_{tokens}"))
+                    records.append(rec)
+                    print(_row(rec), flush=True)
     meta = {"device": "cpu", "dtype": "float32", "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "load_average": list(os.getloadavg())}
+            "load_average_before": load_before, "load_average": list(os.getloadavg())}
     print(json.dumps(meta))
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:

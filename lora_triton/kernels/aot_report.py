@@ -34,7 +34,7 @@ from .grouped_kernels import _grouped_shrink_kernel
 from .lora_bwd import _da_kernel, _dudb_kernel, _dx_kernel
 from .lora_fwd import _fwd_gemm_kernel, _shrink_kernel
 from .lora_tma import _dx_tma_kernel, _fwd_gemm_tma_kernel
-from .nf4 import _nf4_dgrad_kernel, _nf4_fwd_kernel
+from .nf4 import GEMV_CONFIG, _nf4_dgrad_kernel, _nf4_fwd_kernel, _nf4_gemv_kernel
 
 _TL = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _FLOAT_ARGS = {"scaling", "p", "inv_keep", "offset"}
@@ -49,7 +49,7 @@ _PTR_TYPES = {"ml_shrink": _ML_PTRS, "ml_expand": _ML_PTRS, "ml_fused": _ML_PTRS
               "grouped_shrink": dict(roff_ptr="*i32")}
 # 4-bit GEMMs (kernels/nf4.py): packed nibbles and double-quantized absmax codes are bytes, tables fp32.
 _NF4_PTRS = dict(packed_ptr="*u8", absmax_ptr="*u8", code_ptr="*fp32", nabs_ptr="*fp32", ncode_ptr="*fp32")
-_PTR_TYPES.update(nf4_fwd=_NF4_PTRS, nf4_dgrad=_NF4_PTRS)
+_PTR_TYPES.update(nf4_fwd=_NF4_PTRS, nf4_dgrad=_NF4_PTRS, nf4_gemv=dict(_NF4_PTRS, ws_ptr="*fp32"))
 # Strides that are 1 for contiguous row-major operands: the runtime specializes them to constexpr 1.
 _UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_ur", "stride_wk", "stride_br", "stride_yn", "stride_dyn",
                  "stride_dur", "stride_dbr", "stride_dak", "stride_dxk"}
@@ -94,6 +94,11 @@ KERNELS = {
     "nf4_fwd": (_nf4_fwd_kernel, "gemm", dict(BLOCKSIZE=64, NESTED=True, K_ALIGNED=True, HAS_BIAS=True,
                                                         HAS_LORA=True)),
     "nf4_dgrad": (_nf4_dgrad_kernel, "gemm", dict(BLOCKSIZE=64, NESTED=True, K_ALIGNED=True, HAS_LORA=True)),
+    # its decode path (M <= 16): split-K GEMV over the packed weight, fixed tiles (kernels/nf4.py GEMV_CONFIG)
+    "nf4_gemv": (_nf4_gemv_kernel, lambda r_pad: triton.Config(
+        {k: v for k, v in GEMV_CONFIG.items() if k.startswith("BLOCK_")}, num_warps=GEMV_CONFIG["num_warps"],
+        num_stages=GEMV_CONFIG["num_stages"]),
+        dict(BLOCKSIZE=64, NESTED=True, K_ALIGNED=True, K_EVEN=True, HAS_BIAS=True, HAS_LORA=True)),
 }
 GEMM_KERNELS = ("fwd_gemm", "dx", "dx_p0", "dx_acc", "fwd_gemm_tma", "dx_tma", "dx_tma_p0", "nf4_fwd", "nf4_dgrad")
 TMA_KERNELS = ("fwd_gemm_tma", "dx_tma", "dx_tma_p0")  # compiled for sm_90+ only (never launched on sm_80)

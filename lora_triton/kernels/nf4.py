@@ -14,6 +14,13 @@ blocks may straddle rows and the absmax is gathered per element from flat indice
 With K_ALIGNED and a tile spanning several blocks, one absmax per block is decoded and broadcast.
 The LoRA expand is one more [BM, r] x [r, BN] dot before the epilogue (forward); in dgrad the dU A term
 is r more columns of the reduction.
+
+Decode (forward with M <= ``GEMV_MAX_M`` = 16): ``_nf4_gemv_kernel``, a split-K GEMV. Each program owns
+a [64 rows of W, K / SPLIT_K] slab and all M rows of x (padded to 16 for tl.dot), so the packed weight is
+read from memory exactly once; with K even each byte is loaded once and both nibbles decoded
+(``tl.interleave``). fp32 partials go to a [SPLIT_K, M, N] workspace (split 0 adds bias and LoRA expand),
+summed in split order by ``_splitk_sum_kernel``: deterministic, no atomics. The reference twin is the same
+chunked ``reference/nf4.nf4_linear_fwd``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import triton
 import triton.language as tl
 
 from . import autotune as at
+from .lora_fwd import _dot, _grouped_pid, _lora_acc, _lora_dot
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_R = 256
@@ -33,14 +41,6 @@ _MAX_R = 256
 def _empty(shape, dtype, device):
     # Single allocation point for outputs: tests patch it to NaN-fill and check every element is written.
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:  # fp32 operands: exact fp32 products (no TF32), to match the reference
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -55,25 +55,51 @@ def _absmax(blk, ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED: tl.constex
 
 
 @triton.jit
-def _codes(flat, ok, packed_ptr, table):
-    """fp32 code values at flat indices ``flat`` [A, B]: byte f // 2, high nibble for even f, looked up
-    in the 16-entry ``table`` held in registers (tl.gather), not in memory."""
-    A: tl.constexpr = flat.shape[0]
-    B: tl.constexpr = flat.shape[1]
-    byte = tl.load(packed_ptr + (flat >> 1), mask=ok, other=0).to(tl.int32)
-    nib = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
+def _lookup(table, nib):
+    """fp32 code values of the nibbles ``nib`` [A, B] in the 16-entry ``table`` held in registers
+    (tl.gather), not in memory."""
+    A: tl.constexpr = nib.shape[0]
+    B: tl.constexpr = nib.shape[1]
     return tl.reshape(tl.gather(table, tl.reshape(nib, (A * B,)), 0), (A, B))
 
 
 @triton.jit
-def _grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Consecutive programs sweep GROUP_M row tiles per column tile, so the packed W tile stays in L2.
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    return first_m + (pid % width) % size_m, (pid % width) // size_m
+def _codes(flat, ok, packed_ptr, table):
+    """fp32 code values at flat indices ``flat`` [A, B]: byte f // 2, high nibble for even f."""
+    byte = tl.load(packed_ptr + (flat >> 1), mask=ok, other=0).to(tl.int32)
+    return _lookup(table, tl.where((flat & 1) == 0, byte >> 4, byte & 15))
+
+
+@triton.jit
+def _tile_scale(row_base, row_ok, c0, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, K,
+                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, K_ALIGNED: tl.constexpr, COLS: tl.constexpr,
+                TRANSPOSED: tl.constexpr):
+    """absmax of a W tile whose rows start at flat ``row_base`` [ROWS] and whose columns are c0 + [0, COLS)
+    (c0 a multiple of COLS), laid out [ROWS, COLS] (or [COLS, ROWS] when TRANSPOSED, the forward's deq(W)^T
+    tile): a broadcastable [ROWS, 1] when the tile sits in one block per row, else the full tile."""
+    ROWS: tl.constexpr = row_base.shape[0]
+    if K_ALIGNED and BLOCKSIZE % COLS == 0:  # one absmax per W row of the tile
+        s = _absmax((row_base + c0) // BLOCKSIZE, row_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED)
+        if TRANSPOSED:
+            return s[None, :]
+        else:
+            return s[:, None]
+    else:
+        if K_ALIGNED and COLS % BLOCKSIZE == 0:  # COLS / BLOCKSIZE absmaxes per W row, decoded and broadcast
+            NB: tl.constexpr = COLS // BLOCKSIZE
+            sub = c0 // BLOCKSIZE + tl.arange(0, NB)
+            if TRANSPOSED:
+                blk = (row_base // BLOCKSIZE)[None, :] + sub[:, None]
+                s_nb = _absmax(blk, (sub[:, None] * BLOCKSIZE < K) & row_ok[None, :], absmax_ptr, nabs_ptr,
+                               ncode_ptr, offset, NESTED)  # [NB, ROWS]
+                return tl.reshape(tl.broadcast_to(s_nb[:, None, :], (NB, BLOCKSIZE, ROWS)), (COLS, ROWS))
+            else:
+                blk = (row_base // BLOCKSIZE)[:, None] + sub[None, :]
+                s_nb = _absmax(blk, row_ok[:, None] & (sub[None, :] * BLOCKSIZE < K), absmax_ptr, nabs_ptr,
+                               ncode_ptr, offset, NESTED)  # [ROWS, NB]
+                return tl.reshape(tl.broadcast_to(s_nb[:, :, None], (ROWS, NB, BLOCKSIZE)), (ROWS, COLS))
+        else:  # blocks straddle rows: gathered per element
+            return _absmax(flat // BLOCKSIZE, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED)
 
 
 @triton.jit
@@ -102,31 +128,12 @@ def _nf4_fwd_kernel(
         w_ok = k_ok[:, None] & col_ok[None, :]
         flat = col_base[None, :] + ks[:, None]  # [BK, BN]: the tile of deq(W)^T
         vals = _codes(flat, w_ok, packed_ptr, table)
-        if K_ALIGNED and BLOCKSIZE % BLOCK_K == 0:  # one absmax per column of the tile
-            scale = _absmax((col_base + k0) // BLOCKSIZE, col_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset,
-                            NESTED)[None, :]
-        elif K_ALIGNED and BLOCK_K % BLOCKSIZE == 0:  # BLOCK_K / BLOCKSIZE absmaxes per column
-            NB: tl.constexpr = BLOCK_K // BLOCKSIZE
-            sub = k0 // BLOCKSIZE + tl.arange(0, NB)
-            blk = (col_base // BLOCKSIZE)[None, :] + sub[:, None]
-            s_nb = _absmax(blk, (sub[:, None] * BLOCKSIZE < K) & col_ok[None, :], absmax_ptr, nabs_ptr, ncode_ptr,
-                           offset, NESTED)  # [NB, BN]
-            scale = tl.reshape(tl.broadcast_to(s_nb[:, None, :], (NB, BLOCKSIZE, BLOCK_N)), (BLOCK_K, BLOCK_N))
-        else:
-            scale = _absmax(flat // BLOCKSIZE, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED)
+        scale = _tile_scale(col_base, col_ok, k0, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, K, BLOCKSIZE,
+                            NESTED, K_ALIGNED, BLOCK_K, True)
         acc = _dot(x, (vals * scale).to(x_ptr.dtype.element_ty), acc, IEEE)
-    if HAS_LORA:
-        R_BLOCK: tl.constexpr = R_PAD if R_PAD < 64 else 64
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in tl.static_range(0, R_PAD, R_BLOCK):
-            rr = r0 + tl.arange(0, R_BLOCK)
-            r_ok = rr < R
-            u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :] * stride_ur,
-                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            b_t = tl.load(lb_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn,
-                          mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-            lora = _dot(u, b_t, lora, IEEE)
-        acc += scaling * lora
+    if HAS_LORA:  # its own fp32 accumulator, scaled once (the tile helpers of lora_fwd)
+        acc += scaling * _lora_dot(u_ptr, lb_ptr, rows, cols, row_ok, col_ok, R, stride_um, stride_ur, stride_br,
+                                   stride_bn, BLOCK_M, BLOCK_N, R_PAD, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -160,31 +167,125 @@ def _nf4_dgrad_kernel(
         row_base = ns.to(tl.int64) * K
         flat = row_base[:, None] + kcols[None, :]  # [BK, BN]: rows ns of deq(W)
         vals = _codes(flat, w_ok, packed_ptr, table)
-        if K_ALIGNED and BLOCKSIZE % BLOCK_N == 0:  # one absmax per W row of the tile
-            scale = _absmax((row_base + pid_k * BLOCK_N) // BLOCKSIZE, n_ok, absmax_ptr, nabs_ptr, ncode_ptr,
-                            offset, NESTED)[:, None]
-        elif K_ALIGNED and BLOCK_N % BLOCKSIZE == 0:  # BLOCK_N / BLOCKSIZE absmaxes per W row
-            NB: tl.constexpr = BLOCK_N // BLOCKSIZE
-            sub = (pid_k * BLOCK_N) // BLOCKSIZE + tl.arange(0, NB)
-            blk = (row_base // BLOCKSIZE)[:, None] + sub[None, :]
-            s_nb = _absmax(blk, n_ok[:, None] & (sub[None, :] * BLOCKSIZE < K), absmax_ptr, nabs_ptr, ncode_ptr,
-                           offset, NESTED)  # [BK, NB]
-            scale = tl.reshape(tl.broadcast_to(s_nb[:, :, None], (BLOCK_K, NB, BLOCKSIZE)), (BLOCK_K, BLOCK_N))
-        else:
-            scale = _absmax(flat // BLOCKSIZE, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, NESTED)
+        scale = _tile_scale(row_base, n_ok, pid_k * BLOCK_N, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, K,
+                            BLOCKSIZE, NESTED, K_ALIGNED, BLOCK_N, False)
         acc = _dot(dy, (vals * scale).to(dy_ptr.dtype.element_ty), acc, IEEE)
-    if HAS_LORA:
-        R_BLOCK: tl.constexpr = R_PAD if R_PAD < 64 else 64
-        for r0 in tl.static_range(0, R_PAD, R_BLOCK):
-            rr = r0 + tl.arange(0, R_BLOCK)
-            r_ok = rr < R
-            du = tl.load(du_ptr + rows[:, None] * stride_dum + rr[None, :] * stride_dur,
-                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            a = tl.load(a_ptr + rr[:, None] * stride_ar + kcols[None, :] * stride_ak,
-                        mask=r_ok[:, None] & kc_ok[None, :], other=0.0)
-            acc = _dot(du, a, acc, IEEE)
+    if HAS_LORA:  # dU A: r more columns of the reduction, into the main accumulator
+        acc = _lora_acc(acc, du_ptr, a_ptr, rows, kcols, row_ok, kc_ok, R, stride_dum, stride_dur, stride_ar,
+                        stride_ak, 1.0, R_PAD, IEEE, False)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + kcols[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & kc_ok[None, :])
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, bias_ptr, u_ptr, lb_ptr, ws_ptr,
+    M, N, K, R, SPLIT_K,
+    stride_xm, stride_xk, stride_um, stride_ur, stride_bn, stride_br,
+    offset, scaling,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, K_ALIGNED: tl.constexpr, K_EVEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Decode (M <= BLOCK_M): program (n tile, K split) reads its [BLOCK_N, K / SPLIT_K] slab of packed W once,
+    # all M rows of x at a time, and writes an fp32 partial [M, BLOCK_N] to ws[split]; split 0 adds the bias
+    # and the LoRA expand. _splitk_sum_kernel adds the partials up in a fixed order (deterministic).
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    ms = tl.arange(0, BLOCK_M)
+    m_ok = ms < M
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < N
+    row_base = ns.to(tl.int64) * K
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_s * k_per
+    k_hi = tl.minimum(K, k_lo + k_per)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_hi
+        x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w_ok = n_ok[:, None] & k_ok[None, :]
+        flat = row_base[:, None] + ks[None, :]  # [BN, BK]: rows ns of W
+        if K_EVEN:  # a byte holds two neighbours of one row: loaded once, both nibbles decoded
+            HALF: tl.constexpr = BLOCK_K // 2
+            js = tl.arange(0, HALF)
+            b_ok = n_ok[:, None] & ((k0 + 2 * js) < k_hi)[None, :]
+            byte = tl.load(packed_ptr + ((row_base + k0) >> 1)[:, None] + js[None, :], mask=b_ok, other=0).to(tl.int32)
+            vals = tl.interleave(_lookup(table, byte >> 4), _lookup(table, byte & 15))
+        else:  # odd K: rows start mid-byte
+            vals = _codes(flat, w_ok, packed_ptr, table)
+        scale = _tile_scale(row_base, n_ok, k0, flat, w_ok, absmax_ptr, nabs_ptr, ncode_ptr, offset, K, BLOCKSIZE,
+                            NESTED, K_ALIGNED, BLOCK_K, False)
+        acc = _dot(x, tl.trans((vals * scale).to(x_ptr.dtype.element_ty)), acc, IEEE)
+    if pid_s == 0:
+        if HAS_LORA:
+            acc += scaling * _lora_dot(u_ptr, lb_ptr, ms, ns, m_ok, n_ok, R, stride_um, stride_ur, stride_br,
+                                       stride_bn, BLOCK_M, BLOCK_N, R_PAD, IEEE)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(ws_ptr + (pid_s * M + ms[:, None]) * N + ns[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _splitk_sum_kernel(ws_ptr, y_ptr, MN, SPLIT_K, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT_K):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=ok, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# Decode path: chosen by the launcher for M <= GEMV_MAX_M. Fixed tiles, no autotune (the split depends on
+# the tile): 64 W rows x 64 columns (32 bytes per row: one sector; one absmax per row at blocksize 64),
+# 8 warps, 4 stages: 64 registers on sm_80/sm_90, no spills, 4 CTAs per SM (AOT report). SPLIT_K makes
+# about one program per resident CTA slot, so each SM keeps ~4 x 4 x 4 KiB of packed W in flight.
+GEMV_MAX_M = 16
+GEMV_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4)
+_GEMV_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+_GEMV_CTAS_PER_SM = 4
+_INTERP_SMS = 2  # under the interpreter: a few programs per n tile, so the tests cross splits
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def gemv_split(n: int, k: int, device, block_n: int, block_k: int) -> int:
+    """K splits for the decode GEMV: about one program per CTA slot of the GPU, each at least one BLOCK_K,
+    and no empty split (the kernel derives the same per-split length from the count)."""
+    sms = _INTERP_SMS if device.type != "cuda" else _sm_count(device.index or 0)
+    want = max(1, min(-(-_GEMV_CTAS_PER_SM * sms // triton.cdiv(n, block_n)), triton.cdiv(k, block_k)))
+    k_per = triton.cdiv(triton.cdiv(k, want), block_k) * block_k
+    return triton.cdiv(k, k_per)
+
+
+def _nf4_gemv(x, weight, bias, u, lora_B, scaling, r, y):
+    m, k = x.shape
+    n = weight.out_features
+    meta = dict(_GEMV_INTERP) if at.interpreting() else dict(GEMV_CONFIG)
+    launch = {} if at.interpreting() else dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+    split = gemv_split(n, k, x.device, meta["BLOCK_N"], meta["BLOCK_K"])
+    ws = _empty((split, m, n), torch.float32, x.device)
+    quant, nested = _quant_args(weight)
+    has_lora = u is not None
+    u_ = u if has_lora else x
+    b_ = lora_B if has_lora else x
+    _nf4_gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), split)](
+        x, *quant, bias if bias is not None else x, u_, b_, ws,
+        m, n, k, r, split,
+        x.stride(0), x.stride(1), u_.stride(0), u_.stride(1),
+        b_.stride(0) if has_lora else 0, b_.stride(1) if has_lora else 0,
+        float(weight.offset), float(scaling),
+        BLOCKSIZE=weight.blocksize, NESTED=nested, K_ALIGNED=k % weight.blocksize == 0, K_EVEN=k % 2 == 0,
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, R_PAD=_r_pad(r), IEEE=x.dtype == torch.float32,
+        **meta, **launch)
+    _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](ws, y, m * n, split, BLOCK=1024)
+    return y
 
 
 _TENSOR_ARG = {"fwd": "x_ptr", "dgrad": "dy_ptr"}
@@ -249,6 +350,8 @@ def nf4_linear_fwd(x, weight, bias, u, lora_B, scaling: float):
     y = _empty((m, n), x.dtype, x.device)
     if m == 0:
         return y
+    if m <= GEMV_MAX_M:
+        return _nf4_gemv(x, weight, bias, u, lora_B, scaling, r, y)
     quant, nested = _quant_args(weight)
     u_ = u if has_lora else x
     b_ = lora_B if has_lora else x

@@ -99,8 +99,13 @@ class AdapterLayer(nn.Module):
 
     def module_dropped(self, name: str) -> bool:
         """PEFT's module_dropout (kinds with that setting): in training, one ``torch.rand(1)`` draw on every
-        forward; the adapter is skipped this call when it is <= module_dropout."""
-        return self.training and not torch.rand(1) > self.module_dropout[name]
+        forward (PEFT's RNG order, so seeded masks repeat PEFT's); the adapter is skipped this call when it is
+        <= module_dropout. With module_dropout 0 the draw is not read (PEFT skips only on a draw of exactly 0),
+        so the training forward has no data-dependent branch and compiles in one graph."""
+        if not self.training:
+            return False
+        draw, p = torch.rand(1), self.module_dropout[name]
+        return bool(p) and not draw > p
 
     def rank_dropout_rows(self, name: str) -> Optional[torch.Tensor]:
         """PEFT's rank_dropout (kinds with that setting): in training, a mask over the output features from

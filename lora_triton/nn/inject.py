@@ -25,6 +25,7 @@ from .nf4_linear import NF4Linear
 from .qlora import unloaded_base
 from .targets import candidate_modules, find_targets, resolve_targets
 from .transaction import transactional
+from .weight_tying import tie_adapters
 
 CONFIGS_ATTR = "_lora_triton_configs"
 
@@ -106,6 +107,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         if wrapped is not module:
             # A new module starts in training mode: take the wrapped layer's, or an eval model drops out.
             _set_child(model, path, wrapped.train(module.training))
+    tie_adapters(model, config, adapter_name)  # ensure_weight_tying: tied heads share the embedding's factors
     add_modules_to_save(model, config, adapter_name)
     configs[adapter_name] = config
     active = [adapter_name] if first else previous_active

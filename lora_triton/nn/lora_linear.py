@@ -181,7 +181,10 @@ class LoraLinear(nn.Module):
 
     # -- merging --------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
-        """s * B A in fp32, laid out like the stored base weight."""
+        """s * B A in fp32, laid out like the stored base weight (zero for a head tied to an embedding adapter,
+        nn/weight_tying.py: the embedding's merge already folds that delta into the one shared table)."""
+        if name in getattr(self, "tied_adapters", ()):
+            return torch.zeros(self.base_layer.weight.shape, dtype=torch.float32, device=self.base_layer.weight.device)
         a = self.lora_A[name].weight.detach().float()
         b = self.lora_B[name].weight.detach().float()
         delta = (b @ a) * self.scaling[name]

@@ -90,6 +90,18 @@ class LayerView:
         self.layer.delete_adapter(name)
 
 
+def _dora_change(layer, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The whole change a DoRA adapter on a Conv / Embedding makes (its eval forward), in the base weight's
+    layout: g (W + dW) - W with g = m / ||W + dW|| over the variant's norm axis (nn/dora_layers.py)."""
+    variant = layer.lora_variant[name]
+    w = layer.unmerged_weight() if layer.merged_adapters else layer.merge_value(layer.base_layer.weight)
+    w = w.to(dtype)
+    directed = w + layer.delta_weight(name).to(dtype)
+    norm = variant.flat(directed).norm(dim=1)
+    m = layer.lora_magnitude_vector[name].weight.detach().reshape(-1).to(dtype)
+    return (m / norm).view(variant.factor_view(directed)) * directed - w
+
+
 class LinearView(LayerView):
     """LoraLinear: nn.Linear and GPT-2's Conv1D (stored [in, out]: fan_in_fan_out), DoRA included."""
 
@@ -132,6 +144,14 @@ class ConvView(LayerView):
         self.out_dim = base.out_channels
         self.in_dim = base.in_channels * int(torch.tensor(self.kernel).prod())
 
+    def is_dora(self, name: str) -> bool:
+        return name in getattr(self.layer, "lora_variant", {})
+
+    def delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        if self.is_dora(name):
+            return _dora_change(self.layer, name, dtype).reshape(self.out_dim, -1)
+        return super().delta(name, dtype)
+
     def factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = super().factors(name, dtype)
         if self.groups == 1:
@@ -171,6 +191,14 @@ class EmbeddingView(LayerView):
 
     def has_bias(self, name: str) -> bool:
         return False
+
+    def is_dora(self, name: str) -> bool:
+        return name in getattr(self.layer, "lora_variant", {})
+
+    def delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        if self.is_dora(name):
+            return _dora_change(self.layer, name, dtype).t()
+        return super().delta(name, dtype)
 
     def raw_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layer.lora_embedding_A[name].detach(), self.layer.lora_embedding_B[name].detach()

@@ -80,7 +80,11 @@ def output_head_path(model: nn.Module) -> Optional[str]:
 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """A copy of config with None / 'all-linear' target_modules made explicit, as PEFT saves them."""
+    """A copy of config with None / 'all-linear' target_modules made explicit, as PEFT saves them (and, with
+    ensure_weight_tying, the tied embedding added and its heads taken out: nn/weight_tying.py)."""
+    from . import weight_tying
+
+    config = weight_tying.resolve(model, config)
     targets = config.target_modules
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -98,4 +102,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    return [(path, m) for path, m in candidate_modules(model) if path and is_target(config, path)]
+    from .weight_tying import tied_targets
+
+    tied = tied_targets(model, config)  # heads tied to a targeted embedding (ensure_weight_tying), wrapped last
+    return [(path, m) for path, m in candidate_modules(model) if path and is_target(config, path) and path not in tied
+            ] + [(path, model.get_submodule(path)) for path in tied]

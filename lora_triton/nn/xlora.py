@@ -64,12 +64,37 @@ class XLoraClassifier(nn.Module):
 
 
 class _ExpertStack:
-    """One layer's experts stacked for multi_lora_linear, rebuilt when a parameter changes."""
+    """One layer's experts stacked for multi_lora_linear (``get``) and concatenated for the two-GEMM form
+    (``concat``), each rebuilt only when a parameter changes (inference: once)."""
 
     def __init__(self, layer: LoraLinear, names: list[str]):
         self.layer, self.names = layer, names
-        self._key = None
-        self.tensors = None
+        self._key = self._cat_key = None
+        self.tensors = self._cat = None
+        self.biased = [n for n in names if layer.lora_B[n].bias is not None]
+        ranks = [layer.r[n] for n in names]
+        self.equal_rank = ranks[0] if len(set(ranks)) == 1 else None
+        self.column_expert = torch.cat([torch.full((r,), i) for i, r in enumerate(ranks)])
+
+    def _version(self):
+        layer = self.layer
+        return tuple((id(p), p._version) for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
+
+    def trainable(self) -> bool:
+        layer = self.layer
+        return any(p.requires_grad for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
+
+    def concat(self, dtype: torch.dtype):
+        """(A_cat [sum r, in], (B s)_cat [out, sum r]) in ``dtype``, no autograd (callers needing gradients
+        build them in the graph)."""
+        key = (self._version(), dtype)
+        if key != self._cat_key:
+            layer = self.layer
+            with torch.no_grad():
+                a_cat = torch.cat([layer.lora_A[m].weight for m in self.names]).to(dtype)
+                b_cat = torch.cat([layer.lora_B[m].weight * layer.scaling[m] for m in self.names], dim=1).to(dtype)
+            self._cat, self._cat_key = (a_cat, b_cat.t().contiguous()), key
+        return self._cat
 
     def get(self):
         layer = self.layer
@@ -216,28 +241,33 @@ class XLoraModel(nn.Module):
         weight, bias = layer.base_weight(), layer.base_bias()
         if x.dtype != weight.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the base layer's weight dtype {weight.dtype}")
-        lead, t = tuple(x.shape[:-1]), x[..., 0].numel()
-        biased = [n for n in stack.names if layer.lora_B[n].bias is not None]
-        ids, vals, g = self._routing(index, t, lead, x.device)
-        if biased:  # PEFT adds each expert's s * g * lora_B.bias whatever the routing weight
-            extra = g * sum(layer.scaling[n] * layer.lora_B[n].bias for n in biased).to(x.dtype)
+        if stack.biased:  # PEFT adds each expert's s * g * lora_B.bias whatever the routing weight
+            g = self.config.global_scaling_weight if self._scalings is not None else 1.0
+            extra = g * sum(layer.scaling[n] * layer.lora_B[n].bias for n in stack.biased).to(x.dtype)
             bias = extra if bias is None else bias + extra
         if self._in_scaling_pass and float(self.config.scaling_pass_value) == 0.0:
-            return F.linear(x, weight, bias)
+            return F.linear(x, weight, bias)  # every expert at weight 0: the base alone
+        lead, t = tuple(x.shape[:-1]), x[..., 0].numel()
+        ids, vals, g = self._routing(index, t, lead, x.device)
         x2 = x.reshape(t, x.shape[-1])
-        trainable = any(p.requires_grad for n in stack.names
-                        for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
         dropout = self.training and any(layer.lora_dropout_p[n] > 0 for n in stack.names)
-        slots = self._slots[index].to(ids.device)[ids]  # [T, k] slot in this layer's stack, -1 = absent
-        if torch.is_grad_enabled() and (vals.requires_grad or trainable) or dropout or self._concat(x.device):
+        grad = torch.is_grad_enabled() and (vals.requires_grad or stack.trainable())
+        if grad or dropout or self._concat(x.device):
             if self.config.top_k_lora is None and self._scalings is not None:  # dense: pick the layer's columns
-                dense = vals[:, self._present[index].to(vals.device)] * g
+                present = self._present[index]
+                dense = vals if len(present) == vals.shape[1] else vals[:, present.to(vals.device)]
+                dense = dense * g
             else:
+                slots = self._slots[index].to(ids.device)[ids]  # [T, k] slot in this layer's stack, -1 = absent
                 dense = torch.zeros(t, len(stack.names) + 1, dtype=vals.dtype, device=vals.device)
                 slot_or_spare = torch.where(slots < 0, len(stack.names), slots)  # the spare column takes absents
                 dense = dense.scatter_add(1, slot_or_spare, vals * g)[:, :-1]
-            y = self._differentiable(layer, stack.names, x2, weight, bias, dense.to(x2.dtype), dropout)
+            if grad or dropout:
+                y = self._differentiable(layer, stack, x2, weight, bias, dense.to(x2.dtype), dropout)
+            else:
+                y = self._concat_inference(stack, x2, weight, bias, dense.to(x2.dtype))
         else:
+            slots = self._slots[index].to(ids.device)[ids]
             a, b, scal, ranks = stack.get()
             y = multi_lora_linear(x2, weight, bias, a, b, scal, slots, ranks, (vals * g).to(torch.float32).detach(),
                                   validate=False)
@@ -254,8 +284,24 @@ class XLoraModel(nn.Module):
         return choose_backend(device) == "reference"
 
     @staticmethod
-    def _differentiable(layer, names, x2, weight, bias, dense, dropout: bool):
+    def _weight_columns(stack: _ExpertStack, u: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """u [T, sum r] with each expert's block of columns times its weight (dense [T, experts])."""
+        if stack.equal_rank is not None:  # broadcast the weights over each expert's block, no gather
+            return (u.view(-1, len(stack.names), stack.equal_rank) * dense[:, :, None]).view(u.shape)
+        return u * dense[:, stack.column_expert.to(u.device)]
+
+    @classmethod
+    def _concat_inference(cls, stack: _ExpertStack, x2, weight, bias, dense):
+        """The two-GEMM form with the cached concatenated factors (no gradient needed)."""
+        a_cat, b_cat_t = stack.concat(x2.dtype)
+        u = cls._weight_columns(stack, x2 @ a_cat.t(), dense)
+        y = F.linear(x2, weight, bias)
+        return y.addmm_(u, b_cat_t)
+
+    @classmethod
+    def _differentiable(cls, layer, stack: _ExpertStack, x2, weight, bias, dense, dropout: bool):
         """base + sum_i dense[:, i] s_i B_i A_i x (dense [T, experts of this layer], weights already times g)."""
+        names = stack.names
         y = F.linear(x2, weight, bias)
         if dropout:  # each expert its own dropout(c_i x), as PEFT
             for i, name in enumerate(names):
@@ -265,14 +311,7 @@ class XLoraModel(nn.Module):
             return y
         a_cat = torch.cat([layer.lora_A[m].weight for m in names]).to(x2.dtype)
         b_cat = torch.cat([layer.lora_B[m].weight * layer.scaling[m] for m in names], dim=1).to(x2.dtype)
-        u = x2 @ a_cat.t()
-        ranks = [layer.r[m] for m in names]
-        if len(set(ranks)) == 1:  # equal ranks: broadcast the weights over each expert's block, no gather
-            u = (u.view(-1, len(names), ranks[0]) * dense[:, :, None]).view(u.shape)
-        else:
-            column_expert = torch.cat([torch.full((r,), i, device=x2.device) for i, r in enumerate(ranks)])
-            u = u * dense[:, column_expert]
-        return torch.addmm(y, u, b_cat.t())
+        return torch.addmm(y, cls._weight_columns(stack, x2 @ a_cat.t(), dense), b_cat.t())
 
     # -- PEFT's helpers ----------------------------------------------------------------------------
     def get_latest_scalings(self) -> Optional[torch.Tensor]:

@@ -196,7 +196,10 @@ def lokr_linear(x: Tensor, w1: Factor, w2: Factor, scaling: float, row_scale: Op
     left_pos = chain_order([tuple(w.shape) for w in lefts], [tuple(w.shape) for w in rights], c, d)
     li, ri = iter(lefts), iter(rights)
     chain = [("L", next(li)) if k in left_pos else ("R", next(ri)) for k in range(len(lefts) + len(rights))]
-    smallest = min(range(len(chain)), key=lambda k: chain[k][1].numel())  # where the scaling costs least
+    smallest = 0  # the scaling goes on the smallest matrix, where it costs least
+    for k in range(1, len(chain)):
+        if chain[k][1].numel() < chain[smallest][1].numel():
+            smallest = k
     ws = [(w * scaling if k == smallest else w).to(x.dtype) for k, (_, w) in enumerate(chain)]
     kinds = tuple(kind for kind, _ in chain)
     if row_scale is not None:

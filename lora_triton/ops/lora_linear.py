@@ -6,7 +6,8 @@ ops is chosen per call by ``backend.choose_backend``: the Triton kernels or thei
 pure-PyTorch twin, which share one signature.
 
 Saved for backward: x, U = D(x) A^T [M, r] and the dropout seed. The mask and D(x)
-are regenerated from the seed, never stored.
+are regenerated from the seed, never stored (the CPU reference keeps masks of at most
+one generator chunk from forward to backward, bounded: ``reference/mask_memo.py``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..reference.nf4 import BLOCKSIZES, NF4Weight
-from ..reference.philox import dropout_keep_mask
+from ..reference.philox import dropout_keep_mask, serial_cpu
 from .backend import implementation
 from .checks import _shape, check_same_device, make_seed
 
@@ -39,11 +39,12 @@ def _fwd(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax:
     if lora_A is None:
         return _impl(x.device).nf4_linear_fwd(x, w, bias, None, None, 0.0), x.new_empty((x.shape[0], 0))
     a = lora_A.to(x.dtype)
-    if dropout_p > 0.0:
-        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
-        u = ((x * keep) @ a.t()).mul_(1.0 / (1.0 - dropout_p))  # the 1/(1-p) scale on [M, r], not [M, K]
-    else:
-        u = x @ a.t()
+    with serial_cpu(x.device, x.numel()):  # a rank-r GEMM: few threads (a loaded CPU's barriers)
+        if dropout_p > 0.0:
+            keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
+            u = ((x * keep) @ a.t()).mul_(1.0 / (1.0 - dropout_p))  # the 1/(1-p) scale on [M, r], not [M, K]
+        else:
+            u = x @ a.t()
     return _impl(x.device).nf4_linear_fwd(x, w, bias, u, lora_B.to(x.dtype), scaling), u
 
 
@@ -70,12 +71,13 @@ def _bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, ne
         dx = impl.nf4_linear_dgrad(dy, w, None, None) if need_dx else empty()
         return dx, empty(torch.float32), empty(torch.float32)
     a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    d_b = (dy.t() @ u) * scaling
-    d_us = (dy @ b) * scaling
-    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device) if dropout_p > 0.0 else None
-    if keep is not None:
-        d_us = d_us * (1.0 / (1.0 - dropout_p))
-    d_a = d_us.t() @ (x if keep is None else x * keep)
+    with serial_cpu(x.device, max(x.numel(), dy.numel())):  # the rank-r GEMMs on few threads
+        d_b = (u.t() @ dy).mul_(scaling).t().contiguous()  # U^T dy: the NN-layout GEMM, then [N, r]
+        d_us = (dy @ b) * scaling
+        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device) if dropout_p > 0.0 else None
+        if keep is not None:
+            d_us = d_us * (1.0 / (1.0 - dropout_p))
+        d_a = d_us.t() @ (x if keep is None else x * keep)
     dx = empty()
     if need_dx:
         if keep is None:  # the LoRA term folds into the dgrad GEMM as r more columns of its K-loop

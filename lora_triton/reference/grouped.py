@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import lora_linear as single
+from . import mask_memo
 
 
 def rank_offsets(lora_As) -> list[int]:
@@ -33,6 +34,7 @@ def lora_linear_grouped_fwd(x, weights, biases, lora_As, lora_Bs, scalings, drop
     if all(p == 0.0 for p in dropout_ps):
         u_cat = x @ torch.cat(list(lora_As), 0).t()  # one shrink GEMM for all projections
     else:
+        mask_memo.prefill(seeds, x.shape[0], x.shape[1], dropout_ps, x.dtype)  # small x: one Philox call for all G
         u_cat = torch.cat([single.shrink_dropout(x, a, p, seeds[g:g + 1]) if p > 0.0 else x @ a.t()
                            for g, (a, p) in enumerate(zip(lora_As, dropout_ps))], 1)
     ys = [single.base_plus_expand(x, w, b, u_cat[:, offs[g]:offs[g + 1]], lb, s)

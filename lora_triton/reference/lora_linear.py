@@ -4,7 +4,8 @@ Shapes (row-major, as PyTorch stores them): x [M, K], weight [N, K] or None (LoR
 term only), bias [N] or None, lora_A [r, K], lora_B [N, r], all in x's dtype;
 seed is an int64 tensor [1] on x's device, or None when dropout_p == 0.
 Forward returns y [M, N] and U = D(x) A^T [M, r] (unscaled; kept for backward).
-Backward regenerates the dropout mask from the seed; it never needs D(x) saved.
+Backward regenerates the dropout mask from the seed (a small CPU mask drawn in forward is kept for it,
+``mask_memo``); it never needs D(x) saved.
 dA and dB come back in float32; dx in x's dtype.
 """
 
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from .philox import keep_mask_chunks, serial_cpu
+from .mask_memo import mask_chunks
+from .philox import few_threads, serial_cpu
 
 
-def _mask_chunks(x, seed, dropout_p: float):
-    """Row chunks (r0, r1, keep) of x's mask, 0/1 in x's dtype (no [M, K] mask or D(x) is built)."""
-    return keep_mask_chunks(seed, x.shape[0], x.shape[1], dropout_p, device=x.device, dtype=x.dtype)
+def _mask_chunks(x, seed, dropout_p: float, forward: bool):
+    """Row chunks (r0, r1, keep) of x's mask, 0/1 in x's dtype (no [M, K] mask or D(x) is built). A small
+    CPU mask drawn in forward is kept for the backward of the same call (``mask_memo``)."""
+    return mask_chunks(seed, x.shape[0], x.shape[1], dropout_p, device=x.device, dtype=x.dtype,
+                       keep=forward, take=not forward)
 
 
 def shrink_dropout(x, lora_A, dropout_p: float, seed):
@@ -27,8 +31,8 @@ def shrink_dropout(x, lora_A, dropout_p: float, seed):
     u = alloc((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
     a_t = lora_A.t()
     buf = None
-    with serial_cpu(x.device):
-        for r0, r1, keep in _mask_chunks(x, seed, dropout_p):
+    with serial_cpu(x.device, x.numel()):
+        for r0, r1, keep in _mask_chunks(x, seed, dropout_p, forward=True):
             if buf is None:
                 buf = torch.empty((r1 - r0, x.shape[1]), dtype=x.dtype, device=x.device)
             xm = torch.mul(x[r0:r1], keep, out=buf[:r1 - r0])
@@ -38,7 +42,7 @@ def shrink_dropout(x, lora_A, dropout_p: float, seed):
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
     if dropout_p == 0.0:
-        with serial_cpu(x.device, x.numel()):
+        with few_threads(x.device, x.numel()):
             u = x @ lora_A.t()
     else:
         u = shrink_dropout(x, lora_A, dropout_p, seed)
@@ -49,7 +53,7 @@ def base_plus_expand(x, weight, bias, u, lora_B, scaling: float):
     """y = x W^T + b + s U B^T: the rank-r term (and b) written first on few threads, then the base GEMM
     accumulates into it in place (beta = 1: no second pass over [M, N])."""
     sb = lora_B.t() * scaling  # [r, N], tiny
-    with serial_cpu(x.device, x.shape[0] * lora_B.shape[0]):
+    with few_threads(x.device, x.shape[0] * lora_B.shape[0]):
         y = torch.mm(u, sb) if bias is None else torch.addmm(bias, u, sb)
     return y if weight is None else y.addmm_(x, weight.t())
 
@@ -67,22 +71,19 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     """Returns (dx or None, dA [r, K] float32, dB [N, r] float32).
 
     Matmuls run in x's dtype (torch accumulates in fp32 inside them), as the kernels do. The rank-r
-    GEMMs run on few threads (``serial_cpu``); dx = dU A is written first and the dgrad GEMM dy W
+    GEMMs run on few threads (``few_threads``); dx = dU A is written first and the dgrad GEMM dy W
     accumulates into it in place.
     """
     if dropout_p == 0.0:
-        with serial_cpu(x.device, max(dy.numel(), x.numel())):
+        with few_threads(x.device, max(dy.numel(), x.numel())):
             d_u, d_b = _rank_grads(dy, u, lora_B, scaling)
             d_a = d_u.t() @ x
             dx = d_u @ lora_A if need_dx else None
         if dx is not None and weight is not None:
             dx.addmm_(dy, weight)
         return dx, d_a.float(), d_b.float()
-    with serial_cpu(x.device, dy.numel()):
-        d_u, d_b = _rank_grads(dy, u, lora_B, scaling)
     # One mask regeneration per row chunk serves both D(x) for dA and D'(dU A) for dx; the 1/(1-p)
     # scale goes on the rank-r operand, so each [M, K] chunk takes a single masking pass.
-    d_us = d_u.mul_(1.0 / (1.0 - dropout_p))
     dx = None
     if need_dx:
         dx = dy @ weight if weight is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -90,8 +91,10 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     d_a = torch.zeros((lora_A.shape[0], x.shape[1]), dtype=acc, device=x.device)
     same = x.dtype == acc
     xbuf = dbuf = None
-    with serial_cpu(x.device):
-        for r0, r1, keep in _mask_chunks(x, seed, dropout_p):
+    with serial_cpu(x.device, max(x.numel(), dy.numel())):
+        d_u, d_b = _rank_grads(dy, u, lora_B, scaling)
+        d_us = d_u.mul_(1.0 / (1.0 - dropout_p))
+        for r0, r1, keep in _mask_chunks(x, seed, dropout_p, forward=False):
             n = r1 - r0
             if xbuf is None:
                 xbuf = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device)

@@ -30,6 +30,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .philox import serial_cpu
+
 # bitsandbytes' tables, in index order (its NF4 table is sorted; its FP4 table is in bit-pattern order).
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -196,20 +198,21 @@ def dequantize_range(packed, absmax, code, blocksize: int, start: int, stop: int
     n = stop - start
     b = flat[start // 2:(stop + 1) // 2]
     table = pair_table(code) if table is None else table
-    if scratch and b.numel() <= CHUNK_ELEMENTS // 2:
-        index, pairs = _SCRATCH.get(b.numel(), b.device)
-        torch.index_select(table, 0, index.copy_(b), out=pairs)
-    else:
-        pairs = table.index_select(0, b.int())
-    vals = pairs.view(torch.float32)[:n]
-    nb = -(-n // blocksize)
-    amax = decode_absmax(absmax, nested_absmax, nested_code, offset, start=start // blocksize,
-                         stop=start // blocksize + nb)
-    full = n - n % blocksize
-    vals[:full].view(-1, blocksize).mul_(amax[:full // blocksize].unsqueeze(1))
-    if full < n:
-        vals[full:].mul_(amax[-1])
-    return vals.to(dtype)
+    with serial_cpu(b.device, n):  # memory-bound passes: few threads (their barriers stall on a loaded CPU)
+        if scratch and b.numel() <= CHUNK_ELEMENTS // 2:
+            index, pairs = _SCRATCH.get(b.numel(), b.device)
+            torch.index_select(table, 0, index.copy_(b), out=pairs)
+        else:
+            pairs = table.index_select(0, b.int())
+        vals = pairs.view(torch.float32)[:n]
+        nb = -(-n // blocksize)
+        amax = decode_absmax(absmax, nested_absmax, nested_code, offset, start=start // blocksize,
+                             stop=start // blocksize + nb)
+        full = n - n % blocksize
+        vals[:full].view(-1, blocksize).mul_(amax[:full // blocksize].unsqueeze(1))
+        if full < n:
+            vals[full:].mul_(amax[-1])
+        return vals.to(dtype)
 
 
 def dequantize_4bit(packed, absmax, code, blocksize: int, shape, dtype, nested_absmax=None, nested_code=None,
@@ -262,7 +265,7 @@ def nf4_linear_fwd(x, weight: NF4Weight, bias, u, lora_B, scaling: float):
     if len(chunks) == 1:  # the whole W fits one chunk: no output slices to copy
         w = weight.rows(0, weight.out_features, x.dtype, scratch=True, table=table)
         y = x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
-        return y if u is None else y.addmm_(u, lora_B.t(), alpha=scaling)
+        return y if u is None else _add_lora(y, u, lora_B, scaling)
     y = torch.empty((x.shape[0], weight.out_features), dtype=x.dtype, device=x.device)
     for r0, r1 in chunks:
         w = weight.rows(r0, r1, x.dtype, scratch=True, table=table)
@@ -270,15 +273,22 @@ def nf4_linear_fwd(x, weight: NF4Weight, bias, u, lora_B, scaling: float):
             torch.mm(x, w.t(), out=y[:, r0:r1])
         else:
             torch.addmm(bias[r0:r1], x, w.t(), out=y[:, r0:r1])
-    if u is not None:
-        y.addmm_(u, lora_B.t(), alpha=scaling)
-    return y
+    return y if u is None else _add_lora(y, u, lora_B, scaling)
+
+
+def _add_lora(y, u, lora_B, scaling):
+    with serial_cpu(y.device, y.numel()):  # a rank-r GEMM: few threads
+        return y.addmm_(u, lora_B.t(), alpha=scaling)
 
 
 def nf4_linear_dgrad(dy, weight: NF4Weight, d_u, lora_A):
     """dx = dy deq(W) + d_u A [M, K] in dy's dtype (the LoRA term skipped when d_u is None)."""
     table = pair_table(weight.code)
-    dx = None if d_u is None else d_u @ lora_A
+    if d_u is None:
+        dx = None
+    else:
+        with serial_cpu(dy.device, dy.shape[0] * lora_A.shape[1]):  # rank-r, written first: dgrad accumulates
+            dx = d_u @ lora_A
     for r0, r1 in weight.row_chunks():
         w = weight.rows(r0, r1, dy.dtype, scratch=True, table=table)
         if dx is None:  # the first chunk's product initializes dx: no zero fill, no extra pass over it

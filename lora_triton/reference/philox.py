@@ -39,9 +39,13 @@ _UNIFORM_SCALE = 4.6566127342e-10
 # Philox counters per row chunk on CPU: large enough that per-op overhead stops dominating, small
 # enough that the six int64 word buffers (6 x 8 bytes per counter) and the chunk's mask stay in cache.
 _CHUNK = 1 << 15
-# Elements of the largest operand per intra-op thread in ``serial_cpu``: 16 MB of fp32 is 1-2 ms of one
+# Elements of the largest operand per intra-op thread in ``few_threads``: 16 MB of fp32 is 1-2 ms of one
 # core's bandwidth, enough to amortize the barrier a parallel op ends in.
 _THREAD_GRAIN = 1 << 22
+# Changing torch's thread count costs 40-600 us here (OpenMP and MKL re-plan their teams): a block whose
+# largest operand is smaller than this runs on the caller's threads (such small ops mostly run inline
+# anyway: torch's parallel grain is 32K elements).
+_TOGGLE_MIN = 1 << 18
 
 
 def round_keys(seed: torch.Tensor | int, device=None) -> list[tuple]:
@@ -74,11 +78,12 @@ class _Philox:
         self.buf = torch.empty((6, n), dtype=torch.int64, device=device)
 
     def run(self, counters: torch.Tensor, keys, flip16: bool = False) -> list[torch.Tensor]:
-        """Philox4x32-10 of int64 ``counters`` (flat, <= n). Returns [c0, c1, c2, c3] as views of the
+        """Philox4x32-10 of int64 ``counters`` (flat, or [G, n'] with keys broadcasting as [G, 1] tensors; <= n
+        in all). Returns [c0, c1, c2, c3] as views of the
         buffers, exact in bits 0..31 only (bits above are garbage: mask them to read the uint32).
         ``flip16`` XORs every word with 0x80008000 (for the int16 compare)."""
         n = counters.numel()
-        c0, c1, c2, c3, pa, pb = (b[:n] for b in self.buf)
+        c0, c1, c2, c3, pa, pb = (b[:n].view(counters.shape) for b in self.buf)  # [n] or [G, n]
         k0, k1 = keys[0]
         # Round 1 with c2 = c3 = 0 (umulhi(B, 0) = 0 and B * 0 = 0), so c1 becomes 0.
         torch.bitwise_and(counters, _MASK32, out=c3)
@@ -145,19 +150,28 @@ def dropout_threshold(p: float) -> int:
     return int(p32 * 65536.0 + 0.5)
 
 
-@contextlib.contextmanager
-def serial_cpu(device, numel: int = 0):
-    """Runs the block's CPU ops on fewer intra-op threads (restored after): one thread, or with ``numel``
-    one per ``_THREAD_GRAIN`` elements of the largest operand, at most torch's thread count.
+def serial_cpu(device, numel: int | None = None):
+    """Runs the block's CPU ops on one intra-op thread (torch's thread count restored after).
 
-    The masked chunk loops and the rank-r GEMMs are small ops; each parallel one ends in a barrier, and on
-    a loaded machine a barrier waits for whichever worker was descheduled (measured: 3-5x the base layer's
-    time at load 13 on 2 cores, against 1.2x on one thread; a [2048, 1024] x [1024, 16] GEMM took 16-24 ms
-    on two threads at load 2-3 against 1 ms on one). The large GEMMs outside stay parallel.
+    The masked chunk loops issue hundreds of small ops; each parallel one ends in a barrier, and on a
+    loaded machine a barrier waits for whichever worker was descheduled (measured: 3-5x the base layer's
+    time at load 13 on 2 cores, against 1.2x on one thread). The large GEMMs outside stay parallel.
+    ``numel`` (the block's largest operand) below ``_TOGGLE_MIN`` leaves the thread count alone.
     """
+    return _cpu_threads(device, 1 if numel is None or numel >= _TOGGLE_MIN else None)
+
+
+def few_threads(device, numel: int):
+    """Runs the block (rank-r GEMMs) on one intra-op thread per ``_THREAD_GRAIN`` elements of its largest
+    operand, ``numel``, at most torch's count: a [2048, 1024] x [1024, 16] GEMM took 16-24 ms on two
+    threads at load 2-3 on 2 cores, against 1 ms on one. Below ``_TOGGLE_MIN`` nothing changes."""
+    return _cpu_threads(device, None if numel < _TOGGLE_MIN else max(1, numel // _THREAD_GRAIN))
+
+
+@contextlib.contextmanager
+def _cpu_threads(device, want: int | None):
     threads = torch.get_num_threads()
-    want = max(1, min(threads, numel // _THREAD_GRAIN))
-    if torch.device(device).type != "cpu" or want == threads:
+    if want is None or torch.device(device).type != "cpu" or want >= threads:
         yield
         return
     torch.set_num_threads(want)
@@ -220,7 +234,7 @@ def dropout_keep_mask(
     if isinstance(seed, torch.Tensor) and device is None:
         device = seed.device
     keep = torch.empty((rows, cols), dtype=torch.bool, device=device)
-    with serial_cpu(keep.device):
+    with serial_cpu(keep.device, rows * cols):
         for r0, r1, chunk in keep_mask_chunks(seed, rows, cols, p, device, torch.bool, row_offset):
             keep[r0:r1] = chunk
     return keep
@@ -233,7 +247,7 @@ def apply_dropout(x: torch.Tensor, seed: torch.Tensor | int, p: float, keep: tor
     if keep is not None:
         return x * keep * (1.0 / (1.0 - p))
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    with serial_cpu(x.device):
+    with serial_cpu(x.device, x.numel()):
         for r0, r1, chunk in keep_mask_chunks(seed, x.shape[0], x.shape[1], p, x.device, x.dtype):
             torch.mul(x[r0:r1], chunk, out=out[r0:r1])
     return out.mul_(1.0 / (1.0 - p))
