@@ -79,8 +79,8 @@ step_spec() {
         serving) need+=(--quick); cmd+=(--quick) ;;
       esac ;;
     dora|nf4)
-      target="$repo/bench/device_check_$1.py"; help_cmd=("$py" "$target" --help); need=(--quick --out)
-      cmd=("$py" "$target" --quick --out "$outdir") ;;
+      target="$repo/bench/device_check_$1.py"; help_cmd=("$py" "$target" --help); need=(--quick --out --budget)
+      cmd=("$py" "$target" --quick --out "$outdir" --budget $((b > 10 ? b - 5 : b))) ;;
     kinds)
       target="$repo/lora_triton/benchmark/kinds_bench.py"
       help_cmd=("$py" -m lora_triton.benchmark.kinds_bench --help); need=(--device --quick --json)
