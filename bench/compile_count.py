@@ -10,8 +10,8 @@ kernel, its constexprs and launch options, and Triton's own specialization of ev
 16-divisibility of ints and pointers, the value 1, descriptor block shapes). Distinct keys = compiles.
 cuBLAS calls of the composed path return empty tensors; nothing is computed. The shapes of the paths step
 come next: "new compiles" there is what that step would compile after the kernels step (0 expected); then
-the DoRA kernels of bench/device_check_dora.py's cases (its --quick list with --quick) and the multi-adapter
-kernels of device_check_serving.py, each counted apart.
+the DoRA kernels of bench/device_check_dora.py's cases (its --quick list with --quick), the multi-adapter
+kernels of device_check_serving.py and the NF4 GEMM/GEMV launches of device_check_nf4.py, each counted apart.
 """
 
 from __future__ import annotations
@@ -128,6 +128,34 @@ def _serving_cases(seen, torch, quick) -> dict:
     return dict(launches=len(seen) - start, compiles=len(set(seen[start:])))
 
 
+def _nf4_cases(seen, torch, quick) -> dict:
+    """The NF4 launches device_check_nf4.py makes per M: fwd and dgrad with and without the LoRA term, and at
+    decode sizes the tiled GEMM too (GEMV_MAX_M = 0), as that script times it."""
+    import device_check_nf4 as dcn
+
+    from lora_triton.kernels import nf4 as kern
+    from lora_triton.nn.nf4_linear import NF4Linear
+
+    cfg = dcn.QUICK if quick else dcn.FULL
+    k, n, r, dt = cfg["k"], cfg["n"], cfg["r"], getattr(torch, cfg["dtype"])
+    w = NF4Linear.from_weight(torch.zeros(n, k)).nf4_weight()
+    start = len(seen)
+    for m in cfg["ms"]:
+        x, dy, u = torch.empty(m, k, dtype=dt), torch.empty(m, n, dtype=dt), torch.empty(m, r, dtype=dt)
+        lb, la = torch.empty(n, r, dtype=dt), torch.empty(r, k, dtype=dt)
+        saved = kern.GEMV_MAX_M
+        for gemv_max in ((saved, 0) if m <= saved else (saved,)):
+            kern.GEMV_MAX_M = gemv_max
+            try:
+                kern.nf4_linear_fwd(x, w, None, u, lb, 0.5)
+                kern.nf4_linear_fwd(x, w, None, None, None, 0.0)
+                kern.nf4_linear_dgrad(dy, w, u, la)
+                kern.nf4_linear_dgrad(dy, w, None, None)
+            finally:
+                kern.GEMV_MAX_M = saved
+    return dict(launches=len(seen) - start, compiles=len(set(seen[start:])))
+
+
 def _count(quick, seen, torch, dck, composed, grouped, fused) -> dict:
     import device_check_paths
 
@@ -174,6 +202,7 @@ def _count(quick, seen, torch, dck, composed, grouped, fused) -> dict:
     dora_rows = _dora_cases(seen, set(), torch, quick)
     lora["dora"] = dict(cases=dora_rows, compiles=sum(r["new_compiles"] for r in dora_rows))
     lora["serving"] = _serving_cases(seen, torch, quick)
+    lora["nf4"] = _nf4_cases(seen, torch, quick)
     return lora
 
 
@@ -192,7 +221,8 @@ def main(argv=None) -> int:
         print(f"{row['case']:<32} launches {row['launches']:>3}  new compiles {row['new_compiles']:>3}  "
               f"{' '.join(k.removeprefix('_').removesuffix('_kernel') for k in row['kernels'])}")
     print(f"dora step (device_check_dora.py cases): {doc['dora']['compiles']} distinct compiles")
-    print(f"serving step: {doc['serving']['launches']} launches, {doc['serving']['compiles']} distinct compiles")
+    for step in ("serving", "nf4"):
+        print(f"{step} step: {doc[step]['launches']} launches, {doc[step]['compiles']} distinct compiles")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(doc, indent=1))
     return 0

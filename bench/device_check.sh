@@ -44,7 +44,7 @@ jobs="${DEVICE_CHECK_JOBS:-4}"
 
 # name | budget s | what it checks (the goal it measures)
 STEPS=(env preflight kernels serving paths dora nf4 kinds bench)
-declare -A BUDGET=([env]=15 [preflight]=15 [kernels]=70 [serving]=45 [paths]=55 [dora]=70 [nf4]=45 [kinds]=40
+declare -A BUDGET=([env]=15 [preflight]=15 [kernels]=65 [serving]=45 [paths]=55 [dora]=70 [nf4]=50 [kinds]=40
                   [bench]=90)
 declare -A WHAT=(
   [env]="versions, GPU, optional packages"
@@ -79,8 +79,8 @@ step_spec() {
         serving) need+=(--quick); cmd+=(--quick) ;;
       esac ;;
     dora|nf4)
-      target="$repo/bench/device_check_$1.py"; help_cmd=("$py" "$target" --help); need=(--quick --out)
-      cmd=("$py" "$target" --quick --out "$outdir") ;;
+      target="$repo/bench/device_check_$1.py"; help_cmd=("$py" "$target" --help); need=(--quick --out --budget)
+      cmd=("$py" "$target" --quick --out "$outdir" --budget $((b > 10 ? b - 5 : b))) ;;
     kinds)
       target="$repo/lora_triton/benchmark/kinds_bench.py"
       help_cmd=("$py" -m lora_triton.benchmark.kinds_bench --help); need=(--device --quick --json)

@@ -88,8 +88,8 @@ def _fake_repo(root: Path, *, dora=True, nf4_quick=True, serving_rc=1) -> Path:
     stub("bench/device_check_serving.py", rc=serving_rc)
     stub("bench/device_check_paths.py", sleep=30)
     if dora:
-        stub("bench/device_check_dora.py", opts=("--out",))
-    stub("bench/device_check_nf4.py", opts=("--out",), quick=nf4_quick)
+        stub("bench/device_check_dora.py", opts=("--out", "--budget"))
+    stub("bench/device_check_nf4.py", opts=("--out", "--budget"), quick=nf4_quick)
     stub("lora_triton/benchmark/kinds_bench.py", opts=("--device", "--json"))
     stub("lora_triton/benchmark/cli.py", opts=("--suite", "--device", "--time-budget", "--json", "--plot"))
     return root / "bench" / "device_check.sh"
