@@ -208,7 +208,8 @@ def test_tensor_seed_keys_equal_int_keys():
         assert torch.equal(a, b)
 
 
-def test_serial_cpu_restores_thread_count():
+def test_serial_cpu_restores_thread_count(monkeypatch):
+    monkeypatch.setenv("LORA_TRITON_CPU_THREADS", "fewer")
     threads = torch.get_num_threads()
     with pytest.raises(RuntimeError, match="boom"), philox.serial_cpu("cpu"):
         assert torch.get_num_threads() == 1
@@ -216,7 +217,8 @@ def test_serial_cpu_restores_thread_count():
     assert torch.get_num_threads() == threads
 
 
-def test_thread_helpers_scale_with_operand_size():
+def test_thread_helpers_scale_with_operand_size(monkeypatch):
+    monkeypatch.setenv("LORA_TRITON_CPU_THREADS", "fewer")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(4)
@@ -230,5 +232,26 @@ def test_thread_helpers_scale_with_operand_size():
             with philox.serial_cpu("cpu", numel):
                 assert torch.get_num_threads() == want, numel
             assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_thread_policy_all_never_toggles_and_auto_follows_the_load(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setenv("LORA_TRITON_CPU_THREADS", "all")
+        with philox.serial_cpu("cpu"), philox.few_threads("cpu", philox._TOGGLE_MIN):
+            assert torch.get_num_threads() == 4
+        monkeypatch.setenv("LORA_TRITON_CPU_THREADS", "auto")
+        for load, want in ((0.5, 4), (64.0, 1)):
+            monkeypatch.setattr(philox.os, "getloadavg", lambda load=load: (load, load, load))
+            monkeypatch.setattr(philox, "_load_seen", [0.0, False])
+            with philox.serial_cpu("cpu"):
+                assert torch.get_num_threads() == want, load
+        monkeypatch.setenv("LORA_TRITON_CPU_THREADS", "sometimes")
+        with pytest.raises(ValueError, match="must be one of auto, fewer, all, got 'sometimes'"):
+            with philox.serial_cpu("cpu"):
+                pass
     finally:
         torch.set_num_threads(threads)
