@@ -83,8 +83,6 @@ def test_bad_loftq_configs_raise():
         lora_triton.LoraConfig(init_lora_weights="loftq")
     with pytest.raises(ValueError, match="loftq_bits must be one of"):
         lora_triton.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 2})
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        lora_triton.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_iter": 1}, use_dora=True)
     with pytest.raises(ValueError, match="loftq_iter"):
         lora_triton.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_iter": 0})
     model = lora_triton.quantize(tiny_llama())
@@ -160,3 +158,28 @@ def test_loftq_refuses_grouped_convs_before_changing_anything():
         lora_triton.inject_lora(model, lora_triton.LoraConfig(target_modules=["conv"], r=4, init_lora_weights="loftq",
                                                               loftq_config={"loftq_iter": 1}))
     assert isinstance(model.conv, nn.Conv2d) and torch.equal(model.conv.weight, before)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_loftq_with_dora_initialises_the_magnitude_from_the_loftq_weight(bits):
+    """PEFT's order: LoftQ sets deq(Q), A and B, then DoRA's m = ||deq(Q) + s B A|| per output row, so at init
+    the DoRA model gives the LoftQ model's outputs (m / n = 1)."""
+    config = lambda dora: lora_triton.LoraConfig(  # noqa: E731
+        target_modules=["embed", "conv", "proj"], r=4, lora_alpha=12, init_lora_weights="loftq", use_dora=dora,
+        loftq_config={"loftq_bits": bits, "loftq_iter": 2})
+    plain = lora_triton.inject_lora(_embed_conv_model(), config(False)).eval()
+    dora = lora_triton.inject_lora(_embed_conv_model(), config(True)).eval()
+    for name in ("embed", "conv", "proj"):
+        layer = getattr(dora, name)
+        base = layer.base_layer
+        deq = base.dequantize(torch.float64) if isinstance(base, NF4Linear) else base.weight.detach().double()
+        w = deq + layer.delta_weight("default").double().reshape(deq.shape)
+        # the norm is per output row: Embedding's outputs are its columns (PEFT's DoraEmbeddingLayer)
+        want = w.norm(dim=0) if name == "embed" else w.flatten(1).norm(dim=1)
+        got = layer.lora_magnitude_vector["default"].weight.double().reshape(-1)
+        assert max_diff(got, want) < 1e-5 * want.abs().max(), name
+    x_ids, img, vec = torch.randint(0, 96, (5,)), torch.randn(2, 8, 6, 6), torch.randn(3, 64)
+    with torch.no_grad():
+        for name, inp in (("embed", x_ids), ("conv", img), ("proj", vec)):
+            a, b = getattr(dora, name)(inp), getattr(plain, name)(inp)
+            assert max_diff(a, b) < 1e-5 * max(1.0, b.abs().max().item()), name

@@ -100,7 +100,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     for path, module in targets:
         if getattr(config, "init_lora_weights", None) == "loftq":  # quantizes the base itself
             args = (config.rank_for(path), config.alpha_for(path), config.lora_dropout, config.use_rslora,
-                    config.init_lora_weights, config.lora_bias)
+                    config.init_lora_weights, config.lora_bias, config.use_dora)
             _set_child(model, path, loftq_layer(module, adapter_name, args, config.loftq_config))
             continue
         wrapped = attach(module, adapter_name, config, path)  # nn/kinds.py: the layer type's wrapper

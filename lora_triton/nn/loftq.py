@@ -38,8 +38,7 @@ LOFTQ_BLOCKSIZE = 64
 
 
 def check_loftq_config(cfg, use_dora: bool = False) -> None:
-    if use_dora:
-        raise NotImplementedError("init_lora_weights='loftq' with use_dora=True: DoRA on a 4-bit base is not supported")
+    """``use_dora`` is accepted: the magnitude is initialised after LoftQ, from ||deq(Q) + s B A|| (PEFT's order)."""
     if not isinstance(cfg, dict) or not cfg:
         raise ValueError(f"init_lora_weights='loftq' needs loftq_config={{'loftq_bits': 4, 'loftq_iter': N}}, "
                          f"got {cfg!r}")
@@ -129,7 +128,7 @@ def loftq_layer(module: nn.Module, adapter_name: str, args: tuple, loftq_config:
     its adapter set: a LoraLinear over an NF4Linear (4-bit Linear), else the layer's own LoRA type over the
     module holding deq(Q) (a new Parameter: the transaction of ``inject_lora`` rolls it back on failure)."""
     kind = _kind(module)
-    r, alpha, dropout, rslora, _init, lora_bias = args
+    r, alpha, dropout, rslora, _init, lora_bias, use_dora = args
     bits = loftq_config.get("loftq_bits", 4)
     weight = module.weight.detach()
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
@@ -145,24 +144,27 @@ def loftq_layer(module: nn.Module, adapter_name: str, args: tuple, loftq_config:
     if kind == "linear" and bits == 4:
         if module.bias is not None:
             q.bias = nn.Parameter(module.bias.detach().to(dtype).clone(), requires_grad=False)
-        layer = LoraLinear(q, adapter_name, r, alpha, dropout, rslora, False, lora_bias)
+        layer = LoraLinear(q, adapter_name, r, alpha, dropout, rslora, False, lora_bias, use_dora)
         factors = {layer.lora_A[adapter_name].weight: right, layer.lora_B[adapter_name].weight: left}
     else:
         deq = q.dequantize(torch.float32) if isinstance(q, NF4Linear) else q
         deq = deq.t() if is_conv1d(module) else deq
         module.weight = nn.Parameter(deq.reshape(weight.shape).to(weight.dtype), requires_grad=False)
         if kind == "linear":
-            layer = LoraLinear(module, adapter_name, r, alpha, dropout, rslora, False, lora_bias)
+            layer = LoraLinear(module, adapter_name, r, alpha, dropout, rslora, False, lora_bias, use_dora)
             factors = {layer.lora_A[adapter_name].weight: right, layer.lora_B[adapter_name].weight: left}
         elif kind == "embedding":
-            layer = LoraEmbedding(module, adapter_name, r, alpha, rslora, False, lora_bias)
+            layer = LoraEmbedding(module, adapter_name, r, alpha, rslora, False, lora_bias, use_dora)
             factors = {layer.lora_embedding_A[adapter_name]: left.t(), layer.lora_embedding_B[adapter_name]: right.t()}
         else:
-            layer = LoraConv(module, adapter_name, r, alpha, dropout, rslora, False, lora_bias)
+            layer = LoraConv(module, adapter_name, r, alpha, dropout, rslora, False, lora_bias, use_dora)
             a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
             factors = {a: right.reshape(a.shape), b: left.reshape(b.shape)}
     layer.train(module.training)
     with torch.no_grad():
         for param, value in factors.items():
             param.copy_(value)
+    variant = layer.lora_variant.get(adapter_name)
+    if variant is not None:  # DoRA: the magnitude of the LoftQ-initialised weight, deq(Q) + s B A
+        variant.init(layer, adapter_name)
     return layer
