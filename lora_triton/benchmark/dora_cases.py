@@ -21,6 +21,7 @@ from .providers import (
     _build_base,
     _build_lora_triton,
     _step,
+    build_wanted,
     make_operands,
     peft_version,
 )
@@ -115,17 +116,5 @@ def build_dora_providers(case: Case, device: torch.device, wanted: list[str], n_
     builders = {"dora": lambda: _build_dora(ops, case, magnitude),
                 "peft_dora": lambda: _build_peft_dora(ops, case, magnitude),
                 "lora_triton": lambda: _build_lora_triton(ops, case), "base": lambda: _build_base(ops, case)}
-    providers, skipped = [], []
-    for name in wanted:
-        if name not in builders:
-            continue
-        try:
-            providers.append(builders[name]())
-        except SkipProvider as exc:
-            skipped.append((name, str(exc)))
-        except (ImportError, AttributeError) as exc:
-            skipped.append((name, f"{type(exc).__name__}: {exc}"))
-    exclude = [*ops.xs, *ops.dys, ops.weight, ops.lora_A, ops.lora_B, magnitude]
-    for p in providers:
-        p.exclude = exclude
-    return providers, skipped
+    return build_wanted([n for n in wanted if n in builders], builders,
+                        exclude=[*ops.xs, *ops.dys, ops.weight, ops.lora_A, ops.lora_B, magnitude])

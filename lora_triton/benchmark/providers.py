@@ -10,6 +10,7 @@ Training calls use ``torch.autograd.grad`` so no provider pays for ``.grad`` acc
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,26 @@ class Provider:
 
 class SkipProvider(Exception):
     """Raised by a builder when a provider cannot run here (package missing, op not written yet)."""
+
+
+def build_wanted(names, builders: dict[str, Callable[[], Provider]], errors=(ImportError, AttributeError),
+                 exclude: list | None = None) -> tuple[list[Provider], list[tuple[str, str]]]:
+    """(providers, skipped [(name, reason)]) of ``builders[name]()`` for each name, the runner's contract
+    shared by every op's ``build_*_providers``: a builder raising ``SkipProvider`` or one of ``errors``
+    (an optional package missing or too old) becomes a skip, not a failed run. ``exclude`` (tensors
+    alive anyway) is set on every provider built."""
+    providers, skipped = [], []
+    for name in names:
+        try:
+            providers.append(builders[name]())
+        except SkipProvider as exc:
+            skipped.append((name, str(exc)))
+        except errors as exc:
+            skipped.append((name, f"{type(exc).__name__}: {exc}"))
+    if exclude is not None:
+        for p in providers:
+            p.exclude = exclude
+    return providers, skipped
 
 
 @dataclass
@@ -153,15 +174,5 @@ _BUILDERS = {"lora_triton": _build_lora_triton, "torch_unfused": _build_unfused,
 def build_single_providers(case: Case, device: torch.device, wanted: list[str], n_sets: int):
     """(providers, skipped [(name, reason)], exclude-list) for a ``lora_linear`` case."""
     ops = make_operands(case, device, n_sets)
-    providers, skipped = [], []
-    for name in wanted:
-        try:
-            providers.append(_BUILDERS[name](ops, case))
-        except SkipProvider as exc:
-            skipped.append((name, str(exc)))
-        except (ImportError, AttributeError) as exc:
-            skipped.append((name, f"{type(exc).__name__}: {exc}"))
-    exclude = [*ops.xs, *ops.dys, ops.weight, ops.lora_A, ops.lora_B]
-    for p in providers:
-        p.exclude = exclude
-    return providers, skipped
+    builders = {name: functools.partial(build, ops, case) for name, build in _BUILDERS.items()}
+    return build_wanted(wanted, builders, exclude=[*ops.xs, *ops.dys, ops.weight, ops.lora_A, ops.lora_B])

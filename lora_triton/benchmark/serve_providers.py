@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cases import Case
-from .providers import Provider, SkipProvider, peft_version
+from .providers import Provider, SkipProvider, build_wanted, peft_version
 
 SERVE_PROVIDERS = ("lora_triton", "lora_triton_delta", "torch_unfused", "peft", "base")
 
@@ -137,16 +137,5 @@ def build_serve_providers(case: Case, device: torch.device, wanted: list[str], n
                 "torch_unfused": lambda: _build_unfused(ops, case),
                 "peft": lambda: _build_peft(ops, case),
                 "base": lambda: _build_base(ops, case)}
-    providers, skipped = [], []
-    for name in wanted:
-        if name == "lora_triton_delta" and not case.lora_only:
-            continue
-        if name not in builders:
-            continue
-        try:
-            providers.append(builders[name]())
-        except SkipProvider as exc:
-            skipped.append((name, str(exc)))
-        except (ImportError, AttributeError, TypeError, ValueError) as exc:
-            skipped.append((name, f"{type(exc).__name__}: {exc}"))
-    return providers, skipped
+    names = [n for n in wanted if n in builders and (n != "lora_triton_delta" or case.lora_only)]
+    return build_wanted(names, builders, errors=(ImportError, AttributeError, TypeError, ValueError))
