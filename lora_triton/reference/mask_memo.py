@@ -78,18 +78,12 @@ def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -
     n = rows * groups
     counters = torch.arange(n, dtype=torch.int64).expand(g, n).contiguous()  # row i, group j: i * G + j
     words = philox._Philox(g * n, "cpu").run(counters, keys, flip16=True)
-    out = torch.empty((g, rows, groups, 4, 2), dtype=dtype)
-    exact = dtype in (torch.float32, torch.float64)
-    levels = out if exact else torch.empty(out.shape, dtype=torch.float32)
-    for w, word in enumerate(words):
-        levels[:, :, :, w, :].copy_(word.view(torch.int16).view(g, rows, groups, 4)[..., :2])
-    thr = torch.tensor([philox.dropout_threshold(ps[j]) - 32768 - 1 for j in idx], dtype=levels.dtype)
-    levels.sub_(thr.view(g, 1, 1, 1, 1)).clamp_(0, 1)  # as in keep_mask_chunks
-    if not exact:
-        out.copy_(levels)
-    for j, gi in enumerate(idx):
-        _put((seed_ints[j], rows, cols, 0, philox.dropout_threshold(ps[gi]), dtype),
-             out[j].view(rows, groups * 8)[:, :cols])
+    out, levels = philox.keep_buffers((g, rows, groups, 4, 2), dtype)
+    thrs = [philox.dropout_threshold(ps[j]) for j in idx]
+    thr16 = torch.tensor([t - 32768 for t in thrs], dtype=out.dtype if levels is None else levels.dtype)
+    philox.keep_flags(words, out, levels, thr16.view(g, 1, 1, 1, 1))  # as in keep_mask_chunks, per seed
+    for j, thr in enumerate(thrs):
+        _put((seed_ints[j], rows, cols, 0, thr, dtype), out[j].view(rows, groups * 8)[:, :cols])
 
 
 def clear() -> None:

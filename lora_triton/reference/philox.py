@@ -209,6 +209,32 @@ def _cpu_threads(device, want: int | None):
         torch.set_num_threads(threads)
 
 
+def keep_buffers(shape, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, levels) for ``keep_flags``: ``out`` in ``dtype``; ``levels`` the fp32 buffer the arithmetic
+    runs in when ``dtype`` cannot hold it exactly (every int16 is exact in fp32 and fp64), else None."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    exact = dtype in (torch.float32, torch.float64)
+    return out, None if exact else torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def keep_flags(words: list[torch.Tensor], out: torch.Tensor, levels: torch.Tensor | None, thr16) -> None:
+    """Writes the keep flags (1 kept, 0 dropped) of ``flip16`` Philox ``words`` into ``out`` [..., G, 4, 2]
+    (lane 2 * word + half), ``thr16`` = threshold - 32768 (a number, or a tensor broadcasting to ``out``).
+
+    The 16-bit halves become 0/1 by arithmetic, not by a compare: torch.ge into a float tensor builds a
+    bool temporary and casts it (measured: 58% of the generator's time, 2048 x 2048). ``levels`` (from
+    ``keep_buffers``) is where that runs for an inexact ``out`` dtype; None runs it in ``out``."""
+    lv = out if levels is None else levels
+    lead = lv.shape[:-2]
+    for w, word in enumerate(words):
+        halves = word.view(torch.int16).view(*lead, 4)[..., :2]  # little endian: bits 0..15, 16..31
+        lv[..., w, :].copy_(halves)
+    # Integers h: h - (thr - 1) >= 1 exactly when h >= thr, <= 0 otherwise, so the clamp gives 1 or 0.
+    lv.sub_(thr16 - 1).clamp_(0, 1)
+    if levels is not None:
+        out.copy_(levels)
+
+
 def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, device=None,
                      dtype: torch.dtype = torch.bool, row_offset: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yields (r0, r1, keep) for consecutive row chunks: keep [r1 - r0, cols] in ``dtype`` (1 = kept,
@@ -230,12 +256,7 @@ def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, d
     gen = _Philox(step * groups, device)
     gidx = torch.arange(groups, device=device, dtype=torch.int64)
     counters = torch.empty((step, groups), dtype=torch.int64, device=device)
-    out = torch.empty((step, groups, 4, 2), dtype=dtype, device=device)
-    # The 16-bit halves become 0/1 by arithmetic, not by a compare: torch.ge into a float tensor builds a
-    # bool temporary and casts it (measured: 58% of the generator's time, 2048 x 2048). Exact in fp32 and
-    # fp64 (every int16 is); other dtypes go through an fp32 buffer.
-    exact = dtype in (torch.float32, torch.float64)
-    levels = out if exact else torch.empty(out.shape, dtype=torch.float32, device=device)
+    out, levels = keep_buffers((step, groups, 4, 2), dtype, device)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         n = r1 - r0
@@ -243,14 +264,7 @@ def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, d
         cnt = counters[:n]
         torch.add(gidx[None, :], ridx[:, None], alpha=groups, out=cnt)
         words = gen.run(cnt.reshape(-1), keys, flip16=True)
-        lv = levels[:n]
-        for w, word in enumerate(words):
-            halves = word.view(torch.int16).view(n, groups, 4)[:, :, :2]  # little endian: bits 0..15, 16..31
-            lv[:, :, w, :].copy_(halves)
-        # Integers h: h - (thr - 1) >= 1 exactly when h >= thr, <= 0 otherwise, so the clamp gives 1 or 0.
-        lv.sub_(thr16 - 1).clamp_(0, 1)
-        if not exact:
-            out[:n].copy_(lv)
+        keep_flags(words, out[:n], None if levels is None else levels[:n], thr16)
         yield r0, r1, out[:n].view(n, groups * 8)[:, :cols]
 
 
