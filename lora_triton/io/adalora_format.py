@@ -8,7 +8,6 @@ not saved, as in PEFT.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Optional
 
@@ -16,15 +15,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import CONFIG_NAME
+from ..config import CONFIG_NAME, read_config_json
 from ..nn.adalora import adalora_layers, adalora_state
 from ..nn.inject import adapter_configs
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from .adapter_files import write_pair
-from .peft_format import _bias_params, load_adapter
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
+from .peft_format import PREFIX, _bias_params, load_adapter
 
 
 def is_adalora_dir(directory: str) -> bool:
@@ -32,9 +28,8 @@ def is_adalora_dir(directory: str) -> bool:
     if not os.path.isfile(path):
         return False
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("peft_type") == "ADALORA"
-    except (OSError, ValueError, AttributeError):
+        return read_config_json(path).get("peft_type") == "ADALORA"
+    except (OSError, ValueError):  # unreadable, not JSON, or not an object: not an AdaLoRA folder
         return False
 
 
