@@ -138,7 +138,7 @@ def format_table(doc: dict, compact: bool = False) -> str:
         fmt = lambda v: "?" if not v else "/".join(f"{x:.2f}" for x in v)
         lines.append(f"load average (1/5/15 min): {fmt(load)} at start, {fmt(load_end)} at end, "
                      f"{dev.get('cpu_count')} cores")
-    for w in doc.get("warnings", load_warnings(doc)):
+    for w in doc["warnings"] if "warnings" in doc else load_warnings(doc):  # not recomputed when stored
         lines.append(f"WARNING: {w}")
     for dt, c in doc["ceilings"].items():
         lines.append(f"ceilings {dt}: {c['flops_per_s'] / 1e12:.2f} TFLOP/s matmul, "
