@@ -58,10 +58,11 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
         a_act, b_act = lora_A.to(cdt), lora_B.to(cdt)
     else:
         a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
-    coef = torch.where(ranks.to(x.device)[ad] > 0, scalings.to(cdt)[ad], 0)  # rank <= 0 adds nothing, as in the kernels
+    ranks = ranks.to(x.device)  # once: read per slot (coef) and per active adapter
+    coef = torch.where(ranks[ad] > 0, scalings.to(cdt)[ad], 0)  # rank <= 0 adds nothing, as in the kernels
     if adapter_weights is not None:
         coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
-    act_ranks = ranks.to(x.device)[active]
+    act_ranks = ranks[active]
     direct = k == 1 and y.dtype == cdt  # each row gets one delta: add it straight into y
     a_act, b_act = _rank_limited(a_act, b_act, act_ranks, r_max)
     equal = by_id and sel.numel() == max_count * num
