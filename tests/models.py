@@ -84,3 +84,18 @@ def randomize_lora(model: nn.Module, seed: int = 3, scale: float = 0.2) -> None:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def bnb_nf4(model: nn.Module, bnb) -> nn.Module:
+    """Every nn.Linear but lm_head swapped in place for a bitsandbytes NF4 Linear4bit on CPU (what a
+    4-bit load gives, without a download); bnb is the module the caller got from importorskip."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and not path.endswith("lm_head"):
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  quant_type="nf4", compress_statistics=True, compute_dtype=torch.float32)
+            q.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, module=q)
+            parent, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent), attr, q.to("cpu"))
+    model.is_loaded_in_4bit = True  # what transformers sets on a 4-bit load; PEFT dispatches on it
+    return model
