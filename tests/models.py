@@ -99,3 +99,17 @@ def bnb_nf4(model: nn.Module, bnb) -> nn.Module:
             setattr(model.get_submodule(parent), attr, q.to("cpu"))
     model.is_loaded_in_4bit = True  # what transformers sets on a 4-bit load; PEFT dispatches on it
     return model
+
+
+def load_here(peft_model: nn.Module, kind: str, directory, inputs: dict):
+    """The PEFT model's logits, and a fresh BUILDERS[kind] base with the adapter in ``directory`` loaded by
+    lora_triton: (model, expected, got, base), got and base being its logits with and without the adapter."""
+    import lora_triton
+
+    with torch.no_grad():
+        expected = run(peft_model, inputs)
+        model = lora_triton.load_adapter(BUILDERS[kind](), str(directory)).eval()
+        got = run(model, inputs)
+        with lora_triton.disable_adapters(model):
+            base = run(model, inputs)
+    return model, expected, got, base

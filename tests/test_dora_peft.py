@@ -8,7 +8,7 @@ import warnings
 import peft
 import pytest
 import torch
-from models import BUILDERS, max_diff, model_input, run
+from models import BUILDERS, load_here, max_diff, model_input, run
 
 import lora_triton
 from lora_triton.nn import LoraLinear
@@ -75,12 +75,7 @@ def test_peft_trained_dora_loads_here(case, tmp_path):
     kind, kwargs = CASES[case]
     pm = _peft_trained(kind, kwargs, tmp_path)
     inputs = model_input(kind)
-    with torch.no_grad():
-        expected = run(pm, inputs)
-        model = lora_triton.load_adapter(BUILDERS[kind](), str(tmp_path)).eval()
-        got = run(model, inputs)
-        with lora_triton.disable_adapters(model):
-            base = run(model, inputs)
+    model, expected, got, base = load_here(pm, kind, tmp_path, inputs)
     assert max_diff(got, base) > 1e-3, "the trained adapter should change the logits"
     assert max_diff(got, expected) <= TOL
     theirs = {n.removeprefix(PREFIX): p for n, p in pm.named_parameters() if "lora_magnitude_vector" in n}

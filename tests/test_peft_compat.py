@@ -9,7 +9,7 @@ import warnings
 import peft
 import pytest
 import torch
-from models import BUILDERS, max_diff, model_input, randomize_lora, run
+from models import BUILDERS, load_here, max_diff, model_input, randomize_lora, run
 
 import lora_triton
 from lora_triton.nn import LoraLinear
@@ -65,12 +65,7 @@ def test_peft_saved_adapter_loads_here(case, tmp_path):
     pm = _peft_model(kind, kwargs)
     _peft_save(pm, tmp_path)
     inputs = model_input(kind)
-    with torch.no_grad():
-        expected = run(pm, inputs)
-        model = lora_triton.load_adapter(BUILDERS[kind](), str(tmp_path)).eval()
-        got = run(model, inputs)
-        with lora_triton.disable_adapters(model):
-            base = run(model, inputs)
+    model, expected, got, base = load_here(pm, kind, tmp_path, inputs)
     assert max_diff(got, base) > 1e-3, "the adapter should change the logits"
     assert max_diff(got, expected) <= TOL
     ours = {p for p, _ in lora_triton.nn.lora_layers(model)}
