@@ -113,3 +113,18 @@ def load_here(peft_model: nn.Module, kind: str, directory, inputs: dict):
         with lora_triton.disable_adapters(model):
             base = run(model, inputs)
     return model, expected, got, base
+
+
+def load_in_peft(model: nn.Module, kind: str, directory, inputs: dict):
+    """The other way round: ``model``'s logits, and PEFT's PeftModel.from_pretrained of ``directory`` on a
+    fresh BUILDERS[kind] base with its logits (PEFT's warnings silenced): (peft_model, expected, got)."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        expected = run(model, inputs)
+        pm = peft.PeftModel.from_pretrained(BUILDERS[kind](), str(directory)).eval()
+        got = run(pm, inputs)
+    return pm, expected, got

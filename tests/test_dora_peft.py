@@ -8,7 +8,7 @@ import warnings
 import peft
 import pytest
 import torch
-from models import BUILDERS, load_here, max_diff, model_input, run
+from models import BUILDERS, load_here, load_in_peft, max_diff, model_input, run
 
 import lora_triton
 from lora_triton.nn import LoraLinear
@@ -87,11 +87,7 @@ def test_our_trained_dora_loads_in_peft(case, tmp_path):
     _train(model, model_input(kind, seed=2))
     lora_triton.save_adapter(model, str(tmp_path))
     inputs = model_input(kind)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        expected = run(model, inputs)
-        pm = peft.PeftModel.from_pretrained(BUILDERS[kind](), str(tmp_path)).eval()
-        got = run(pm, inputs)
+    pm, expected, got = load_in_peft(model, kind, tmp_path, inputs)
     assert pm.peft_config["default"].use_dora
     assert max_diff(got, expected) <= TOL
     with torch.no_grad(), lora_triton.disable_adapters(model):
