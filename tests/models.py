@@ -84,3 +84,47 @@ def randomize_lora(model: nn.Module, seed: int = 3, scale: float = 0.2) -> None:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def bnb_nf4(model: nn.Module, bnb) -> nn.Module:
+    """Every nn.Linear but lm_head swapped in place for a bitsandbytes NF4 Linear4bit on CPU (what a
+    4-bit load gives, without a download); bnb is the module the caller got from importorskip."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and not path.endswith("lm_head"):
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  quant_type="nf4", compress_statistics=True, compute_dtype=torch.float32)
+            q.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, module=q)
+            parent, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent), attr, q.to("cpu"))
+    model.is_loaded_in_4bit = True  # what transformers sets on a 4-bit load; PEFT dispatches on it
+    return model
+
+
+def load_here(peft_model: nn.Module, kind: str, directory, inputs: dict):
+    """The PEFT model's logits, and a fresh BUILDERS[kind] base with the adapter in ``directory`` loaded by
+    lora_triton: (model, expected, got, base), got and base being its logits with and without the adapter."""
+    import lora_triton
+
+    with torch.no_grad():
+        expected = run(peft_model, inputs)
+        model = lora_triton.load_adapter(BUILDERS[kind](), str(directory)).eval()
+        got = run(model, inputs)
+        with lora_triton.disable_adapters(model):
+            base = run(model, inputs)
+    return model, expected, got, base
+
+
+def load_in_peft(model: nn.Module, kind: str, directory, inputs: dict):
+    """The other way round: ``model``'s logits, and PEFT's PeftModel.from_pretrained of ``directory`` on a
+    fresh BUILDERS[kind] base with its logits (PEFT's warnings silenced): (peft_model, expected, got)."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        expected = run(model, inputs)
+        pm = peft.PeftModel.from_pretrained(BUILDERS[kind](), str(directory)).eval()
+        got = run(pm, inputs)
+    return pm, expected, got

@@ -10,7 +10,7 @@ import warnings
 import peft
 import pytest
 import torch
-from models import max_diff, model_input, run, tiny_llama
+from models import bnb_nf4, max_diff, model_input, run, tiny_llama
 from test_dora_peft import _train
 from torch import nn
 
@@ -226,17 +226,7 @@ def test_dora_after_another_active_adapter_equals_peft(kind, dropout, tmp_path):
 # -- DoRA over a 4-bit base ------------------------------------------------------------------------
 def _bnb_llama():
     bnb = pytest.importorskip("bitsandbytes", reason="PEFT's 4-bit DoRA needs bitsandbytes")
-    model = tiny_llama()
-    for path, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not path.endswith("lm_head"):
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  quant_type="nf4", compress_statistics=True, compute_dtype=torch.float32)
-            q.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True, module=q)
-            parent, _, attr = path.rpartition(".")
-            setattr(model.get_submodule(parent), attr, q.to("cpu"))
-    model.is_loaded_in_4bit = True  # what transformers sets on a 4-bit load; PEFT dispatches on it
-    return model
+    return bnb_nf4(tiny_llama(), bnb)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])

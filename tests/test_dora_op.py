@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import model_input, tiny_mlp
+from twice_rule import f64
 
 import lora_triton
 from lora_triton.ops.dora import dora_linear, dora_weight_norm, dora_weight_sq
@@ -66,6 +67,17 @@ def _ours(s, p=0.0, seed=None):
     return lambda t: dora_linear(t["x"], t["w"], t["bias"], t["a"], t["b"], t["mag"], s, p, seed)
 
 
+def _three_ways(s, t, p, seed, names=NAMES):
+    """Output and gradients of dora_linear, of PEFT's form in the same precision, and of PEFT's form in
+    fp64 (the truth), all with the kernels' dropout mask."""
+    m, k = t["x"].shape
+    keep = dropout_keep_mask(seed, m, k, p) if p else None
+    ours = _grads(_ours(s, p, seed), t, names)
+    same = _grads(lambda tt: _peft_form(tt, s, keep, p), t, names)
+    truth = _grads(lambda tt: _peft_form(tt, s, keep, p), {k_: f64(v) for k_, v in t.items()}, names)
+    return ours, same, truth
+
+
 def _check_close(ours, same, truth, atol):
     for i, (o, q, e) in enumerate(zip(ours, same, truth)):
         err = (o.double() - e).abs().max().item()
@@ -91,11 +103,7 @@ def test_weight_norm_factored_matches_dense(m, k, n, r, dtype, atol):
 def test_forward_and_gradients_fp32_vs_fp64(m, k, n, r, p):
     s, t = _operands(m, k, n, r, torch.float32)
     seed = 1234
-    keep = dropout_keep_mask(seed, m, k, p) if p else None
-    ours = _grads(_ours(s, p, seed), t, NAMES)
-    same = _grads(lambda tt: _peft_form(tt, s, keep, p), t, NAMES)
-    t64 = {k_: (None if v is None else v.double()) for k_, v in t.items()}
-    truth = _grads(lambda tt: _peft_form(tt, s, keep, p), t64, NAMES)
+    ours, same, truth = _three_ways(s, t, p, seed)
     _check_close(ours, same, truth, atol=1e-5)
 
 
@@ -107,11 +115,7 @@ def test_half_precision_where_scale_is_near_one(dtype, atol, p):
     m, k, n, r = 9, 48, 40, 4
     s, t = _operands(m, k, n, r, dtype, seed=5, near_one=True)
     seed = 77
-    keep = dropout_keep_mask(seed, m, k, p) if p else None
-    ours = _grads(_ours(s, p, seed), t, NAMES)
-    same = _grads(lambda tt: _peft_form(tt, s, keep, p), t, NAMES)
-    t64 = {k_: (None if v is None else v.double()) for k_, v in t.items()}
-    truth = _grads(lambda tt: _peft_form(tt, s, keep, p), t64, NAMES)
+    ours, same, truth = _three_ways(s, t, p, seed)
     scale = truth[0].abs().max().item()
     _check_close(ours, same, truth, atol=atol * scale)
     assert all(torch.isfinite(o).all() for o in ours)
@@ -122,12 +126,7 @@ def test_half_precision_where_scale_is_near_one(dtype, atol, p):
        p=st.sampled_from([0.0, 0.5]), seed=st.integers(0, 2**31), bias=st.booleans())
 def test_random_shapes_match_fp64(m, k, n, r, p, seed, bias):
     s, t = _operands(m, k, n, r, torch.float32, seed=seed % 1000, bias=bias)
-    keep = dropout_keep_mask(seed, m, k, p) if p else None
-    names = NAMES if bias else NAMES[:-1]
-    ours = _grads(_ours(s, p, seed), t, names)
-    same = _grads(lambda tt: _peft_form(tt, s, keep, p), t, names)
-    t64 = {k_: (None if v is None else v.double()) for k_, v in t.items()}
-    truth = _grads(lambda tt: _peft_form(tt, s, keep, p), t64, names)
+    ours, same, truth = _three_ways(s, t, p, seed, NAMES if bias else NAMES[:-1])
     _check_close(ours, same, truth, atol=1e-5)
 
 

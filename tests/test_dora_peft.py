@@ -8,7 +8,7 @@ import warnings
 import peft
 import pytest
 import torch
-from models import BUILDERS, max_diff, model_input, run
+from models import BUILDERS, load_here, load_in_peft, max_diff, model_input, run
 
 import lora_triton
 from lora_triton.nn import LoraLinear
@@ -47,21 +47,12 @@ def _train(model, inputs, steps=3, lr=3e-2):
     return model.eval()
 
 
-def _quiet():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("ignore")
-    return ctx
-
-
 def _peft_trained(kind, kwargs, tmp_path):
-    ctx = _quiet()
-    try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         pm = peft.get_peft_model(BUILDERS[kind](), peft.LoraConfig(use_dora=True, **kwargs))
         _train(pm, model_input(kind, seed=2))
         pm.save_pretrained(str(tmp_path))
-    finally:
-        ctx.__exit__(None, None, None)
     return pm
 
 
@@ -75,12 +66,7 @@ def test_peft_trained_dora_loads_here(case, tmp_path):
     kind, kwargs = CASES[case]
     pm = _peft_trained(kind, kwargs, tmp_path)
     inputs = model_input(kind)
-    with torch.no_grad():
-        expected = run(pm, inputs)
-        model = lora_triton.load_adapter(BUILDERS[kind](), str(tmp_path)).eval()
-        got = run(model, inputs)
-        with lora_triton.disable_adapters(model):
-            base = run(model, inputs)
+    model, expected, got, base = load_here(pm, kind, tmp_path, inputs)
     assert max_diff(got, base) > 1e-3, "the trained adapter should change the logits"
     assert max_diff(got, expected) <= TOL
     theirs = {n.removeprefix(PREFIX): p for n, p in pm.named_parameters() if "lora_magnitude_vector" in n}
@@ -101,14 +87,7 @@ def test_our_trained_dora_loads_in_peft(case, tmp_path):
     _train(model, model_input(kind, seed=2))
     lora_triton.save_adapter(model, str(tmp_path))
     inputs = model_input(kind)
-    ctx = _quiet()
-    try:
-        with torch.no_grad():
-            expected = run(model, inputs)
-            pm = peft.PeftModel.from_pretrained(BUILDERS[kind](), str(tmp_path)).eval()
-            got = run(pm, inputs)
-    finally:
-        ctx.__exit__(None, None, None)
+    pm, expected, got = load_in_peft(model, kind, tmp_path, inputs)
     assert pm.peft_config["default"].use_dora
     assert max_diff(got, expected) <= TOL
     with torch.no_grad(), lora_triton.disable_adapters(model):
@@ -119,8 +98,8 @@ def test_our_trained_dora_loads_in_peft(case, tmp_path):
 def test_training_gradients_equal_peft(case, tmp_path):
     """Same adapter in both, one training step's loss gradients for every A, B and m (p = 0)."""
     kind, kwargs = CASES[case]
-    ctx = _quiet()
-    try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         pm = peft.get_peft_model(BUILDERS[kind](), peft.LoraConfig(use_dora=True, init_lora_weights=False,
                                                                    **kwargs))
         with torch.no_grad():
@@ -128,8 +107,6 @@ def test_training_gradients_equal_peft(case, tmp_path):
                 if "lora_magnitude_vector" in n:
                     p.mul_(1 + 0.3 * torch.rand(p.shape, generator=torch.Generator().manual_seed(len(n))))
         pm.save_pretrained(str(tmp_path))
-    finally:
-        ctx.__exit__(None, None, None)
     model = lora_triton.load_adapter(BUILDERS[kind](), str(tmp_path), is_trainable=True).train()
     pm.train()
     inputs = model_input(kind)

@@ -9,7 +9,7 @@ import warnings
 import peft
 import pytest
 import torch
-from models import BUILDERS, max_diff, model_input, randomize_lora, run
+from models import BUILDERS, load_here, load_in_peft, max_diff, model_input, randomize_lora, run
 
 import lora_triton
 from lora_triton.nn import LoraLinear
@@ -65,12 +65,7 @@ def test_peft_saved_adapter_loads_here(case, tmp_path):
     pm = _peft_model(kind, kwargs)
     _peft_save(pm, tmp_path)
     inputs = model_input(kind)
-    with torch.no_grad():
-        expected = run(pm, inputs)
-        model = lora_triton.load_adapter(BUILDERS[kind](), str(tmp_path)).eval()
-        got = run(model, inputs)
-        with lora_triton.disable_adapters(model):
-            base = run(model, inputs)
+    model, expected, got, base = load_here(pm, kind, tmp_path, inputs)
     assert max_diff(got, base) > 1e-3, "the adapter should change the logits"
     assert max_diff(got, expected) <= TOL
     ours = {p for p, _ in lora_triton.nn.lora_layers(model)}
@@ -93,13 +88,9 @@ def test_our_adapter_loads_in_peft(case, tmp_path):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     lora_triton.save_adapter(model, str(tmp_path))
     inputs = model_input(kind)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        expected = run(model, inputs)
-        pm = peft.PeftModel.from_pretrained(BUILDERS[kind](), str(tmp_path)).eval()
-        got = run(pm, inputs)
-        with lora_triton.disable_adapters(model):
-            base = run(model, inputs)
+    _, expected, got = load_in_peft(model, kind, tmp_path, inputs)
+    with torch.no_grad(), lora_triton.disable_adapters(model):
+        base = run(model, inputs)
     assert max_diff(expected, base) > 1e-3
     assert max_diff(got, expected) <= TOL
     # And back into lora_triton from our own files.

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from models import max_diff, model_input, randomize_lora, run, tiny_llama
+from models import bnb_nf4, max_diff, model_input, randomize_lora, run, tiny_llama
 from torch import nn
 
 import lora_triton
@@ -183,16 +183,7 @@ def test_peft_bnb_model_loads_our_adapter_with_same_outputs(tmp_path):
     bnb = pytest.importorskip("bitsandbytes", reason="PEFT's 4-bit path needs bitsandbytes")
     peft = pytest.importorskip("peft")
     reference = tiny_llama()
-    bnb_model = copy.deepcopy(reference)
-    for path, module in list(bnb_model.named_modules()):
-        if isinstance(module, nn.Linear) and not path.endswith("lm_head"):
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  quant_type="nf4", compress_statistics=True, compute_dtype=torch.float32)
-            q.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True, module=q)
-            parent, _, attr = path.rpartition(".")
-            setattr(bnb_model.get_submodule(parent), attr, q.to("cpu"))
-    bnb_model.is_loaded_in_4bit = True  # what transformers sets on a 4-bit load; PEFT dispatches on it
+    bnb_model = bnb_nf4(copy.deepcopy(reference), bnb)
     ours = lora_triton.quantize(copy.deepcopy(bnb_model))  # adopted: the very same bytes
     lora_triton.inject_lora(ours, lora_triton.LoraConfig(target_modules=["q_proj", "o_proj", "up_proj"], r=4,
                                                          lora_alpha=16))

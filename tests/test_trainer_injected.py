@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from models import max_diff, model_input, randomize_lora, run, tiny_llama
-from test_trainer_peft import TokenData
+from test_trainer_peft import TokenData, train_logged
 
 import lora_triton as lt
 
@@ -159,17 +159,7 @@ def _injected_trainer_run(out_dir: str, max_steps: int, resume_from=None, dropou
     lt.inject_lora(model, lt.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, modules_to_save=["lm_head"],
                                         target_modules=["q_proj", "v_proj", "up_proj"]))
     randomize_lora(model)
-    args = transformers.TrainingArguments(
-        output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=4, learning_rate=5e-3,
-        logging_steps=1, save_strategy="steps", save_steps=2, report_to="none", use_cpu=True, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
-    lt.enable_trainer_resume(trainer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.train(resume_from_checkpoint=resume_from)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return model, losses
+    return model, train_logged(model, out_dir, max_steps, resume_from, prepare=lt.enable_trainer_resume)
 
 
 def test_trainer_resume_of_an_injected_model_equals_the_straight_run(tmp_path):

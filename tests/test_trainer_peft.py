@@ -31,6 +31,22 @@ class TokenData(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+def train_logged(model, out_dir: str, max_steps: int, resume_from=None, prepare=None) -> list:
+    """HF Trainer on TokenData (checkpoints every 2 steps, seed 0, CPU), resumed from ``resume_from`` if
+    given; ``prepare(trainer)`` runs before train. Returns the logged losses, one a step."""
+    args = transformers.TrainingArguments(
+        output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=4, learning_rate=5e-3,
+        logging_steps=1, save_strategy="steps", save_steps=2, report_to="none", use_cpu=True, seed=0,
+        dataloader_num_workers=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
+    if prepare is not None:
+        prepare(trainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=resume_from)
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
 def _trainer_script(out_dir: str, patch: bool, max_steps: int = STEPS, resume_from=None, dropout: float = 0.0):
     """A plain PEFT + Trainer script; ``patch`` adds the one line."""
     model = tiny_llama()
@@ -40,16 +56,7 @@ def _trainer_script(out_dir: str, patch: bool, max_steps: int = STEPS, resume_fr
         model = peft.get_peft_model(model, config)
     if patch:
         lt.patch_peft(model)  # the one added line
-    args = transformers.TrainingArguments(
-        output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=4, learning_rate=5e-3,
-        logging_steps=1, save_strategy="steps", save_steps=2, report_to="none", use_cpu=True, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.train(resume_from_checkpoint=resume_from)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return model, losses
+    return model, train_logged(model, out_dir, max_steps, resume_from)
 
 
 def _adapter(model):
