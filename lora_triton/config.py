@@ -211,10 +211,16 @@ class LoraConfig(AdapterConfigFile):
 
     @classmethod
     def from_pretrained(cls, directory: str) -> LoraConfig:
-        path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
-        return cls.from_dict(read_config_json(path))
+        return cls.from_dict(load_config_json(directory))
+
+
+def load_config_json(directory: str) -> dict:
+    """The adapter_config.json dict of an adapter folder (or the file itself): FileNotFoundError when there is
+    none, ``read_config_json``'s ValueError when it is not a UTF-8 JSON object. Every config loader reads here."""
+    path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+    return read_config_json(path)
 
 
 def read_config_json(path: str) -> dict:
