@@ -47,6 +47,16 @@ class AdapterConfigFile:
     """adapter_config.json for every adapter config class: its text (``to_peft_dict`` as sorted JSON)
     and an atomic save."""
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_peft_dict(self) -> dict:
+        """The dict PEFT writes (subclasses add PEFT's own fields): a target_modules list as a sorted set."""
+        out = self.to_dict()
+        if isinstance(out["target_modules"], list):
+            out["target_modules"] = sorted(set(out["target_modules"]))
+        return out
+
     def to_json_string(self) -> str:
         """The text of adapter_config.json."""
         return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
@@ -179,17 +189,12 @@ class LoraConfig(AdapterConfigFile):
         alpha = self.alpha_for(module_path)
         return alpha / r**0.5 if self.use_rslora else alpha / r
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def to_peft_dict(self) -> dict:
         """The dict PEFT writes: our fields, plus PEFT's own fields at their defaults."""
-        out = self.to_dict()
+        out = super().to_peft_dict()
         for key, default in _UNSUPPORTED_AT_DEFAULT.items():
             out.setdefault(key, default)
         out["megatron_core"] = "megatron.core"
-        if isinstance(out["target_modules"], list):
-            out["target_modules"] = sorted(set(out["target_modules"]))
         return out
 
     @classmethod
@@ -211,10 +216,16 @@ class LoraConfig(AdapterConfigFile):
 
     @classmethod
     def from_pretrained(cls, directory: str) -> LoraConfig:
-        path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
-        return cls.from_dict(read_config_json(path))
+        return cls.from_dict(load_config_json(directory))
+
+
+def load_config_json(directory: str) -> dict:
+    """The adapter_config.json dict of an adapter folder (or the file itself): FileNotFoundError when there is
+    none, ``read_config_json``'s ValueError when it is not a UTF-8 JSON object. Every config loader reads here."""
+    path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+    return read_config_json(path)
 
 
 def read_config_json(path: str) -> dict:

@@ -78,15 +78,6 @@ class _LycorisConfig(AdapterConfigFile):
     def scaling_for(self, module_path: str) -> float:
         return self.alpha_for(module_path) / self.rank_for(module_path)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_peft_dict(self) -> dict:
-        out = self.to_dict()
-        if isinstance(out["target_modules"], list):
-            out["target_modules"] = sorted(set(out["target_modules"]))
-        return out
-
     @classmethod
     def from_dict(cls, data: dict):
         known = {f.name for f in dataclasses.fields(cls)}

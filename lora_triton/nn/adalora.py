@@ -94,9 +94,7 @@ class SVDLinear(AdapterLayer):
             raise TypeError(f"SVDLinear wraps nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}")
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1],
-                                                                                                   w.shape[0])
+        self.in_features, self.out_features = _features(base_layer)
         self.lora_A, self.lora_E, self.lora_B = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,

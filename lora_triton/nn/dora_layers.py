@@ -117,13 +117,7 @@ class DoraEmbeddingVariant(_AdapterLayerDora, DoraVariant):
 
     def terms(self, layer, name, x, result):
         """(result, s A^T[ids] B^T [* embed_scale], g, g - 1): PEFT's out = g * result + g * lora."""
-        base = layer.base_layer
-        u = F.embedding(x, layer.lora_embedding_A[name].t(), base.padding_idx, base.max_norm, base.norm_type,
-                        base.scale_grad_by_freq, base.sparse)
-        lora = (u @ layer.lora_embedding_B[name].t()) * layer.scaling[name]
-        scale = layer._embed_scale()
-        if scale is not None:
-            lora = lora * (scale.to(lora.dtype) if isinstance(scale, torch.Tensor) else scale)
+        lora = layer.lora_delta(name, x)
         g, gm1 = self.scales(layer, name, result.dtype)
         return result, lora.to(result.dtype), g, gm1
 

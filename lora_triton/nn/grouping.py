@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..ops.grouped import lora_linear_grouped
+from .lora_bias import with_lora_bias
 from .lora_linear import LoraLinear
 from .nf4_linear import NF4Linear
 
@@ -120,12 +121,8 @@ def _grouped_forward(layers: Sequence[LoraLinear], x: torch.Tensor):
         name = layer.active_adapters[0]
         scale = layer.scaling[name]
         lora_b = layer.lora_B[name]
-        bias = layer.base_bias()
-        if lora_b.bias is not None:
-            extra = scale * lora_b.bias.to(x.dtype)
-            bias = extra if bias is None else bias + extra
         weights.append(layer.base_weight())
-        biases.append(bias)
+        biases.append(with_lora_bias(layer, name, layer.base_bias(), x.dtype))
         lora_As.append(layer.lora_A[name].weight)
         lora_Bs.append(lora_b.weight)
         scalings.append(scale)

@@ -16,15 +16,13 @@ Every wrapper keeps ``base_layer``, ``active_adapters``, ``disable_adapters``, `
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from ..config import CONFIG_NAME, LoraConfig, as_lora_config
+from ..config import LoraConfig, as_lora_config, load_config_json
 from ..config_lycoris import LoHaConfig, LoKrConfig
 from .adapter_layer import AdapterLayer
 from .dora_layers import dora_shapes
@@ -143,17 +141,7 @@ def config_from_dict(data: dict):
 
 
 def read_config(directory: str):
-    path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return config_from_dict(data)
+    return config_from_dict(load_config_json(directory))
 
 
 def without_init(config):

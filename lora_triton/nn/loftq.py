@@ -141,25 +141,25 @@ def loftq_layer(module: nn.Module, adapter_name: str, args: tuple, loftq_config:
     scaling = alpha / math.sqrt(r) if rslora else alpha / r
     q, right, left = loftq(matrix, r, scaling, loftq_config.get("loftq_iter", 1),
                            bool(loftq_config.get("peft_identical", False)), compute_dtype=dtype, bits=bits)
-    if kind == "linear" and bits == 4:
+    if kind == "linear" and bits == 4:  # the 4-bit NF4Linear itself is the base
         if module.bias is not None:
             q.bias = nn.Parameter(module.bias.detach().to(dtype).clone(), requires_grad=False)
-        layer = LoraLinear(q, adapter_name, r, alpha, dropout, rslora, False, lora_bias, use_dora)
-        factors = {layer.lora_A[adapter_name].weight: right, layer.lora_B[adapter_name].weight: left}
-    else:
+        base = q
+    else:  # the module keeps its type, holding deq(Q)
         deq = q.dequantize(torch.float32) if isinstance(q, NF4Linear) else q
         deq = deq.t() if is_conv1d(module) else deq
         module.weight = nn.Parameter(deq.reshape(weight.shape).to(weight.dtype), requires_grad=False)
-        if kind == "linear":
-            layer = LoraLinear(module, adapter_name, r, alpha, dropout, rslora, False, lora_bias, use_dora)
-            factors = {layer.lora_A[adapter_name].weight: right, layer.lora_B[adapter_name].weight: left}
-        elif kind == "embedding":
-            layer = LoraEmbedding(module, adapter_name, r, alpha, rslora, False, lora_bias, use_dora)
-            factors = {layer.lora_embedding_A[adapter_name]: left.t(), layer.lora_embedding_B[adapter_name]: right.t()}
-        else:
-            layer = LoraConv(module, adapter_name, r, alpha, dropout, rslora, False, lora_bias, use_dora)
-            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-            factors = {a: right.reshape(a.shape), b: left.reshape(b.shape)}
+        base = module
+    if kind == "linear":
+        layer = LoraLinear(base, adapter_name, r, alpha, dropout, rslora, False, lora_bias, use_dora)
+        factors = {layer.lora_A[adapter_name].weight: right, layer.lora_B[adapter_name].weight: left}
+    elif kind == "embedding":
+        layer = LoraEmbedding(base, adapter_name, r, alpha, rslora, False, lora_bias, use_dora)
+        factors = {layer.lora_embedding_A[adapter_name]: left.t(), layer.lora_embedding_B[adapter_name]: right.t()}
+    else:
+        layer = LoraConv(base, adapter_name, r, alpha, dropout, rslora, False, lora_bias, use_dora)
+        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        factors = {a: right.reshape(a.shape), b: left.reshape(b.shape)}
     layer.train(module.training)
     with torch.no_grad():
         for param, value in factors.items():

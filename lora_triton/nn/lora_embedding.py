@@ -79,6 +79,10 @@ class LoraEmbedding(DoraHooks, AdapterLayer):  # DoraHooks: use_dora (nn/dora_la
     def adapter_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if name in self.lora_variant:  # DoRA (mixed batches)
             return self.lora_variant[name].delta(self, name, x)
+        return self.lora_delta(name, x)
+
+    def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """s A^T[ids] B^T [* embed_scale], the plain LoRA term (DoRA rescales it: nn/dora_layers.py)."""
         base = self.base_layer
         # The gather of r-vectors: [..., r]; then a tiny [r, dim] expand.
         u = F.embedding(x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm, base.norm_type,

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..ops.lora_linear import lora_linear
 from .batch_slot import mixed_batch_slot
+from .lora_bias import with_lora_bias
 from .nf4_linear import NF4Linear, is_bnb_linear4bit
 from .qlora import merge_quantized, qlora_forward, unmerge_quantized
 from .variants import make_variant
@@ -162,10 +163,7 @@ class LoraLinear(nn.Module):
         for name in active:
             scale = self.scaling[name]
             lora_b = self.lora_B[name]
-            term_bias = bias if y is None else None
-            if lora_b.bias is not None:
-                extra = scale * lora_b.bias.to(x.dtype)
-                term_bias = extra if term_bias is None else term_bias + extra
+            term_bias = with_lora_bias(self, name, bias if y is None else None, x.dtype)
             p = self.lora_dropout_p[name] if self.training else 0.0
             variant = self.lora_variant.get(name)
             if variant is not None and y is not None:  # DoRA after other adapters: it rescales their sum

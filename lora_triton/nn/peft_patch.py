@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..ops.lora_linear import lora_linear
+from .lora_bias import with_lora_bias
 from .lora_linear import is_conv1d
 
 PATCHED_ATTR = "_lora_triton_patched_forward"
@@ -104,10 +105,7 @@ def _fused_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.
     for name, p in zip(active, probs):
         scale = layer.scaling[name]
         lora_b = layer.lora_B[name]
-        term_bias = bias if y is None else None
-        if lora_b.bias is not None:
-            extra = scale * lora_b.bias.to(x.dtype)
-            term_bias = extra if term_bias is None else term_bias + extra
+        term_bias = with_lora_bias(layer, name, bias if y is None else None, x.dtype)
         out = lora_linear(x, weight if y is None else None, term_bias, layer.lora_A[name].weight,
                           lora_b.weight, scale, p)
         y = out if y is None else y + out

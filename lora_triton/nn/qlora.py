@@ -16,6 +16,7 @@ from torch import nn
 
 from ..ops.lora_linear import lora_linear
 from ..ops.nf4_linear import nf4_lora_linear
+from .lora_bias import with_lora_bias
 from .nf4_linear import NF4Linear
 
 _KEPT = "_quantized_base"
@@ -31,10 +32,7 @@ def qlora_forward(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor:
     y = None
     for name in active:
         scale, lora_b = layer.scaling[name], layer.lora_B[name]
-        term_bias = bias if y is None else None
-        if lora_b.bias is not None:
-            extra = scale * lora_b.bias.to(x.dtype)
-            term_bias = extra if term_bias is None else term_bias + extra
+        term_bias = with_lora_bias(layer, name, bias if y is None else None, x.dtype)
         p = layer.lora_dropout_p[name] if layer.training else 0.0
         variant = layer.lora_variant.get(name)
         if variant is not None:  # DoRA over the 4-bit base (nn/dora_layers.py)

@@ -27,8 +27,9 @@ def token_ids(seq_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return seq_ids.view(b, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
 
 
-def run_layer(layer, x, lora_A, lora_B, scalings, ranks, seq_ids) -> torch.Tensor:
-    """The mixed-batch forward of one LoraLinear: its frozen base plus the stacked adapters."""
+def layer_operands(layer, x, seq_ids):
+    """(x, weight, bias, per-token ids) of one LoraLinear's mixed-batch forward, x and the frozen base
+    cast to the autocast dtype when they differ under autocast (TypeError when they differ without)."""
     weight, bias = layer.base_weight(), layer.base_bias()
     if x.dtype != weight.dtype:
         if not torch.is_autocast_enabled(x.device.type):
@@ -36,5 +37,10 @@ def run_layer(layer, x, lora_A, lora_B, scalings, ranks, seq_ids) -> torch.Tenso
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    ids = token_ids(seq_ids, x)
+    return x, weight, bias, token_ids(seq_ids, x)
+
+
+def run_layer(layer, x, lora_A, lora_B, scalings, ranks, seq_ids) -> torch.Tensor:
+    """The mixed-batch forward of one LoraLinear: its frozen base plus the stacked adapters."""
+    x, weight, bias, ids = layer_operands(layer, x, seq_ids)
     return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks, validate=False)

@@ -166,12 +166,9 @@ def _saved_module_hook(names: list[str]):
     """Rows of each name through that adapter's copy of the module (the original for base rows)."""
     def hook(wrapper: ModulesToSaveWrapper, x, *args, **kwargs):
         b = x.shape[0]
-        if b % len(names):
-            raise ValueError(f"the batch has {b} sequences but {len(names)} adapter names were given")
-        per_row = [n for n in names for _ in range(b // len(names))]
         out = None
-        for name in dict.fromkeys(per_row):
-            rows = torch.tensor([i for i, n in enumerate(per_row) if n == name], device=x.device)
+        for name, rows in _rows_per_name(names, b).items():
+            rows = torch.tensor(rows, device=x.device)
             module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
             part = module(x.index_select(0, rows), *args, **kwargs)
             if out is None:

@@ -12,7 +12,7 @@ import torch
 
 from ..ops.dora import dora_weight_norm
 from ..ops.multi_lora import multi_lora_linear
-from ._hook import token_ids
+from ._hook import layer_operands
 
 
 def row_scale_table(layer, names: list[str]) -> torch.Tensor:
@@ -43,14 +43,7 @@ def dora_mixed_forward(layer, x, names, lora_A, lora_B, scalings, ranks, seq_ids
 def scaled_mixed_forward(layer, x, table, lora_A, lora_B, scalings, ranks, seq_ids) -> torch.Tensor:
     """The stacked LoRA op without bias, each row scaled by ``table[id]`` ((g - 1) per adapter, last row
     zero for id -1), then the bias."""
-    weight, bias = layer.base_weight(), layer.base_bias()
-    if x.dtype != weight.dtype:
-        if not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input dtype {x.dtype} does not match the base layer's weight dtype {weight.dtype}")
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    ids = token_ids(seq_ids, x)
+    x, weight, bias, ids = layer_operands(layer, x, seq_ids)
     y_pre = multi_lora_linear(x, weight, None, lora_A, lora_B, scalings, ids, ranks, validate=False)
     scale = table.to(y_pre.dtype)[ids]  # [..., out]: -1 picks the zero last row
     y = torch.addcmul(y_pre, y_pre, scale)
