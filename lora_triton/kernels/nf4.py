@@ -33,6 +33,7 @@ import triton.language as tl
 
 from . import autotune as at
 from .lora_fwd import _dot, _grouped_pid, _lora_acc, _lora_dot
+from .lora_linear import _r_pad
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_R = 256
@@ -319,10 +320,6 @@ def _check(t, name, weight):
             raise ValueError(f"weight.{part} must be contiguous on {t.device}")
     if weight.out_features * weight.in_features >= 2**62:
         raise ValueError("weight too large for 64-bit flat indexing")
-
-
-def _r_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
 
 
 def _quant_args(weight):
