@@ -300,15 +300,7 @@ def _tuned(name: str):
 
 
 def _launch(name: str, grid, *args, **kwargs):
-    kernel = _KERNELS[name]
-    if at.interpreting():
-        kernel[grid](*args, **kwargs, **at.interp_meta("gemm"))
-    elif not at.autotune_enabled():
-        named = dict(zip(kernel.arg_names, args), **kwargs)
-        cfg = at.select_config("gemm", named[_TENSOR_ARG[name]].element_size(), named["R_PAD"], named["M_BUCKET"])
-        kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        _tuned(name)[grid](*args, **kwargs)
+    at.launch(_KERNELS[name], "gemm", _TENSOR_ARG[name], lambda: _tuned(name), grid, *args, **kwargs)
 
 
 def _check(t, name, weight):
