@@ -211,3 +211,18 @@ def tuned(kernel, family: str, key: list, tensor_arg: str, reset_to_zero=None, p
         prune_configs_by={"early_config_prune": _pruner(family, tensor_arg)},
         reset_to_zero=reset_to_zero, restore_value=restore_value,
     )(kernel)
+
+
+def launch(kernel, family: str, tensor_arg: str, tuned_kernel, grid, *args, **kwargs):
+    """Launch a plain jit kernel the one way the launchers share: the interpreter's small tiles, the
+    first ``prune`` survivor (autotuning off), or ``tuned_kernel()``, the cached autotuner, built only
+    when autotuning is on."""
+    if interpreting():
+        kernel[grid](*args, **kwargs, **interp_meta(family))
+    elif not autotune_enabled():
+        named = dict(zip(kernel.arg_names, args), **kwargs)
+        cfg = select_config(family, named[tensor_arg].element_size(), named["R_PAD"], named["M_BUCKET"],
+                            bool(named.get("HAS_DROPOUT", False)))
+        kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        tuned_kernel()[grid](*args, **kwargs)

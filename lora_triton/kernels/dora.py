@@ -27,6 +27,7 @@ import triton.language as tl
 from .autotune import interpreting
 from .lora_bwd import _da_kernel
 from .lora_fwd import _dot, _dropout_scale, _lora_dot, _shrink_block
+from .lora_linear import _r_pad
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_R = 128
@@ -231,10 +232,6 @@ def config(family: str) -> tuple[dict, dict]:
 def _launch(kernel, family, grid_of, *args, **flags):
     blocks, opts = config(family)
     kernel[grid_of(blocks)](*args, **flags, **blocks, **opts)
-
-
-def _r_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
 
 
 def _check(x, weight, lora_A, lora_B, dropout_p, seed):

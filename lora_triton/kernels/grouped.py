@@ -30,15 +30,7 @@ def _tuned(name: str):
 
 
 def _launch_own(name: str, kernel, family: str, tensor_arg: str, grid, *args, **kwargs):
-    if at.interpreting():
-        kernel[grid](*args, **kwargs, **at.interp_meta(family))
-    elif not at.autotune_enabled():
-        named = dict(zip(kernel.arg_names, args), **kwargs)
-        cfg = at.select_config(family, named[tensor_arg].element_size(), named["R_PAD"], named["M_BUCKET"],
-                               bool(named.get("HAS_DROPOUT", False)))
-        kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        _tuned(name)[grid](*args, **kwargs)
+    at.launch(kernel, family, tensor_arg, lambda: _tuned(name), grid, *args, **kwargs)
 
 
 def _chunks(ranks, drops=None) -> list[tuple[int, int, bool]]:

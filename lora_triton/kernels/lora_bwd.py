@@ -160,6 +160,18 @@ def _dx_quarters(acc, du_ptr, a_ptr, dx_ptr, seed, rows, off_k, M, K, R, stride_
 
 
 @triton.jit
+def _dx_acc_init(dx_ptr, rows, cols, row_ok, col_ok, stride_dxm, stride_dxk, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """The dgrad accumulator's start, shared by the pointer and the descriptor kernels: the dx tile
+    already there (ACCUMULATE, read with pointers) or zeros."""
+    if ACCUMULATE:
+        return tl.load(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+
+@triton.jit
 def _dx_kernel(
     dy_ptr, w_ptr, du_ptr, a_ptr, seed_ptr, dx_ptr, x_ptr, da_ptr,
     M, N, K, R, M_BUCKET,
@@ -181,11 +193,7 @@ def _dx_kernel(
     cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < K
-    if ACCUMULATE:
-        acc = tl.load(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
-                      mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _dx_acc_init(dx_ptr, rows, cols, row_ok, col_ok, stride_dxm, stride_dxk, BLOCK_M, BLOCK_N, ACCUMULATE)
     if HAS_W:
         for n0 in range(0, N, BLOCK_K):
             ns = n0 + tl.arange(0, BLOCK_K)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lora_bwd import _dx_quarters
+from .lora_bwd import _dx_acc_init, _dx_quarters
 from .lora_fwd import _dot, _grouped_pid, _lora_acc
 
 
@@ -113,11 +113,7 @@ def _dx_tma_kernel(
         cols = off_k + tl.arange(0, BLOCK_N)
         row_ok = rows < M
         col_ok = cols < K
-        if ACCUMULATE:
-            acc = tl.load(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
-                          mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _dx_acc_init(dx_ptr, rows, cols, row_ok, col_ok, stride_dxm, stride_dxk, BLOCK_M, BLOCK_N, ACCUMULATE)
         for nt in range(n_tiles):
             dy = dy_desc.load([off_m, nt * BLOCK_K])
             if W_KN:

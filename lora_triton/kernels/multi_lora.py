@@ -43,6 +43,13 @@ def _tile_rows(tile, tile_adapter_ptr, tile_row0_ptr, tile_rend_ptr, perm_ptr, N
 
 
 @triton.jit
+def _rank(ranks_ptr, adapter, R):
+    # Clamped to [0, r_max] where it is loaded: with validate=False nothing checked the values on the host,
+    # and a bad rank must never index past r_max.
+    return tl.minimum(tl.maximum(tl.load(ranks_ptr + adapter), 0), R)
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, u_ptr, perm_ptr, tile_adapter_ptr, tile_row0_ptr, tile_rend_ptr, ranks_ptr,
                    K, NUM_SLOTS, stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_us, stride_um, R,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -54,7 +61,7 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, perm_ptr, tile_adapter_ptr, tile_row0_pt
                                                   NUM_SLOTS, BLOCK_M)
     if adapter < 0:
         return
-    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + adapter), 0), R)  # bad ranks never index past r_max
+    rank = _rank(ranks_ptr, adapter, R)
     r0 = pid_r * BLOCK_R
     if r0 >= rank:  # rank tile entirely in the padding of this adapter
         return
@@ -88,7 +95,7 @@ def _expand_kernel(u_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr, tile_
                                                   NUM_SLOTS, BLOCK_M)
     if adapter < 0:
         return
-    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + adapter), 0), R)  # bad ranks never index past r_max
+    rank = _rank(ranks_ptr, adapter, R)
     coef = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scal_ptr + adapter)
     if HAS_W:
         coef *= tl.load(w_ptr + slot, mask=m_ok, other=0.0)
@@ -126,7 +133,7 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr,
                                                   NUM_SLOTS, BLOCK_M)
     if adapter < 0:
         return
-    rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + adapter), 0), R)  # bad ranks never index past r_max
+    rank = _rank(ranks_ptr, adapter, R)
     if rank == 0:
         return
     coef = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scal_ptr + adapter)

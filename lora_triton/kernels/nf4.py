@@ -33,6 +33,7 @@ import triton.language as tl
 
 from . import autotune as at
 from .lora_fwd import _dot, _grouped_pid, _lora_acc, _lora_dot
+from .lora_linear import _r_pad
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_R = 256
@@ -299,15 +300,7 @@ def _tuned(name: str):
 
 
 def _launch(name: str, grid, *args, **kwargs):
-    kernel = _KERNELS[name]
-    if at.interpreting():
-        kernel[grid](*args, **kwargs, **at.interp_meta("gemm"))
-    elif not at.autotune_enabled():
-        named = dict(zip(kernel.arg_names, args), **kwargs)
-        cfg = at.select_config("gemm", named[_TENSOR_ARG[name]].element_size(), named["R_PAD"], named["M_BUCKET"])
-        kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        _tuned(name)[grid](*args, **kwargs)
+    at.launch(_KERNELS[name], "gemm", _TENSOR_ARG[name], lambda: _tuned(name), grid, *args, **kwargs)
 
 
 def _check(t, name, weight):
@@ -319,10 +312,6 @@ def _check(t, name, weight):
             raise ValueError(f"weight.{part} must be contiguous on {t.device}")
     if weight.out_features * weight.in_features >= 2**62:
         raise ValueError("weight too large for 64-bit flat indexing")
-
-
-def _r_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
 
 
 def _quant_args(weight):

@@ -25,6 +25,7 @@ import torch
 from ..io.atomic import atomic_write_text
 from ..ops.backend import requested_path
 from . import autotune as at
+from .lora_linear import _r_pad  # the kernels' padding: one key per compiled R_PAD
 
 _REPS = 5
 _LOCK = threading.Lock()
@@ -39,8 +40,7 @@ def cache_file(gpu: str) -> str:
 
 def key(op: str, x, weight, lora_A, lora_B, dropout_p: float) -> str:
     m, k = x.shape
-    r_pad = max(16, 1 << max(lora_A.shape[0] - 1, 0).bit_length())
-    return (f"{op}|{str(x.dtype).removeprefix('torch.')}|M{at.m_bucket(m)}|N{lora_B.shape[0]}|K{k}|r{r_pad}"
+    return (f"{op}|{str(x.dtype).removeprefix('torch.')}|M{at.m_bucket(m)}|N{lora_B.shape[0]}|K{k}|r{_r_pad(lora_A.shape[0])}"
             f"|p{int(dropout_p > 0.0)}|w{int(weight is not None)}")
 
 
