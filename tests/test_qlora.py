@@ -82,6 +82,13 @@ def test_op_rejects_bad_operands_before_computing():
         nf4_lora_linear(x, w._replace(absmax=w.absmax[:-1]), None)
     with pytest.raises(ValueError, match="packed weight must be"):
         nf4_lora_linear(x, w._replace(packed=w.packed[:-1]), None)
+    a, b = torch.randn(2, 64), torch.randn(8, 2)
+    with pytest.raises(TypeError, match="dropout_p"):
+        nf4_lora_linear(x, w, None, a, b, dropout_p="0.1")
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        nf4_lora_linear(x, w, None, a, b, dropout_p=float("nan"))
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        nf4_lora_linear(x, w, None, a, b, scaling=float("inf"))
 
 
 def _quantized_llama(seed=0):

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..reference.nf4 import BLOCKSIZES, NF4Weight
 from ..reference.philox import dropout_keep_mask, serial_cpu
 from .backend import implementation
-from .checks import _shape, check_same_device, make_seed
+from .checks import _shape, check_dropout_p, check_same_device, check_scaling, make_seed
 
 
 def _impl(device: torch.device):
@@ -120,7 +120,7 @@ def _backward(ctx, dy, _du):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def check_nf4_operands(x, weight: NF4Weight, bias, lora_A, lora_B, dropout_p: float) -> None:
+def check_nf4_operands(x, weight: NF4Weight, bias, lora_A, lora_B, dropout_p: float, scaling: float = 1.0) -> None:
     n, k = weight.out_features, weight.in_features
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x must be [..., in_features={k}], got {_shape(x)}")
@@ -154,8 +154,8 @@ def check_nf4_operands(x, weight: NF4Weight, bias, lora_A, lora_B, dropout_p: fl
             raise ValueError(f"lora_B must be [out_features={n}, r={lora_A.shape[0]}], got {_shape(lora_B)}")
         if not lora_A.is_floating_point() or not lora_B.is_floating_point():
             raise TypeError(f"lora_A, lora_B must be floating point, got {lora_A.dtype}, {lora_B.dtype}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_dropout_p(dropout_p)  # the other ops' rules: "0.1" and True are TypeErrors, NaN a ValueError
+    check_scaling(scaling)
     check_same_device({"x": x, "packed": weight.packed, "absmax": weight.absmax, "code": weight.code,
                        "nested_absmax": weight.nested_absmax, "nested_code": weight.nested_code, "bias": bias,
                        "lora_A": lora_A, "lora_B": lora_B})
@@ -170,7 +170,7 @@ def nf4_lora_linear(x: Tensor, weight: NF4Weight, bias: Optional[Tensor] = None,
     bias [N] in x's dtype or None; lora_A [r, K], lora_B [N, r] in any float dtype (cast to x's, their
     gradients come back in their own dtype), or both None for the base alone.
     """
-    check_nf4_operands(x, weight, bias, lora_A, lora_B, dropout_p)
+    check_nf4_operands(x, weight, bias, lora_A, lora_B, dropout_p, scaling)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features)
     p = float(dropout_p) if lora_A is not None else 0.0
