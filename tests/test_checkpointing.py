@@ -84,8 +84,10 @@ class _Checkpointed(torch.nn.Module):
         return self.inner.head(self.inner.norm(h))
 
 
+@pytest.mark.parametrize("eager", ["1", "0"])  # the eager fast path and the custom ops (ops/eager.py)
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_torch_utils_checkpoint_regenerates_the_masks(use_reentrant):
+def test_torch_utils_checkpoint_regenerates_the_masks(use_reentrant, eager, monkeypatch):
+    monkeypatch.setenv("LORA_TRITON_EAGER", eager)
     model = lt.inject_lora(tiny_mlp(), lt.LoraConfig(r=3, lora_dropout=P, target_modules=["inp", "up", "down"]))
     randomize_lora(model)
     model.train()

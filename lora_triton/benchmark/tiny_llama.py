@@ -3,19 +3,26 @@ frozen model, interleaved in one process (the per-call fixed cost of the op show
 single-layer suites).
 
     python -m lora_triton.benchmark.tiny_llama [--hidden 256] [--layers 2] [--tokens 64] [--dropout 0.05]
-                                               [--repeats 30] [--threads N] [--json out.json]
+                                               [--repeats 30] [--threads N] [--custom-op] [--cpu-time]
+                                               [--json out.json]
 
 Step = forward, cross-entropy loss, backward (no optimizer). Same weights and inputs for every
-provider; PEFT's model is a deep copy wrapped by ``get_peft_model``.
+provider; PEFT's model is a deep copy wrapped by ``get_peft_model``. ``--custom-op`` adds the
+provider ``lora_triton_custom_op``: the same model with ``LORA_TRITON_EAGER=0``, every call through
+the torch.library custom ops (what the eager fast path of ``ops/eager.py`` saves). ``--cpu-time``
+times the calling thread's CPU time (``time.thread_time``: descheduling does not count) instead of
+wall time; it measures the whole step only with ``--threads 1``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -51,11 +58,46 @@ def build(hidden: int, layers: int, r: int, dropout: float):
     return models
 
 
-def step_fn(model, ids):
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def step_fn(model, ids, eager: str | None = None):
+    """One training step; ``eager`` sets ``LORA_TRITON_EAGER`` for its duration (None leaves it)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
     def step(_i):
-        out = model(input_ids=ids, labels=ids)
-        torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad])
+        with _env("LORA_TRITON_EAGER", eager):
+            out = model(input_ids=ids, labels=ids)
+            torch.autograd.grad(out.loss, params)
     return step
+
+
+def measure_cpu_time(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """``measure_interleaved`` with the calling thread's CPU time instead of wall time."""
+    names = list(fns)
+    for w in range(warmup):
+        for name in names:
+            fns[name](w)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.thread_time()
+            fns[name](rep)
+            out[name].append(time.thread_time() - t0)
+    return out
 
 
 def main(argv=None) -> int:
@@ -67,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--custom-op", action="store_true", help="add lora_triton through its torch.library custom ops")
+    ap.add_argument("--cpu-time", action="store_true", help="thread CPU time instead of wall time (with --threads 1)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -78,17 +122,23 @@ def main(argv=None) -> int:
     # The frozen model's step backpropagates to its embeddings: the same activation backward, no LoRA.
     base_model.model.embed_tokens.weight.requires_grad_(True)
     fns = {name: step_fn(m, ids) for name, m in models.items()}
+    if args.custom_op:
+        fns["lora_triton_custom_op"] = step_fn(models["lora_triton"], ids, eager="0")
     for f in fns.values():
         f(0)
-    samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3, n_sets=1)
+    if args.cpu_time:
+        samples = measure_cpu_time(fns, repeats=args.repeats, warmup=3)
+    else:
+        samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3, n_sets=1)
     stats = {k: summarize(v) for k, v in samples.items()}
     end = os.getloadavg()
     print(f"tiny Llama step: hidden {args.hidden}, {args.layers} layers, {args.tokens} tokens, r={args.rank}, "
-          f"lora_dropout={args.dropout}, fp32 cpu, {torch.get_num_threads()} threads; "
+          f"lora_dropout={args.dropout}, fp32 cpu, {torch.get_num_threads()} threads, "
+          f"{'thread CPU' if args.cpu_time else 'wall'} time; "
           f"load {load[0]:.2f} -> {end[0]:.2f}")
     for k, s in stats.items():
         rel = f"  x peft {s.median_s / stats['peft'].median_s:.3f}" if "peft" in stats else ""
-        print(f"  {k:12s} median {s.median_s * 1e3:8.2f} ms  p20..p80 {s.p20_s * 1e3:.2f}..{s.p80_s * 1e3:.2f}{rel}")
+        print(f"  {k:22s} median {s.median_s * 1e3:8.2f} ms  p20..p80 {s.p20_s * 1e3:.2f}..{s.p80_s * 1e3:.2f}{rel}")
     if args.json:
         doc = {"args": vars(args), "load_average": list(load), "load_average_end": list(end),
                "threads": torch.get_num_threads(), "stats": {k: s.to_dict() for k, s in stats.items()}}

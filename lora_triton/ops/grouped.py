@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .backend import implementation
 from .checks import check_lora_operands, check_scaling
+from .eager import fast_path
 from .seeds import draw_seeds
 
 
@@ -44,13 +45,25 @@ def _opt(ts) -> list[Optional[Tensor]]:
     return [None if (t.dim() == 1 and t.numel() == 0) else t for t in ts]
 
 
+def _fwd_impl(x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds) -> list[Tensor]:
+    ys, u_cat = _impl(x.device).lora_linear_grouped_fwd(
+        x, _opt(weights), _opt(biases), _cast(lora_As, x.dtype), _cast(lora_Bs, x.dtype), scalings, dropout_ps, seeds)
+    return list(ys) + [u_cat]
+
+
+def _bwd_impl(dys, x, weights, lora_As, lora_Bs, u_cat, scalings, dropout_ps, seeds, need_dx) -> list[Tensor]:
+    dx, d_as, d_bs = _impl(x.device).lora_linear_grouped_bwd(
+        dys, x, _opt(weights), _cast(lora_As, x.dtype), _cast(lora_Bs, x.dtype), u_cat, scalings, dropout_ps, seeds,
+        need_dx)
+    # A custom op cannot return None: an empty tensor stands for "not computed".
+    return [x.new_empty(0) if dx is None else dx] + list(d_as) + list(d_bs)
+
+
 @torch.library.custom_op("lora_triton::lora_linear_grouped_fwd", mutates_args=())
 def _fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor], lora_As: list[Tensor],
          lora_Bs: list[Tensor], scalings: list[float], dropout_ps: list[float],
          seeds: Optional[Tensor]) -> list[Tensor]:
-    ys, u_cat = _impl(x.device).lora_linear_grouped_fwd(
-        x, _opt(weights), _opt(biases), _cast(lora_As, x.dtype), _cast(lora_Bs, x.dtype), scalings, dropout_ps, seeds)
-    return list(ys) + [u_cat]
+    return _fwd_impl(x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds)
 
 
 @_fwd.register_fake
@@ -63,11 +76,7 @@ def _(x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds):
 def _bwd(dys: list[Tensor], x: Tensor, weights: list[Tensor], lora_As: list[Tensor],
          lora_Bs: list[Tensor], u_cat: Tensor, scalings: list[float], dropout_ps: list[float],
          seeds: Optional[Tensor], need_dx: bool) -> list[Tensor]:
-    dx, d_as, d_bs = _impl(x.device).lora_linear_grouped_bwd(
-        dys, x, _opt(weights), _cast(lora_As, x.dtype), _cast(lora_Bs, x.dtype), u_cat, scalings, dropout_ps, seeds,
-        need_dx)
-    # A custom op cannot return None: an empty tensor stands for "not computed".
-    return [x.new_empty(0) if dx is None else dx] + list(d_as) + list(d_bs)
+    return _bwd_impl(dys, x, weights, lora_As, lora_Bs, u_cat, scalings, dropout_ps, seeds, need_dx)
 
 
 @_bwd.register_fake
@@ -78,10 +87,13 @@ def _(dys, x, weights, lora_As, lora_Bs, u_cat, scalings, dropout_ps, seeds, nee
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds = inputs
+    _save(ctx, *inputs, output[-1])
+
+
+def _save(ctx, x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds, u_cat):
     g = len(lora_As)
     # x once, U_cat, the seeds; weights and adapters are parameters (no new storage).
-    ctx.save_for_backward(x, output[-1], seeds, *weights, *lora_As, *lora_Bs)
+    ctx.save_for_backward(x, u_cat, seeds, *weights, *lora_As, *lora_Bs)
     ctx.g, ctx.scalings, ctx.dropout_ps = g, scalings, dropout_ps
     # needs_input_grad has one entry per list input: record which elements need a gradient.
     ctx.w_grad = [w.requires_grad for w in weights]
@@ -89,6 +101,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grads):
+    return _grads(ctx, grads, _bwd)
+
+
+def _grads(ctx, grads, bwd):
+    """Gradients of the grouped forward from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers)."""
     g = ctx.g
     saved = ctx.saved_tensors
     x, u_cat, seeds = saved[:3]
@@ -96,7 +113,7 @@ def _backward(ctx, grads):
     dys = [torch.zeros((x.shape[0], b.shape[0]), dtype=x.dtype, device=x.device) if dy is None else dy.contiguous()
            for dy, b in zip(grads[:g], lora_Bs)]
     need_x = ctx.needs_input_grad[0]
-    outs = _bwd(dys, x, weights, lora_As, lora_Bs, u_cat, ctx.scalings, ctx.dropout_ps, seeds, need_x)
+    outs = bwd(dys, x, weights, lora_As, lora_Bs, u_cat, ctx.scalings, ctx.dropout_ps, seeds, need_x)
     dx, d_as, d_bs = outs[0], outs[1:1 + g], outs[1 + g:]
     d_ws = [(dy.t() @ x).to(w.dtype) if need_w else None for dy, w, need_w in zip(dys, weights, ctx.w_grad)]
     d_biases = [dy.sum(0) if need_b else None for dy, need_b in zip(dys, ctx.b_grad)]
@@ -106,6 +123,36 @@ def _backward(ctx, grads):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerGrouped(torch.autograd.Function):
+    """The custom op's forward and backward without torch.library's wrappers (``ops/eager.py``). Lists
+    are not autograd inputs of a Function, so the tensors travel flat, G per list."""
+
+    @staticmethod
+    def forward(ctx, x, scalings, dropout_ps, seeds, *flat):
+        g = len(scalings)
+        weights, biases, lora_As, lora_Bs = (list(flat[i * g:(i + 1) * g]) for i in range(4))
+        outs = _fwd_impl(x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds)
+        _save(ctx, x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds, outs[-1])
+        ctx.mark_non_differentiable(outs[-1])
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        dx, d_ws, d_biases, d_as, d_bs, *_ = _grads(ctx, grads, _bwd_impl)
+        return (dx, None, None, None, *d_ws, *d_biases, *d_as, *d_bs)
+
+
+def _run(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t) -> list[Tensor]:
+    """[y_1, ..., y_G, U_cat]: the custom op, or in a plain eager call the same implementation without its wrappers."""
+    tensors = (*weights, *biases, *lora_As, *lora_Bs)
+    if not fast_path(x2, seed_t, *tensors):
+        return _fwd(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, *tensors)):
+        return list(_EagerGrouped.apply(x2, scalings, dropout_ps, seed_t, *tensors))
+    return _fwd_impl(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
 
 
 def make_seeds(seeds, g: int, device: torch.device) -> Tensor:
@@ -161,5 +208,5 @@ def lora_linear_grouped(x: Tensor, weights: Sequence[Optional[Tensor]], biases: 
     seed_t = make_seeds(seeds, g, x.device) if any(p > 0.0 for p in dropout_ps) else None
     weights = [_absent(x2) if w is None else w for w in weights]
     biases = [_absent(x2) if b is None else b for b in biases]
-    outs = _fwd(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
+    outs = _run(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
     return tuple(torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1])) for y in outs[:g])  # not views: see lora_linear

@@ -3,7 +3,9 @@
 Registered with torch.library (forward op, backward op, fake kernels, autograd) so
 ``torch.compile(fullgraph=True)`` traces through it. The implementation behind both
 ops is chosen per call by ``backend.choose_backend``: the Triton kernels or their
-pure-PyTorch twin, which share one signature.
+pure-PyTorch twin, which share one signature. A plain eager call (no tracing, modes or
+tensor subclasses: ``eager.fast_path``) runs the same implementation through a plain
+``autograd.Function`` instead, without the custom op's per-call cost; the bits are the same.
 
 Saved for backward: x, U = D(x) A^T [M, r] and the dropout seed. The mask and D(x)
 are regenerated from the seed, never stored (the CPU reference keeps masks of at most
@@ -21,6 +23,7 @@ from torch import Tensor
 from ..reference import lora_linear as _reference
 from .backend import implementation
 from .checks import check_lora_operands, check_scaling, kernel_supports, make_seed
+from .eager import fast_path
 
 
 def _impl(x: Tensor, lora_A: Tensor):
@@ -31,11 +34,21 @@ def _impl(x: Tensor, lora_A: Tensor):
     return implementation(x.device, "lora_linear")
 
 
+def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    return _impl(x, lora_A).lora_linear_fwd(x, weight, bias, a, b, scaling, dropout_p, seed)
+
+
+def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
+    """(dx or None, dA fp32, dB fp32): what both the custom op and the eager path run."""
+    return _impl(x, lora_A).lora_linear_bwd(
+        dy, x, weight, lora_A.to(x.dtype), lora_B.to(x.dtype), u, scaling, dropout_p, seed, need_dx)
+
+
 @torch.library.custom_op("lora_triton::lora_linear_fwd", mutates_args=())
 def _fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
          scaling: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    return tuple(_impl(x, lora_A).lora_linear_fwd(x, weight, bias, a, b, scaling, dropout_p, seed))
+    return tuple(_fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
 
 
 @_fwd.register_fake
@@ -46,8 +59,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 @torch.library.custom_op("lora_triton::lora_linear_bwd", mutates_args=())
 def _bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, u: Tensor,
          scaling: float, dropout_p: float, seed: Optional[Tensor], need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, d_a, d_b = _impl(x, lora_A).lora_linear_bwd(
-        dy, x, weight, lora_A.to(x.dtype), lora_B.to(x.dtype), u, scaling, dropout_p, seed, need_dx)
+    dx, d_a, d_b = _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
     # A custom op cannot return None: an empty tensor stands for "not computed".
     return (x.new_empty(0) if dx is None else dx), d_a, d_b
 
@@ -65,17 +77,51 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
-def _backward(ctx, dy, _du):
+def _grads(ctx, dy, bwd):
+    """The 8 input gradients from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers)."""
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dy = dy.contiguous()
-    dx, d_a, d_b = _bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
+    dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
     d_w = (dy.t() @ x).to(weight.dtype) if need_w else None
     d_bias = dy.sum(0) if need_b else None
     return (dx if need_x else None), d_w, d_bias, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), None, None, None
 
 
+def _backward(ctx, dy, _du):
+    return _grads(ctx, dy, _bwd)
+
+
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoraLinear(torch.autograd.Function):
+    """The custom op's forward and backward without torch.library's wrappers (``ops/eager.py``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        y, u = _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        return _grads(ctx, dy, _bwd_impl)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _run(x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed_t):
+    """y [M, N]: the custom op, or in a plain eager call the same implementation without its wrappers."""
+    if not fast_path(x2, weight, bias, lora_A, lora_B, seed_t):
+        return _fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)[0]
+    if _needs_grad(x2, weight, bias, lora_A, lora_B):
+        return _EagerLoraLinear.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
+    return _fwd_impl(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)[0]
 
 
 def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -95,7 +141,7 @@ def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lor
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(math.prod(lead), k)  # not -1: K = 0 is a valid (empty) input
     seed_t = make_seed(seed, x.device) if dropout_p > 0.0 else None
-    y, _ = _fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
+    y = _run(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
     # Not a view of y (nothing else holds y): FSDP2 warns on modules returning views, and an in-place op
     # on a view would skip its pre-backward hook.
     return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .eager import fast_path
+
 SEED_LIMIT = 2**62
 RANK_STRIDE = 0x9E3779B97F4A7C15 % SEED_LIMIT  # 2**64 / golden ratio: ranks land far apart
 
@@ -48,13 +50,17 @@ def _counter(device: torch.device) -> Tensor:
     return counter
 
 
-@torch.library.custom_op("lora_triton::draw_seeds", mutates_args=("counter",),
-                         tags=(torch.Tag.nondeterministic_seeded,))
-def _draw_seeds(counter: Tensor, n: int) -> Tensor:
+def _draw(counter: Tensor, n: int) -> Tensor:
     counter.add_(1)
     seeds = torch.randint(0, SEED_LIMIT, (n,), dtype=torch.int64, device=counter.device)
     offset = rank_offset()
     return seeds if offset == 0 else (seeds + offset) % SEED_LIMIT
+
+
+@torch.library.custom_op("lora_triton::draw_seeds", mutates_args=("counter",),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def _draw_seeds(counter: Tensor, n: int) -> Tensor:
+    return _draw(counter, n)
 
 
 @_draw_seeds.register_fake
@@ -63,5 +69,11 @@ def _(counter, n):
 
 
 def draw_seeds(n: int, device: torch.device) -> Tensor:
-    """``n`` fresh dropout seeds (int64 tensor [n] on ``device``), by the rule in the module docstring."""
-    return _draw_seeds(_counter(torch.device(device)), int(n))
+    """``n`` fresh dropout seeds (int64 tensor [n] on ``device``), by the rule in the module docstring.
+
+    A plain eager call runs the op's body directly (``ops/eager.py``): the same draw from the same
+    generator, without the custom op's dispatch."""
+    counter = _counter(torch.device(device))
+    if fast_path(counter):
+        return _draw(counter, int(n))
+    return _draw_seeds(counter, int(n))
