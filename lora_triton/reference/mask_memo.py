@@ -12,6 +12,7 @@ and other devices always regenerate (0 bytes kept).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -27,14 +28,22 @@ _bytes = 0
 _lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=256)
+def _threshold(p: float) -> int:
+    """``philox.dropout_threshold``, remembered: it builds and reads a tensor, a few microseconds per call,
+    and a training step asks for the same few p's dozens of times."""
+    return philox.dropout_threshold(p)
+
+
 def _key(seed, rows: int, cols: int, p: float, dtype: torch.dtype, row_offset: int, device) -> tuple | None:
     """The memo key, or None when this mask is not kept (not CPU, or more than one generator chunk)."""
     if device is None and isinstance(seed, torch.Tensor):
         device = seed.device
-    if torch.device(device or "cpu").type != "cpu" or rows * -(-cols // 8) > philox._CHUNK:
+    kind = device.type if isinstance(device, torch.device) else torch.device(device or "cpu").type
+    if kind != "cpu" or rows * -(-cols // 8) > philox._CHUNK:
         return None
-    s = int(seed.reshape(()).item()) if isinstance(seed, torch.Tensor) else int(seed)
-    return s, rows, cols, row_offset, philox.dropout_threshold(p), dtype
+    s = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)  # one element: a CPU read, no sync
+    return s, rows, cols, row_offset, _threshold(float(p)), dtype
 
 
 def _put(key: tuple, keep: torch.Tensor) -> None:
@@ -71,15 +80,19 @@ def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -
     if (len(idx) < 2 or seeds.device.type != "cpu" or rows == 0 or cols == 0
             or rows * groups * len(idx) > philox._CHUNK or MAX_BYTES == 0):
         return
-    seed_ints = [int(v) for v in seeds.reshape(-1)[idx].tolist()]
+    every = seeds.reshape(-1).tolist()
+    seed_ints = [int(every[j]) for j in idx]
     g = len(idx)
-    keys = torch.tensor([philox.round_keys(s) for s in seed_ints], dtype=torch.int64)  # [G, 10, 2]
-    keys = [(keys[:, i, 0:1], keys[:, i, 1:2]) for i in range(keys.shape[1])]
+    per_seed = [philox.round_keys(s) for s in seed_ints]  # [G][10][2] Python ints
+    # One [10, 2, G, 1] tensor, split into the 10 rounds' (k0, k1) [G, 1] without a slice op per key.
+    table = torch.tensor([[[[ks[i][w]] for ks in per_seed] for w in (0, 1)] for i in range(len(per_seed[0]))],
+                         dtype=torch.int64)
+    keys = list(zip(table[:, 0].unbind(0), table[:, 1].unbind(0)))
     n = rows * groups
     counters = torch.arange(n, dtype=torch.int64).expand(g, n).contiguous()  # row i, group j: i * G + j
     words = philox._Philox(g * n, "cpu").run(counters, keys, flip16=True)
     out, levels = philox.keep_buffers((g, rows, groups, 4, 2), dtype)
-    thrs = [philox.dropout_threshold(ps[j]) for j in idx]
+    thrs = [_threshold(float(ps[j])) for j in idx]
     thr16 = torch.tensor([t - 32768 for t in thrs], dtype=out.dtype if levels is None else levels.dtype)
     philox.keep_flags(words, out, levels, thr16.view(g, 1, 1, 1, 1))  # as in keep_mask_chunks, per seed
     for j, thr in enumerate(thrs):
