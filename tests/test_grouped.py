@@ -333,10 +333,19 @@ def test_grouping_only_shares_provably_equal_inputs(monkeypatch):
     torch.testing.assert_close(q, plain(attn.q_proj, x / 2))
     torch.testing.assert_close(k, plain(attn.k_proj, x / 2))
     torch.testing.assert_close(v, plain(attn.v_proj, x))
-    attn.k_proj.disable_adapters = True  # k leaves the group; q and v still share
+    attn.k_proj.disable_adapters = True  # k leaves the group; q's cached output (same x, same q) stays valid
     q, k = attn.q_proj(x), attn.k_proj(x)
+    torch.testing.assert_close(q, plain(attn.q_proj, x))
     torch.testing.assert_close(k, attn.k_proj.base_layer(x))
-    assert group.grouped_calls == 4 and group.cache_hits == 0
+    assert group.grouped_calls == 3 and group.cache_hits == 1
+    v = attn.v_proj(x)  # the cache is spent: a fresh group call of q and v only
+    torch.testing.assert_close(v, plain(attn.v_proj, x))
+    assert group.grouped_calls == 4
+    with torch.no_grad():
+        attn.q_proj.lora_B["default"].weight.add_(1.0)  # q's own state moved: its cached output is stale
+    q = attn.q_proj(x)
+    torch.testing.assert_close(q, plain(attn.q_proj, x))
+    assert group.grouped_calls == 5
     attn.k_proj.disable_adapters = False
     attn.k_proj.mixed_batch = lambda layer, x: torch.zeros(1)  # a mixed batch hook wins
     assert attn.k_proj(x).shape == (1,)

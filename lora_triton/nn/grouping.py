@@ -7,9 +7,10 @@ A ``LoraLinear`` cannot see its siblings, so grouping is installed at model leve
 known group and gives each member a grouped forward. The first member called with a tensor x
 runs ``lora_linear_grouped`` for every member that is eligible (see ``_eligible``) and caches
 the others' outputs keyed on x's identity; a member called with *the very same tensor object*
-(same id, same version counter, same data pointer, shape and strides) and unchanged state takes
-its cached output; any other input falls back to the layer's own forward. Correctness therefore
-never depends on the model's structure: outputs are shared only when the inputs provably are.
+(same id, same version counter, same data pointer, shape and strides) and its own state unchanged
+(the others' states do not enter its output) takes its cached output; any other input falls back to
+the layer's own forward or a new grouped call. Correctness therefore never depends on the model's
+structure: outputs are shared only when the inputs provably are.
 The cached outputs are outputs of one autograd node, so gradients flow as usual.
 
 Dropout: the grouped call draws one seed per projection from torch's generator, in one draw for
@@ -44,7 +45,7 @@ class SiblingGroup:
         self.layers = list(layers)
         self._x = None  # the input the cache is for (held, so its id cannot be reused meanwhile)
         self._key = None
-        self._outputs: dict[int, torch.Tensor] = {}
+        self._outputs: dict[int, tuple[torch.Tensor, tuple]] = {}  # member -> (output, its state then)
         self.grouped_calls = 0  # how many times the grouped op ran (tests, diagnostics)
         self.cache_hits = 0
         # Siblings that do not share their input (cross-attention: q reads the decoder, k/v the
@@ -59,26 +60,30 @@ class SiblingGroup:
         self._x, self._key, self._outputs = None, None, {}
 
     @staticmethod
-    def _key_of(x: torch.Tensor, states) -> tuple:
+    def _key_of(x: torch.Tensor) -> tuple:
         return (id(x), x._version, x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device,
-                torch.is_grad_enabled(), tuple(states))
+                torch.is_grad_enabled())
 
     def forward(self, layer: LoraLinear, x: torch.Tensor, args, kwargs):
-        idx = next(i for i, m in enumerate(self.layers) if m is layer)
         # Inference tensors have no version counter: an in-place change between the siblings'
         # calls could not be detected, so they take the plain forward.
         if not self.enabled or args or kwargs or torch.compiler.is_compiling() or x.is_inference():
             return LoraLinear.forward(layer, x, *args, **kwargs)
-        states = [_state(m, x) for m in self.layers]
-        if states[idx] is None:
+        state = _state(layer, x)
+        if state is None:
             return LoraLinear.forward(layer, x)
-        key = self._key_of(x, states)
-        if self._x is x and self._key == key and idx in self._outputs:
+        idx = next(i for i, m in enumerate(self.layers) if m is layer)
+        key = self._key_of(x)
+        cached = self._outputs.get(idx) if self._x is x and self._key == key else None
+        # A member's output depends on x and its own state only: both unchanged since the grouped call
+        # means the cached output is exactly what its own forward would compute.
+        if cached is not None and cached[1] == state:
             self.cache_hits += 1
-            out = self._outputs.pop(idx)
+            del self._outputs[idx]
             if not self._outputs:
                 self.clear()
-            return out
+            return cached[0]
+        states = [state if i == idx else _state(m, x) for i, m in enumerate(self.layers)]
         members = [i for i, s in enumerate(states) if s is not None]
         if self._outputs:  # the previous grouped call's outputs were never taken
             self.wasted += 1
@@ -90,7 +95,7 @@ class SiblingGroup:
         outs = _grouped_forward([self.layers[i] for i in members], x)
         self.grouped_calls += 1
         self._x, self._key = x, key
-        self._outputs = {i: o for i, o in zip(members, outs) if i != idx}
+        self._outputs = {i: (o, states[i]) for i, o in zip(members, outs) if i != idx}
         return outs[members.index(idx)]
 
 
@@ -100,19 +105,24 @@ def _state(layer: LoraLinear, x: torch.Tensor) -> Optional[tuple]:
     active adapter, autocast, or a dtype / width mismatch (the plain forward handles those)."""
     if layer.mixed_batch is not None or layer.disable_adapters or layer.merged_adapters:
         return None
-    if isinstance(layer.base_layer, NF4Linear):  # its own fused 4-bit GEMM; grouping would dequantize W
+    active = layer.active_adapters
+    if len(active) != 1 or torch.is_autocast_enabled(x.device.type):
         return None
-    if len(layer.active_adapters) != 1 or torch.is_autocast_enabled(x.device.type):
+    base = layer.base_layer
+    if isinstance(base, NF4Linear):  # its own fused 4-bit GEMM; grouping would dequantize W
         return None
-    name = layer.active_adapters[0]
-    if name not in layer.lora_A or name in layer.lora_variant:  # variants (DoRA) run their own forward
+    name = active[0]
+    if name in layer.lora_variant:  # variants (DoRA) run their own forward
         return None
-    weight = layer.base_weight()
+    lora_a, lora_b = layer.lora_A, layer.lora_B
+    if name not in lora_a:
+        return None
+    weight = base.weight  # [out, in] or Conv1D's [in, out]: dtype, device and version are the same
     if x.dtype != weight.dtype or x.device != weight.device or x.shape[-1] != layer.in_features:
         return None
-    a, b = layer.lora_A[name].weight, layer.lora_B[name]
     p = layer.lora_dropout_p[name] if layer.training else 0.0
-    return (name, layer.scaling[name], p, a._version, b.weight._version, weight._version)
+    return (name, layer.scaling[name], p, lora_a[name].weight._version, lora_b[name].weight._version,
+            weight._version)
 
 
 def _grouped_forward(layers: Sequence[LoraLinear], x: torch.Tensor):

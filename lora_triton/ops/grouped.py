@@ -104,11 +104,13 @@ def _backward(ctx, grads):
     return _grads(ctx, grads, _bwd)
 
 
-def _grads(ctx, grads, bwd):
-    """Gradients of the grouped forward from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers)."""
+def _grads(ctx, grads, bwd, x=None):
+    """Gradients of the grouped forward from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers);
+    ``x`` replaces the saved x (the eager path saves x as given and passes its [M, K] view)."""
     g = ctx.g
     saved = ctx.saved_tensors
-    x, u_cat, seeds = saved[:3]
+    saved_x, u_cat, seeds = saved[:3]
+    x = saved_x if x is None else x
     weights, lora_As, lora_Bs = list(saved[3:3 + g]), list(saved[3 + g:3 + 2 * g]), list(saved[3 + 2 * g:])
     dys = [torch.zeros((x.shape[0], b.shape[0]), dtype=x.dtype, device=x.device) if dy is None else dy.contiguous()
            for dy, b in zip(grads[:g], lora_Bs)]
@@ -125,34 +127,31 @@ def _grads(ctx, grads, bwd):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _unrows(y: Tensor, lead) -> Tensor:
+    return y if len(lead) == 1 else torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))  # not views: see lora_linear
+
+
 class _EagerGrouped(torch.autograd.Function):
     """The custom op's forward and backward without torch.library's wrappers (``ops/eager.py``). Lists
-    are not autograd inputs of a Function, so the tensors travel flat, G per list."""
+    are not autograd inputs of a Function, so the tensors travel flat, G per list. Takes x [..., K] and
+    returns the y_g [..., N_g] (and U_cat [M, sum r_g]): the flattening adds no autograd nodes."""
 
     @staticmethod
     def forward(ctx, x, scalings, dropout_ps, seeds, *flat):
         g = len(scalings)
         weights, biases, lora_As, lora_Bs = (list(flat[i * g:(i + 1) * g]) for i in range(4))
-        outs = _fwd_impl(x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds)
+        outs = _fwd_impl(x.reshape(-1, x.shape[-1]), weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds)
         _save(ctx, x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds, outs[-1])
         ctx.mark_non_differentiable(outs[-1])
-        return tuple(outs)
+        return (*(_unrows(y, x.shape[:-1]) for y in outs[:g]), outs[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        dx, d_ws, d_biases, d_as, d_bs, *_ = _grads(ctx, grads, _bwd_impl)
-        return (dx, None, None, None, *d_ws, *d_biases, *d_as, *d_bs)
-
-
-def _run(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t) -> list[Tensor]:
-    """[y_1, ..., y_G, U_cat]: the custom op, or in a plain eager call the same implementation without its wrappers."""
-    tensors = (*weights, *biases, *lora_As, *lora_Bs)
-    if not fast_path(x2, seed_t, *tensors):
-        return _fwd(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, *tensors)):
-        return list(_EagerGrouped.apply(x2, scalings, dropout_ps, seed_t, *tensors))
-    return _fwd_impl(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
+        x = ctx.saved_tensors[0]
+        dys = [dy.reshape(-1, dy.shape[-1]) for dy in grads[:ctx.g]]
+        dx, d_ws, d_biases, d_as, d_bs, *_ = _grads(ctx, dys, _bwd_impl, x.reshape(-1, x.shape[-1]))
+        return (None if dx is None else dx.view(x.shape), None, None, None, *d_ws, *d_biases, *d_as, *d_bs)
 
 
 def make_seeds(seeds, g: int, device: torch.device) -> Tensor:
@@ -203,10 +202,14 @@ def lora_linear_grouped(x: Tensor, weights: Sequence[Optional[Tensor]], biases: 
             check_lora_operands(x, weights[i], biases[i], lora_As[i], lora_Bs[i], dropout_ps[i])
         except (ValueError, TypeError) as e:
             raise type(e)(f"projection {i}: {e}") from None
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
     seed_t = make_seeds(seeds, g, x.device) if any(p > 0.0 for p in dropout_ps) else None
-    weights = [_absent(x2) if w is None else w for w in weights]
-    biases = [_absent(x2) if b is None else b for b in biases]
-    outs = _run(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
-    return tuple(torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1])) for y in outs[:g])  # not views: see lora_linear
+    weights = [_absent(x) if w is None else w for w in weights]
+    biases = [_absent(x) if b is None else b for b in biases]
+    tensors = (*weights, *biases, *lora_As, *lora_Bs)
+    eager = fast_path(x, seed_t, *tensors)  # a plain eager call: the implementation without the custom op
+    if eager and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
+        return _EagerGrouped.apply(x, scalings, dropout_ps, seed_t, *tensors)[:g]
+    x2 = x.reshape(-1, x.shape[-1])
+    run = _fwd_impl if eager else _fwd
+    outs = run(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
+    return tuple(_unrows(y, x.shape[:-1]) for y in outs[:g])

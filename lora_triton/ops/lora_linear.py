@@ -77,9 +77,11 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
-def _grads(ctx, dy, bwd):
-    """The 8 input gradients from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers)."""
-    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+def _grads(ctx, dy, bwd, x=None):
+    """The 8 input gradients from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers);
+    ``x`` replaces the saved x (the eager path saves x as given and passes its [M, K] view)."""
+    saved_x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    x = saved_x if x is None else x
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dy = dy.contiguous()
     dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
@@ -95,33 +97,39 @@ def _backward(ctx, dy, _du):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _rows(x: Tensor) -> Tensor:
+    """x [..., K] as [M, K] (not -1: K = 0 is a valid, empty input)."""
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def _unrows(y: Tensor, lead) -> Tensor:
+    # Not a view of y (nothing else holds y): FSDP2 warns on modules returning views, and an in-place op
+    # on a view would skip its pre-backward hook.
+    return y if len(lead) == 1 else torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))
+
+
 class _EagerLoraLinear(torch.autograd.Function):
-    """The custom op's forward and backward without torch.library's wrappers (``ops/eager.py``)."""
+    """The custom op's forward and backward without torch.library's wrappers (``ops/eager.py``). Takes x
+    [..., K] and returns y [..., N]: the flattening happens inside, so it adds no autograd nodes."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        y, u = _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        y, u = _fwd_impl(_rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        return y
+        return _unrows(y, x.shape[:-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        return _grads(ctx, dy, _bwd_impl)
+        x = ctx.saved_tensors[0]
+        grads = _grads(ctx, _rows(dy), _bwd_impl, _rows(x))
+        dx = grads[0]
+        return (None if dx is None else dx.view(x.shape), *grads[1:])
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _run(x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed_t):
-    """y [M, N]: the custom op, or in a plain eager call the same implementation without its wrappers."""
-    if not fast_path(x2, weight, bias, lora_A, lora_B, seed_t):
-        return _fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)[0]
-    if _needs_grad(x2, weight, bias, lora_A, lora_B):
-        return _EagerLoraLinear.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
-    return _fwd_impl(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)[0]
 
 
 def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -138,10 +146,13 @@ def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lor
     """
     check_lora_operands(x, weight, bias, lora_A, lora_B, dropout_p)
     scaling, dropout_p = check_scaling(scaling), float(dropout_p)
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(math.prod(lead), k)  # not -1: K = 0 is a valid (empty) input
     seed_t = make_seed(seed, x.device) if dropout_p > 0.0 else None
-    y = _run(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
-    # Not a view of y (nothing else holds y): FSDP2 warns on modules returning views, and an in-place op
-    # on a view would skip its pre-backward hook.
-    return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))
+    eager = fast_path(x, weight, bias, lora_A, lora_B, seed_t)
+    if eager and _needs_grad(x, weight, bias, lora_A, lora_B):
+        return _EagerLoraLinear.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
+    x2 = _rows(x)
+    if eager:  # nothing to differentiate: the implementation itself
+        y = _fwd_impl(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)[0]
+    else:
+        y = _fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)[0]
+    return _unrows(y, x.shape[:-1])
