@@ -104,13 +104,13 @@ def _backward(ctx, grads):
     return _grads(ctx, grads, _bwd)
 
 
-def _grads(ctx, grads, bwd, x=None):
-    """Gradients of the grouped forward from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers);
-    ``x`` replaces the saved x (the eager path saves x as given and passes its [M, K] view)."""
+def _grads(ctx, grads, bwd, saved=None):
+    """Gradients of the grouped forward from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers).
+    ``saved``: the saved tensors with x as [M, K] (the eager path saves x as given; saved tensors are
+    unpacked once, as non-reentrant checkpointing requires)."""
     g = ctx.g
-    saved = ctx.saved_tensors
-    saved_x, u_cat, seeds = saved[:3]
-    x = saved_x if x is None else x
+    saved = ctx.saved_tensors if saved is None else saved
+    x, u_cat, seeds = saved[:3]
     weights, lora_As, lora_Bs = list(saved[3:3 + g]), list(saved[3 + g:3 + 2 * g]), list(saved[3 + 2 * g:])
     dys = [torch.zeros((x.shape[0], b.shape[0]), dtype=x.dtype, device=x.device) if dy is None else dy.contiguous()
            for dy, b in zip(grads[:g], lora_Bs)]
@@ -148,9 +148,10 @@ class _EagerGrouped(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        x = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors
+        x = saved[0]
         dys = [dy.reshape(-1, dy.shape[-1]) for dy in grads[:ctx.g]]
-        dx, d_ws, d_biases, d_as, d_bs, *_ = _grads(ctx, dys, _bwd_impl, x.reshape(-1, x.shape[-1]))
+        dx, d_ws, d_biases, d_as, d_bs, *_ = _grads(ctx, dys, _bwd_impl, (x.reshape(-1, x.shape[-1]), *saved[1:]))
         return (None if dx is None else dx.view(x.shape), None, None, None, *d_ws, *d_biases, *d_as, *d_bs)
 
 

@@ -77,11 +77,11 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
-def _grads(ctx, dy, bwd, x=None):
-    """The 8 input gradients from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers);
-    ``x`` replaces the saved x (the eager path saves x as given and passes its [M, K] view)."""
-    saved_x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    x = saved_x if x is None else x
+def _grads(ctx, dy, bwd, saved=None):
+    """The 8 input gradients from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers).
+    ``saved``: the saved tensors with x as [M, K] (the eager path saves x as given; saved tensors are
+    unpacked once, as non-reentrant checkpointing requires)."""
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors if saved is None else saved
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dy = dy.contiguous()
     dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
@@ -122,8 +122,9 @@ class _EagerLoraLinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x = ctx.saved_tensors[0]
-        grads = _grads(ctx, _rows(dy), _bwd_impl, _rows(x))
+        saved = ctx.saved_tensors
+        x = saved[0]
+        grads = _grads(ctx, _rows(dy), _bwd_impl, (_rows(x), *saved[1:]))
         dx = grads[0]
         return (None if dx is None else dx.view(x.shape), *grads[1:])
 
