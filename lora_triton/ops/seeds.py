@@ -12,6 +12,10 @@ Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not, and transf
 (``preserve_rng_state=True``, the default), so the recomputation draws the same seeds and regenerates
 the same masks.
 
+Eager CPU draws on the reference backend also tell ``reference/mask_memo.py`` which seeds were drawn, so
+a training step's small masks can be drawn ahead in one batch (``reference/mask_forecast.py``); that
+peeks at a copy of the generator and never changes which seeds are drawn.
+
 Data parallelism: ranks usually share one ``torch.manual_seed`` (replicas must start equal), which would
 give every rank the same masks on different data. When torch.distributed is initialised with more than
 one process, rank ``k`` adds ``k * RANK_STRIDE`` (mod 2**62) to each drawn seed: masks differ per rank,
@@ -23,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..reference import mask_memo
+from .backend import choose_backend
 from .eager import fast_path
 
 SEED_LIMIT = 2**62
@@ -74,6 +80,19 @@ def draw_seeds(n: int, device: torch.device) -> Tensor:
     A plain eager call runs the op's body directly (``ops/eager.py``): the same draw from the same
     generator, without the custom op's dispatch."""
     counter = _counter(torch.device(device))
-    if fast_path(counter):
-        return _draw(counter, int(n))
-    return _draw_seeds(counter, int(n))
+    if not fast_path(counter):
+        return _draw_seeds(counter, int(n))
+    seeds = _draw(counter, int(n))
+    if counter.device.type == "cpu" and choose_backend(counter.device) == "reference":
+        mask_memo.seeds_drawn(seeds, peek_seeds)  # small masks of the step drawn ahead, batched
+    return seeds
+
+
+def peek_seeds(k: int) -> list[int]:
+    """The next ``k`` CPU seeds ``draw_seeds`` will return (one draw of k or k draws of 1 alike: torch's CPU
+    generator yields the same values either way), read from a copy of the generator: nothing is consumed."""
+    gen = torch.Generator()
+    gen.set_state(torch.default_generator.get_state())
+    seeds = torch.randint(0, SEED_LIMIT, (k,), dtype=torch.int64, generator=gen)
+    offset = rank_offset()
+    return (seeds if offset == 0 else (seeds + offset) % SEED_LIMIT).tolist()

@@ -8,6 +8,11 @@ chunk (``philox._CHUNK`` counters: at most 256K elements, 1 MiB in fp32) are kep
 ``MAX_BYTES`` (oldest evicted first), and backward pops what it takes, so a forward without a backward
 (evaluation in train mode) at worst leaves ``MAX_BYTES`` behind until later masks evict it. Large layers
 and other devices always regenerate (0 bytes kept).
+
+Masks are drawn in batches where that is known to be right: ``prefill`` draws the G projections of one x
+(q/k/v, gate/up) together, and ``seeds_drawn`` draws at a step's first seed the masks the step will ask for
+(``mask_forecast``: the previous step's mask shapes, the generator's next values), in one Philox call per
+shape. Either way each mask has the bits of its own seed's stream, kept under its exact key.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import philox
+from . import mask_forecast, philox
 
 MAX_BYTES = 8 << 20
 
@@ -46,17 +51,21 @@ def _key(seed, rows: int, cols: int, p: float, dtype: torch.dtype, row_offset: i
     return s, rows, cols, row_offset, _threshold(float(p)), dtype
 
 
+def _nbytes(keep: torch.Tensor) -> int:
+    return keep.numel() * keep.element_size()  # its share of a batch's buffer (``_draw_batch``)
+
+
 def _put(key: tuple, keep: torch.Tensor) -> None:
     global _bytes
-    size = keep.untyped_storage().nbytes()
+    size = _nbytes(keep)
     with _lock:
         old = _memo.pop(key, None)
         if old is not None:
-            _bytes -= old.untyped_storage().nbytes()
+            _bytes -= _nbytes(old)
         _memo[key] = keep
         _bytes += size
         while _bytes > MAX_BYTES and _memo:
-            _bytes -= _memo.popitem(last=False)[1].untyped_storage().nbytes()
+            _bytes -= _nbytes(_memo.popitem(last=False)[1])
 
 
 def _take(key: tuple, pop: bool = True) -> torch.Tensor | None:
@@ -66,23 +75,15 @@ def _take(key: tuple, pop: bool = True) -> torch.Tensor | None:
             return _memo.get(key)
         keep = _memo.pop(key, None)
         if keep is not None:
-            _bytes -= keep.untyped_storage().nbytes()
+            _bytes -= _nbytes(keep)
     return keep
 
 
-def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -> None:
-    """Draws the masks of G projections of one x (q, k, v; gate, up) in one batched Philox call and keeps
-    them, so each projection's forward and backward find theirs: one call's ~100 small ops instead of G.
-    Round keys and thresholds become [G, 1] tensors; every mask has exactly the bits of its own seed's
-    stream. Does nothing off CPU, for fewer than two projections with dropout, or past one chunk."""
-    idx = [g for g, p in enumerate(ps) if p > 0.0]
-    groups = -(-cols // 8)
-    if (len(idx) < 2 or seeds.device.type != "cpu" or rows == 0 or cols == 0
-            or rows * groups * len(idx) > philox._CHUNK or MAX_BYTES == 0):
-        return
-    every = seeds.reshape(-1).tolist()
-    seed_ints = [int(every[j]) for j in idx]
-    g = len(idx)
+def _draw_batch(seed_ints: list[int], rows: int, cols: int, thrs: list[int], dtype: torch.dtype) -> None:
+    """Draws and keeps the [rows, cols] masks of G seeds (thresholds ``thrs``) in one batched Philox call
+    (G * rows * ceil(cols / 8) counters, at most one chunk): round keys and thresholds become [G, 1]
+    tensors, and every mask has exactly the bits of its own seed's stream."""
+    g, groups = len(seed_ints), -(-cols // 8)
     per_seed = [philox.round_keys(s) for s in seed_ints]  # [G][10][2] Python ints
     # One [10, 2, G, 1] tensor, split into the 10 rounds' (k0, k1) [G, 1] without a slice op per key.
     table = torch.tensor([[[[ks[i][w]] for ks in per_seed] for w in (0, 1)] for i in range(len(per_seed[0]))],
@@ -92,18 +93,65 @@ def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -
     counters = torch.arange(n, dtype=torch.int64).expand(g, n).contiguous()  # row i, group j: i * G + j
     words = philox._Philox(g * n, "cpu").run(counters, keys, flip16=True)
     out, levels = philox.keep_buffers((g, rows, groups, 4, 2), dtype)
-    thrs = [_threshold(float(ps[j])) for j in idx]
     thr16 = torch.tensor([t - 32768 for t in thrs], dtype=out.dtype if levels is None else levels.dtype)
     philox.keep_flags(words, out, levels, thr16.view(g, 1, 1, 1, 1))  # as in keep_mask_chunks, per seed
     for j, thr in enumerate(thrs):
         _put((seed_ints[j], rows, cols, 0, thr, dtype), out[j].view(rows, groups * 8)[:, :cols])
 
 
+def _fits(rows: int, cols: int) -> bool:
+    return 0 < rows * -(-cols // 8) <= philox._CHUNK and cols > 0
+
+
+def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -> None:
+    """Draws the masks of G projections of one x (q, k, v; gate, up) in one batched Philox call and keeps
+    them, so each projection's forward and backward find theirs: one call's ~100 small ops instead of G.
+    Masks already kept (a forecast drew them) are not drawn again. Does nothing off CPU, for fewer than two
+    projections with dropout, or past one chunk."""
+    idx = [g for g, p in enumerate(ps) if p > 0.0]
+    if (len(idx) < 2 or seeds.device.type != "cpu" or not _fits(rows, cols)
+            or rows * -(-cols // 8) * len(idx) > philox._CHUNK or MAX_BYTES == 0):
+        return
+    every = seeds.reshape(-1).tolist()
+    fc = mask_forecast.state()
+    todo = []
+    for j in idx:
+        seed, thr = int(every[j]), _threshold(float(ps[j]))
+        fc.on_mask(seed, (rows, cols, thr, dtype))
+        if (seed, rows, cols, 0, thr, dtype) not in _memo:
+            todo.append((seed, thr))
+    if len(todo) > 1:  # a single one is drawn by its projection's own forward
+        _draw_batch([t[0] for t in todo], rows, cols, [t[1] for t in todo], dtype)
+
+
+def seeds_drawn(seeds: torch.Tensor, peek) -> None:
+    """``ops/seeds.py`` drew ``seeds`` (CPU, eager): record them, and at a step start draw the masks the
+    forecast expects this step to ask for (``mask_forecast``), batched per shape, within ``MAX_BYTES // 2``."""
+    if MAX_BYTES == 0:
+        return
+    plan = mask_forecast.state().on_draw([int(v) for v in seeds.tolist()], peek)
+    by_shape: dict[tuple, list[tuple[int, int]]] = {}
+    budget = MAX_BYTES // 2
+    for seed, (rows, cols, thr, dtype) in plan:
+        size = rows * cols * dtype.itemsize
+        if not _fits(rows, cols) or size > budget or (seed, rows, cols, 0, thr, dtype) in _memo:
+            continue
+        budget -= size
+        by_shape.setdefault((rows, cols, dtype), []).append((seed, thr))
+    for (rows, cols, dtype), todo in by_shape.items():
+        per_call = max(1, philox._CHUNK // (rows * -(-cols // 8)))
+        for i in range(0, len(todo), per_call):
+            part = todo[i:i + per_call]
+            _draw_batch([t[0] for t in part], rows, cols, [t[1] for t in part], dtype)
+
+
 def clear() -> None:
+    """Empties the memo and this thread's forecast."""
     global _bytes
     with _lock:
         _memo.clear()
         _bytes = 0
+    mask_forecast.reset()
 
 
 def held_bytes() -> int:
@@ -116,7 +164,11 @@ def mask_chunks(seed, rows: int, cols: int, p: float, device=None, dtype: torch.
     backward) under their key. A kept or taken mask is read-only for the caller."""
     key = _key(seed, rows, cols, p, dtype, row_offset, device) if (keep or take) and rows and cols else None
     if key is not None:
-        hit = _take(key, pop=take)  # forward: a mask ``prefill`` drew; backward: the forward's
+        if keep:
+            mask_forecast.state().on_mask(key[0], (rows, cols, key[4], dtype))
+        else:
+            mask_forecast.state().backward_seen()
+        hit = _take(key, pop=take)  # forward: a mask ``prefill`` or a forecast drew; backward: the forward's
         if hit is not None:
             yield 0, rows, hit
             return
