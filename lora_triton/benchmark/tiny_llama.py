@@ -4,14 +4,15 @@ single-layer suites).
 
     python -m lora_triton.benchmark.tiny_llama [--hidden 256] [--layers 2] [--tokens 64] [--dropout 0.05]
                                                [--repeats 30] [--threads N] [--custom-op] [--cpu-time]
-                                               [--json out.json]
+                                               [--layer] [--json out.json]
 
 Step = forward, cross-entropy loss, backward (no optimizer). Same weights and inputs for every
 provider; PEFT's model is a deep copy wrapped by ``get_peft_model``. ``--custom-op`` adds the
 provider ``lora_triton_custom_op``: the same model with ``LORA_TRITON_EAGER=0``, every call through
 the torch.library custom ops (what the eager fast path of ``ops/eager.py`` saves). ``--cpu-time``
 times the calling thread's CPU time (``time.thread_time``: descheduling does not count) instead of
-wall time; it measures the whole step only with ``--threads 1``.
+wall time; it measures the whole step only with ``--threads 1``. ``--layer`` times one linear layer
+instead (x [tokens, hidden] -> [tokens, hidden], fwd + bwd to x and the adapter): the per-call cost.
 """
 
 from __future__ import annotations
@@ -73,6 +74,39 @@ def _env(name: str, value: str | None):
                 os.environ[name] = old
 
 
+def build_layer(hidden: int, r: int, dropout: float):
+    """One Linear(hidden, hidden): LoRA-injected, PEFT-wrapped (``lora.Linear``) and frozen."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential()
+    base.lin = torch.nn.Linear(hidden, hidden)
+    base.lin.requires_grad_(False)
+    import lora_triton as lt
+
+    ours = copy.deepcopy(base)
+    lt.inject_lora(ours, lt.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["lin"]))
+    models = {"lora_triton": ours, "base": base}
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        models["peft"] = get_peft_model(copy.deepcopy(base), LoraConfig(
+            r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["lin"]))
+    except ImportError:
+        pass
+    for m in models.values():
+        m.train()
+    return models
+
+
+def layer_step_fn(model, x, dy, eager: str | None = None):
+    """Forward and backward of one layer to x and its trainable parameters."""
+    leaves = [x] + [p for p in model.parameters() if p.requires_grad]
+
+    def step(_i):
+        with _env("LORA_TRITON_EAGER", eager):
+            torch.autograd.grad(model(x), leaves, dy)
+    return step
+
+
 def step_fn(model, ids, eager: str | None = None):
     """One training step; ``eager`` sets ``LORA_TRITON_EAGER`` for its duration (None leaves it)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,19 +145,27 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--custom-op", action="store_true", help="add lora_triton through its torch.library custom ops")
     ap.add_argument("--cpu-time", action="store_true", help="thread CPU time instead of wall time (with --threads 1)")
+    ap.add_argument("--layer", action="store_true", help="one hidden x hidden linear layer instead of the model")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    models = build(args.hidden, args.layers, args.rank, args.dropout)
-    ids = torch.randint(0, 512, (1, args.tokens))
-    base_model = models["base"]
-    # The frozen model's step backpropagates to its embeddings: the same activation backward, no LoRA.
-    base_model.model.embed_tokens.weight.requires_grad_(True)
-    fns = {name: step_fn(m, ids) for name, m in models.items()}
-    if args.custom_op:
-        fns["lora_triton_custom_op"] = step_fn(models["lora_triton"], ids, eager="0")
+    if args.layer:
+        models = build_layer(args.hidden, args.rank, args.dropout)
+        x = torch.randn(args.tokens, args.hidden, requires_grad=True)
+        dy = torch.randn(args.tokens, args.hidden)
+        fns = {name: layer_step_fn(m, x, dy) for name, m in models.items()}
+        if args.custom_op:
+            fns["lora_triton_custom_op"] = layer_step_fn(models["lora_triton"], x, dy, eager="0")
+    else:
+        models = build(args.hidden, args.layers, args.rank, args.dropout)
+        ids = torch.randint(0, 512, (1, args.tokens))
+        # The frozen model's step backpropagates to its embeddings: the same activation backward, no LoRA.
+        models["base"].model.embed_tokens.weight.requires_grad_(True)
+        fns = {name: step_fn(m, ids) for name, m in models.items()}
+        if args.custom_op:
+            fns["lora_triton_custom_op"] = step_fn(models["lora_triton"], ids, eager="0")
     for f in fns.values():
         f(0)
     if args.cpu_time:
@@ -132,13 +174,15 @@ def main(argv=None) -> int:
         samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3, n_sets=1)
     stats = {k: summarize(v) for k, v in samples.items()}
     end = os.getloadavg()
-    print(f"tiny Llama step: hidden {args.hidden}, {args.layers} layers, {args.tokens} tokens, r={args.rank}, "
+    what = f"one layer {args.hidden} -> {args.hidden}" if args.layer else f"tiny Llama step: hidden {args.hidden}, " \
+        f"{args.layers} layers"
+    print(f"{what}, {args.tokens} tokens, r={args.rank}, "
           f"lora_dropout={args.dropout}, fp32 cpu, {torch.get_num_threads()} threads, "
           f"{'thread CPU' if args.cpu_time else 'wall'} time; "
           f"load {load[0]:.2f} -> {end[0]:.2f}")
     for k, s in stats.items():
         rel = f"  x peft {s.median_s / stats['peft'].median_s:.3f}" if "peft" in stats else ""
-        print(f"  {k:22s} median {s.median_s * 1e3:8.2f} ms  p20..p80 {s.p20_s * 1e3:.2f}..{s.p80_s * 1e3:.2f}{rel}")
+        print(f"  {k:22s} median {s.median_s * 1e3:8.3f} ms  p20..p80 {s.p20_s * 1e3:.3f}..{s.p80_s * 1e3:.3f}{rel}")
     if args.json:
         doc = {"args": vars(args), "load_average": list(load), "load_average_end": list(end),
                "threads": torch.get_num_threads(), "stats": {k: s.to_dict() for k, s in stats.items()}}
