@@ -49,6 +49,8 @@ def check_lora_operands(x, weight, bias, lora_A, lora_B, dropout_p: float) -> No
 
 def _real(name: str, value) -> float:
     """A Python / numpy real number (bool and strings refused) as float."""
+    if type(value) is float:  # the usual case, without the numbers.Real ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
     return float(value)
