@@ -16,9 +16,10 @@ uint32 words live in int64 tensors; one int64 multiply gives both halves of a 32
 product (low word: its low 32 bits, high word: ``>> 32``), so a round is 2 multiplies.
 Only the two words that feed the next multiply are masked to 32 bits; the other two carry
 garbage above bit 31 that no later step reads. Round keys are Python ints for CPU seeds
-(no 0-d tensor ops), every op runs in place on buffers reused across row chunks, and the
-16-bit halves are compared through an int16 view of the words (sign bit flipped by an
-XOR folded into the last round), written straight into the mask's [rows, 8 G] layout.
+(no 0-d tensor ops), every op runs in place on buffers reused across row chunks, the last
+round writes the four words interleaved as int32 [counters, 4], and the 16-bit halves are
+compared through one contiguous int16 view of them (sign bit flipped by an XOR folded into
+the last round), which is already the mask's [rows, 8 G] layout.
 """
 
 from __future__ import annotations
@@ -73,19 +74,24 @@ def tensor_round_keys(seed: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tens
 
 
 class _Philox:
-    """Reused int64 buffers for up to ``n`` counters; ``run`` leaves the 4 words in ``words``."""
+    """Reused buffers for up to ``n`` counters; ``run`` returns the 4 words as int32 [..., 4]."""
 
     def __init__(self, n: int, device):
         self.n = n
         self.buf = torch.empty((6, n), dtype=torch.int64, device=device)
+        self.words = torch.empty((n, 4), dtype=torch.int32, device=device)
 
-    def run(self, counters: torch.Tensor, keys, flip16: bool = False) -> list[torch.Tensor]:
+    def run(self, counters: torch.Tensor, keys, flip16: bool = False) -> torch.Tensor:
         """Philox4x32-10 of int64 ``counters`` (flat, or [G, n'] with keys broadcasting as [G, 1] tensors; <= n
-        in all). Returns [c0, c1, c2, c3] as views of the
-        buffers, exact in bits 0..31 only (bits above are garbage: mask them to read the uint32).
-        ``flip16`` XORs every word with 0x80008000 (for the int16 compare)."""
+        in all). Returns the words [*counters.shape, 4] as int32 bit patterns (a view of a reused buffer).
+        ``flip16`` XORs every word with 0x80008000 (for the int16 compare).
+
+        The last round writes its four words straight into the [..., 4] layout, so the 16-bit halves of
+        counter c sit at int16 positions 8c .. 8c + 7 in lane order (2 * word + half): the mask compare then
+        reads them in one contiguous pass (per-word strided copies cost 10x the compare, measured)."""
         n = counters.numel()
         c0, c1, c2, c3, pa, pb = (b[:n].view(counters.shape) for b in self.buf)  # [n] or [G, n]
+        out = self.words[:n].view(*counters.shape, 4)
         k0, k1 = keys[0]
         # Round 1 with c2 = c3 = 0 (umulhi(B, 0) = 0 and B * 0 = 0), so c1 becomes 0.
         torch.bitwise_and(counters, _MASK32, out=c3)
@@ -106,19 +112,25 @@ class _Philox:
             torch.bitwise_right_shift(pb, 32, out=c0)
             if i > 1:  # c1 is 0 after round 1
                 c0 ^= c1
-            c0 ^= k0
             torch.bitwise_right_shift(pa, 32, out=c2)
             c2 ^= c3
-            c2 ^= k1
             if i < last:  # c0, c2 feed the next round's multiplies
+                c0 ^= k0
+                c2 ^= k1
                 c0 &= _MASK32
                 c2 &= _MASK32
+            else:  # the int64 -> int32 cast of the output keeps bits 0..31
+                torch.bitwise_xor(c0, k0, out=out[..., 0])
+                torch.bitwise_xor(c2, k1, out=out[..., 2])
             c1, pb = pb, c1
             c3, pa = pa, c3
         if flip16:
-            c1 ^= _FLIP16
-            c3 ^= _FLIP16
-        return [c0, c1, c2, c3]
+            torch.bitwise_xor(c1, _FLIP16, out=out[..., 1])
+            torch.bitwise_xor(c3, _FLIP16, out=out[..., 3])
+        else:
+            out[..., 1].copy_(c1)
+            out[..., 3].copy_(c3)
+        return out
 
 
 def philox4x32(seed: torch.Tensor | int, offsets: torch.Tensor, keys=None) -> tuple[torch.Tensor, ...]:
@@ -130,7 +142,7 @@ def philox4x32(seed: torch.Tensor | int, offsets: torch.Tensor, keys=None) -> tu
     keys = round_keys(seed, offsets.device) if keys is None else keys
     flat = offsets.reshape(-1)
     words = _Philox(flat.numel(), offsets.device).run(flat, keys)
-    return tuple((w & _MASK32).reshape(offsets.shape) for w in words)
+    return tuple((words[:, i].to(torch.int64) & _MASK32).reshape(offsets.shape) for i in range(4))
 
 
 def philox_randint(seed: torch.Tensor | int, offsets: torch.Tensor) -> torch.Tensor:
@@ -217,18 +229,16 @@ def keep_buffers(shape, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, 
     return out, None if exact else torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def keep_flags(words: list[torch.Tensor], out: torch.Tensor, levels: torch.Tensor | None, thr16) -> None:
-    """Writes the keep flags (1 kept, 0 dropped) of ``flip16`` Philox ``words`` into ``out`` [..., G, 4, 2]
-    (lane 2 * word + half), ``thr16`` = threshold - 32768 (a number, or a tensor broadcasting to ``out``).
+def keep_flags(words: torch.Tensor, out: torch.Tensor, levels: torch.Tensor | None, thr16) -> None:
+    """Writes the keep flags (1 kept, 0 dropped) of ``flip16`` Philox ``words`` (``_Philox.run``'s int32
+    [..., 4]) into ``out`` [..., G, 4, 2] (lane 2 * word + half), ``thr16`` = threshold - 32768 (a number,
+    or a tensor broadcasting to ``out``).
 
     The 16-bit halves become 0/1 by arithmetic, not by a compare: torch.ge into a float tensor builds a
     bool temporary and casts it (measured: 58% of the generator's time, 2048 x 2048). ``levels`` (from
     ``keep_buffers``) is where that runs for an inexact ``out`` dtype; None runs it in ``out``."""
     lv = out if levels is None else levels
-    lead = lv.shape[:-2]
-    for w, word in enumerate(words):
-        halves = word.view(torch.int16).view(*lead, 4)[..., :2]  # little endian: bits 0..15, 16..31
-        lv[..., w, :].copy_(halves)
+    lv.copy_(words.view(torch.int16).view(lv.shape))  # little endian: half 0 is bits 0..15
     # Integers h: h - (thr - 1) >= 1 exactly when h >= thr, <= 0 otherwise, so the clamp gives 1 or 0.
     lv.sub_(thr16 - 1).clamp_(0, 1)
     if levels is not None:
