@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from .config_checks import check_int, check_number, check_probability, is_int, show
 from .io.atomic import atomic_write_text
+from .io.config_json import CONFIG_NAME, load_config_json, read_config_json  # noqa: F401  (re-exported)
 from .patterns import check_pattern, match
 
-CONFIG_NAME = "adapter_config.json"
 ALL_LINEAR = "all-linear"
 INIT_CHOICES = (True, False, "gaussian", "orthogonal", "eva", "loftq")
 # Initialisations that leave the base weights alone and give a plain LoRA adapter: such adapters
@@ -118,18 +118,15 @@ class LoraConfig(AdapterConfigFile):
         if peft_type != "LORA":
             raise ValueError(f"peft_type: only 'LORA' adapters are supported, got {peft_type!r}")
         self.peft_type = peft_type
-        if not _is_int(self.r) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, got {_show(self.r)}")
-        _check_number("lora_alpha", self.lora_alpha)
-        _check_number("lora_dropout", self.lora_dropout)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_int("r", self.r)
+        check_number("lora_alpha", self.lora_alpha)
+        check_probability("lora_dropout", self.lora_dropout)
         for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode", "ensure_weight_tying"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool (true/false), got {_show(getattr(self, name))}")
+                raise ValueError(f"{name} must be a bool (true/false), got {show(getattr(self, name))}")
         for name in ("task_type", "base_model_name_or_path", "revision"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string or None, got {_show(getattr(self, name))}")
+                raise ValueError(f"{name} must be a string or None, got {show(getattr(self, name))}")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         if self.use_dora and self.lora_bias:
@@ -159,19 +156,18 @@ class LoraConfig(AdapterConfigFile):
                     check_pattern(f"{name} entry", item)
         if self.layers_to_transform is not None and (
                 not isinstance(self.layers_to_transform, list)
-                or not all(_is_int(i) and i >= 0 for i in self.layers_to_transform)):
+                or not all(is_int(i) and i >= 0 for i in self.layers_to_transform)):
             raise ValueError("layers_to_transform must be a layer index or a list of them (ints >= 0), "
-                             f"got {_show(self.layers_to_transform)}")
+                             f"got {show(self.layers_to_transform)}")
         for name in ("rank_pattern", "alpha_pattern"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a dict of regex -> value, got {getattr(self, name)!r}")
             for key in getattr(self, name):
                 check_pattern(f"{name} key", key)
         for key, rank in self.rank_pattern.items():
-            if not _is_int(rank) or rank <= 0:
-                raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {_show(rank)}")
+            check_int(f"rank_pattern[{key!r}]", rank)
         for key, alpha in self.alpha_pattern.items():
-            _check_number(f"alpha_pattern[{key!r}]", alpha)
+            check_number(f"alpha_pattern[{key!r}]", alpha)
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform")
 
@@ -219,29 +215,6 @@ class LoraConfig(AdapterConfigFile):
         return cls.from_dict(load_config_json(directory))
 
 
-def load_config_json(directory: str) -> dict:
-    """The adapter_config.json dict of an adapter folder (or the file itself): FileNotFoundError when there is
-    none, ``read_config_json``'s ValueError when it is not a UTF-8 JSON object. Every config loader reads here."""
-    path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
-    return read_config_json(path)
-
-
-def read_config_json(path: str) -> dict:
-    """The JSON object in ``path``; ValueError naming the file when it is not UTF-8 JSON holding an object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text (a JSON file was expected): {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def as_lora_config(config) -> LoraConfig:
     """Ours unchanged; PEFT's ``peft.LoraConfig`` converted field by field (unsupported values refused
     exactly as when reading its adapter_config.json); anything else is a TypeError."""
@@ -262,22 +235,6 @@ def _pattern_key(patterns: dict, module_path: str, field: str = "rank_pattern / 
     return None
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _show(value) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
-def _check_number(field: str, value) -> None:
-    """A real, finite number (bool and strings refused: JSON "0.1" or true is a broken file)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{field} must be a number, got {_show(value)}")
-    if not math.isfinite(value):
-        raise ValueError(f"{field} must be finite, got {value!r}")
-
-
 def _check_str_list(field: str, value, expected: str) -> None:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{field} must be {expected}, got {_show(value)}")
+        raise ValueError(f"{field} must be {expected}, got {show(value)}")
