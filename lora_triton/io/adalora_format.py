@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import CONFIG_NAME, read_config_json
 from ..nn.adalora import adalora_layers, adalora_state
 from ..nn.inject import adapter_configs
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from .adapter_files import write_pair
+from .config_json import CONFIG_NAME, read_config_json
 from .peft_format import PREFIX, _bias_params, load_adapter
 
 
