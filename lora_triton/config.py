@@ -65,6 +65,40 @@ class AdapterConfigFile:
         os.makedirs(directory, exist_ok=True)
         atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
 
+    def validate_targeting(self) -> None:
+        """The targeting fields every config class with PEFT's targeting shares (LoRA / DoRA, AdaLoRA, LoHa,
+        LoKr): target_modules, exclude_modules, layers_pattern, modules_to_save, layers_to_transform,
+        rank_pattern, alpha_pattern; regexes compiled up front (``patterns.check_pattern``)."""
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                if not (name == "target_modules" and value.lower() == ALL_LINEAR):
+                    check_pattern(name, value)
+            elif value is not None:
+                _check_str_list(name, value, "a regex string, a list of module names, or None")
+        for name in ("layers_pattern", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_str_list(name, value, "a list of strings or None")
+                for item in value:
+                    check_pattern(f"{name} entry", item)
+        if self.layers_to_transform is not None and (
+                not isinstance(self.layers_to_transform, list)
+                or not all(is_int(i) and i >= 0 for i in self.layers_to_transform)):
+            raise ValueError("layers_to_transform must be a layer index or a list of them (ints >= 0), "
+                             f"got {show(self.layers_to_transform)}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict of regex -> value, got {getattr(self, name)!r}")
+            for key in getattr(self, name):
+                check_pattern(f"{name} key", key)
+        for key, rank in self.rank_pattern.items():
+            check_int(f"rank_pattern[{key!r}]", rank)
+        for key, alpha in self.alpha_pattern.items():
+            check_number(f"alpha_pattern[{key!r}]", alpha)
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern is only used together with layers_to_transform")
+
     def normalize_targeting(self) -> None:
         """The targeting fields in one form: sets / tuples of names as sorted lists, a single layer index or
         layers_pattern as a one-element list (as PEFT accepts them)."""
@@ -141,35 +175,7 @@ class LoraConfig(AdapterConfigFile):
             from .nn.loftq import check_loftq_config
 
             check_loftq_config(self.loftq_config, self.use_dora)
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                if not (name == "target_modules" and value.lower() == ALL_LINEAR):
-                    check_pattern(name, value)
-            elif value is not None:
-                _check_str_list(name, value, "a regex string, a list of module names, or None")
-        for name in ("layers_pattern", "modules_to_save"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_str_list(name, value, "a list of strings or None")
-                for item in value:
-                    check_pattern(f"{name} entry", item)
-        if self.layers_to_transform is not None and (
-                not isinstance(self.layers_to_transform, list)
-                or not all(is_int(i) and i >= 0 for i in self.layers_to_transform)):
-            raise ValueError("layers_to_transform must be a layer index or a list of them (ints >= 0), "
-                             f"got {show(self.layers_to_transform)}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name} must be a dict of regex -> value, got {getattr(self, name)!r}")
-            for key in getattr(self, name):
-                check_pattern(f"{name} key", key)
-        for key, rank in self.rank_pattern.items():
-            check_int(f"rank_pattern[{key!r}]", rank)
-        for key, alpha in self.alpha_pattern.items():
-            check_number(f"alpha_pattern[{key!r}]", alpha)
-        if self.layers_pattern and not self.layers_to_transform:
-            raise ValueError("layers_pattern is only used together with layers_to_transform")
+        self.validate_targeting()
 
     # PEFT semantics: the first pattern key matching `(.*\.)?(key)$` on the module path wins.
     def rank_for(self, module_path: str) -> int:

@@ -56,15 +56,7 @@ class _LycorisConfig(AdapterConfigFile):
             check_probability(name, getattr(self, name))
         if not any(self.init_weights is c or self.init_weights == c and isinstance(c, str) for c in self.INIT_CHOICES):
             raise ValueError(f"init_weights must be one of {self.INIT_CHOICES}, got {self.init_weights!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name} must be a dict of regex -> value, got {getattr(self, name)!r}")
-        for key, rank in self.rank_pattern.items():
-            check_int(f"rank_pattern[{key!r}]", rank)
-        for key, alpha in self.alpha_pattern.items():
-            check_number(f"alpha_pattern[{key!r}]", alpha)
-        if self.layers_pattern and not self.layers_to_transform:
-            raise ValueError("layers_pattern is only used together with layers_to_transform")
+        self.validate_targeting()
 
     def rank_for(self, module_path: str) -> int:
         key = _pattern_key(self.rank_pattern, module_path)

@@ -1,5 +1,6 @@
 """Every adapter config class checks its numbers by the one rule set of ``config_checks``: non-numbers
-(strings, bools), NaN / inf and out-of-range values are a ValueError naming the field and the value."""
+(strings, bools), NaN / inf and out-of-range values are a ValueError naming the field and the value. The
+configs that target modules share one targeting check (``AdapterConfigFile.validate_targeting``)."""
 
 from __future__ import annotations
 
@@ -112,3 +113,21 @@ def test_xlora_from_pretrained_reads_through_the_shared_reader(tmp_path):
     with pytest.raises(ValueError, match="softmax_temperature must be finite"):
         XLoraConfig.from_pretrained(_xlora_dir(tmp_path, json.dumps(
             {**good.to_dict(), "softmax_temperature": NAN})))
+
+
+@pytest.mark.parametrize("cls", [LoHaConfig, LoKrConfig])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target_modules="(q|v"), r"target_modules: invalid regular expression"),
+    (dict(target_modules=["q", 1]), "target_modules must be"),
+    (dict(exclude_modules=5), "exclude_modules must be"),
+    (dict(modules_to_save="head"), "modules_to_save must be a list"),
+    (dict(layers_to_transform=[0, -1]), "layers_to_transform must be"),
+    (dict(rank_pattern={"[a": 2}), "rank_pattern key: invalid regular expression"),
+    (dict(layers_pattern=["layers"]), "layers_pattern is only used together with layers_to_transform"),
+])
+def test_lycoris_targeting_is_checked_like_lora(cls, kwargs, message):
+    # One targeting check (AdapterConfigFile.validate_targeting) for every config class that targets modules.
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
