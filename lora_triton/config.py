@@ -43,9 +43,28 @@ _UNSUPPORTED_AT_DEFAULT: dict[str, Any] = {
 _IGNORED = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "runtime_config"}
 
 
-class AdapterConfigFile:
-    """adapter_config.json for every adapter config class: its text (``to_peft_dict`` as sorted JSON)
-    and an atomic save."""
+@dataclass
+class PeftConfigFields:
+    """PEFT's bookkeeping fields, the same in every config class (LoRA / DoRA, AdaLoRA, LoHa, LoKr, X-LoRA);
+    each class sets its own ``peft_type`` default and checks it."""
+
+    peft_type: str = ""
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+
+    def validate_bookkeeping(self) -> None:
+        if not isinstance(self.inference_mode, bool):
+            raise ValueError(f"inference_mode must be a bool (true/false), got {show(self.inference_mode)}")
+        for name in ("task_type", "base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or None, got {show(getattr(self, name))}")
+
+
+class AdapterConfigFile(PeftConfigFields):
+    """adapter_config.json for every adapter config class but X-LoRA's: its text (``to_peft_dict`` as sorted
+    JSON) and an atomic save."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,10 +152,6 @@ class LoraConfig(AdapterConfigFile):
     loftq_config: dict = field(default_factory=dict)  # init_lora_weights="loftq": nn/loftq.py
     ensure_weight_tying: bool = False  # adapters on tied embedding / head share their factors: nn/weight_tying.py
     peft_type: str = "LORA"
-    task_type: Optional[str] = None
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    inference_mode: bool = False
 
     def __post_init__(self):
         self.normalize_targeting()
@@ -155,12 +170,10 @@ class LoraConfig(AdapterConfigFile):
         check_int("r", self.r)
         check_number("lora_alpha", self.lora_alpha)
         check_probability("lora_dropout", self.lora_dropout)
-        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode", "ensure_weight_tying"):
+        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "ensure_weight_tying"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool (true/false), got {show(getattr(self, name))}")
-        for name in ("task_type", "base_model_name_or_path", "revision"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string or None, got {show(getattr(self, name))}")
+        self.validate_bookkeeping()
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         if self.use_dora and self.lora_bias:

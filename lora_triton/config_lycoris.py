@@ -32,12 +32,6 @@ class _LycorisConfig(AdapterConfigFile):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     modules_to_save: Optional[list[str]] = None
-    peft_type: str = ""
-    task_type: Optional[str] = None
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    inference_mode: bool = False
-
     PEFT_TYPE = ""
     INIT_CHOICES = (True, False)
 
@@ -50,6 +44,7 @@ class _LycorisConfig(AdapterConfigFile):
         if peft_type != self.PEFT_TYPE:
             raise ValueError(f"peft_type: {type(self).__name__} is {self.PEFT_TYPE!r}, got {peft_type!r}")
         self.peft_type = peft_type
+        self.validate_bookkeeping()
         check_int("r", self.r)
         check_number("alpha", self.alpha)
         for name in ("rank_dropout", "module_dropout"):

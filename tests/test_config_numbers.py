@@ -131,3 +131,17 @@ def test_lycoris_targeting_is_checked_like_lora(cls, kwargs, message):
         LoraConfig(**kwargs)
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", sorted(BASE, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(inference_mode="yes"), "inference_mode must be a bool"),
+    (dict(task_type=7), "task_type must be a string or None, got int 7"),
+    (dict(base_model_name_or_path=["m"]), "base_model_name_or_path must be a string or None"),
+    (dict(revision=1.0), "revision must be a string or None"),
+])
+def test_peft_bookkeeping_fields_are_checked_by_every_config(cls, kwargs, message):
+    # PeftConfigFields: the fields and their check are declared once for every config class.
+    with pytest.raises(ValueError, match=message):
+        cls(**BASE[cls], **kwargs)
+    assert cls(**BASE[cls], task_type="CAUSAL_LM", inference_mode=True).inference_mode is True

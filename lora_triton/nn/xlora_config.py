@@ -9,6 +9,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from ..config import PeftConfigFields
 from ..config_checks import check_int, check_number, check_probability, is_int
 from ..io.atomic import atomic_write_text
 from ..io.config_json import CONFIG_NAME, load_config_json
@@ -17,7 +18,7 @@ _IGNORED = {"auto_mapping", "peft_version", "runtime_config"}
 
 
 @dataclass
-class XLoraConfig:
+class XLoraConfig(PeftConfigFields):
     hidden_size: Optional[int] = None
     adapters: Optional[dict] = None  # expert name -> PEFT LoRA adapter directory
     enable_softmax: bool = True
@@ -32,10 +33,6 @@ class XLoraConfig:
     scaling_pass_value: float = 0.0
     global_scaling_weight: float = 1.0
     peft_type: str = "XLORA"
-    task_type: Optional[str] = None
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    inference_mode: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -45,6 +42,7 @@ class XLoraConfig:
         if peft_type != "XLORA":
             raise ValueError(f"peft_type must be 'XLORA' for an XLoraConfig, got {peft_type!r}")
         self.peft_type = peft_type
+        self.validate_bookkeeping()
         # PEFT falls back to hidden_size=4096 with a warning; a wrong size only fails later, so ask for it.
         if not is_int(self.hidden_size) or self.hidden_size <= 0:
             raise ValueError(f"hidden_size must be the base model's hidden size (a positive int), "
