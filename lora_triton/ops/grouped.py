@@ -32,7 +32,11 @@ def _impl(device: torch.device):
 
 
 def _cast(ts, dtype):
-    return [t.to(dtype) for t in ts]
+    return [t if t.dtype == dtype else t.to(dtype) for t in ts]  # no dispatch for the no-op casts
+
+
+def _cast_each(grads, params):
+    return [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(grads, params)]
 
 
 # Lists of optional tensors would reach autograd as one opaque leaf (no gradients for their
@@ -119,8 +123,8 @@ def _grads(ctx, grads, bwd, saved=None):
     dx, d_as, d_bs = outs[0], outs[1:1 + g], outs[1 + g:]
     d_ws = [(dy.t() @ x).to(w.dtype) if need_w else None for dy, w, need_w in zip(dys, weights, ctx.w_grad)]
     d_biases = [dy.sum(0) if need_b else None for dy, need_b in zip(dys, ctx.b_grad)]
-    d_as = [d.to(a.dtype) for d, a in zip(d_as, lora_As)]
-    d_bs = [d.to(b.dtype) for d, b in zip(d_bs, lora_Bs)]
+    d_as = _cast_each(d_as, lora_As)
+    d_bs = _cast_each(d_bs, lora_Bs)
     return (dx if need_x else None), d_ws, d_biases, d_as, d_bs, None, None, None
 
 

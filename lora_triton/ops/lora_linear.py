@@ -34,15 +34,21 @@ def _impl(x: Tensor, lora_A: Tensor):
     return implementation(x.device, "lora_linear")
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without dispatching the no-op cast (the usual fp32 case; a small layer's call is
+    mostly such fixed costs)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    a, b = _as(lora_A, x.dtype), _as(lora_B, x.dtype)
     return _impl(x, lora_A).lora_linear_fwd(x, weight, bias, a, b, scaling, dropout_p, seed)
 
 
 def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
     """(dx or None, dA fp32, dB fp32): what both the custom op and the eager path run."""
     return _impl(x, lora_A).lora_linear_bwd(
-        dy, x, weight, lora_A.to(x.dtype), lora_B.to(x.dtype), u, scaling, dropout_p, seed, need_dx)
+        dy, x, weight, _as(lora_A, x.dtype), _as(lora_B, x.dtype), u, scaling, dropout_p, seed, need_dx)
 
 
 @torch.library.custom_op("lora_triton::lora_linear_fwd", mutates_args=())
@@ -87,7 +93,7 @@ def _grads(ctx, dy, bwd, saved=None):
     dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
     d_w = (dy.t() @ x).to(weight.dtype) if need_w else None
     d_bias = dy.sum(0) if need_b else None
-    return (dx if need_x else None), d_w, d_bias, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), None, None, None
+    return (dx if need_x else None), d_w, d_bias, _as(d_a, lora_A.dtype), _as(d_b, lora_B.dtype), None, None, None
 
 
 def _backward(ctx, dy, _du):

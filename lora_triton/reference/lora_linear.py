@@ -17,6 +17,10 @@ from .mask_memo import mask_chunks
 from .philox import few_threads, serial_cpu
 
 
+def _f32(t):
+    return t if t.dtype == torch.float32 else t.float()  # fp32 already: no dispatch for a no-op cast
+
+
 def _mask_chunks(x, seed, dropout_p: float, forward: bool):
     """Row chunks (r0, r1, keep) of x's mask, 0/1 in x's dtype (no [M, K] mask or D(x) is built). A small
     CPU mask drawn in forward is kept for the backward of the same call (``mask_memo``)."""
@@ -81,7 +85,7 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
             dx = d_u @ lora_A if need_dx else None
         if dx is not None and weight is not None:
             dx.addmm_(dy, weight)
-        return dx, d_a.float(), d_b.float()
+        return dx, _f32(d_a), _f32(d_b)
     # One mask regeneration per row chunk serves both D(x) for dA and D'(dU A) for dx; the 1/(1-p)
     # scale goes on the rank-r operand, so each [M, K] chunk takes a single masking pass.
     dx = None
@@ -110,4 +114,4 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
                     torch.mul(lora_dx, keep, out=dx[r0:r1])
                 else:
                     dx[r0:r1].addcmul_(lora_dx, keep)
-    return dx, d_a.float(), d_b.float()
+    return dx, _f32(d_a), _f32(d_b)
