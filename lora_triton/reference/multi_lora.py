@@ -11,7 +11,9 @@ whose adapter set shrinks as the small adapters run out, so a skewed batch (one 
 thousands of tokens, many with one) pads at most one chunk per adapter. Ranks are applied by
 zeroing A/B rows beyond r_a (not by slicing), which also makes garbage in the padding harmless.
 When every active adapter holds the same number of rows (one sequence per adapter, the usual
-decode batch) the sorted rows are one [adapters, count, K] block with no padding or masks.
+decode batch) the sorted rows are one [adapters, count, K] block with no padding or masks; when
+those rows lie on an affine grid (sequence i on adapter i % L, or a batch grouped by adapter) the block
+is a strided view of x and y, with no gathered copy of x and no scatter into y.
 With one slot per token and x in the compute dtype (fp32, fp64) the LoRA term goes into y with
 ``index_add_``; otherwise it is summed over slots in fp32 and added once. Rows without an
 adapter are never written, so they equal F.linear bit for bit.
@@ -21,6 +23,7 @@ The sort ("plan") of the last call is kept and reused for equal ids (``token_pla
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import torch
 
@@ -51,24 +54,30 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
     plan = token_plan(adapter_ids, num)
     if plan is None or r_max == 0:
         return y
-    sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts = plan
+    sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts, grid = plan
+    ranks = ranks.to(x.device)  # once: read per adapter (coefficient, rank limit)
+    # rank <= 0 adds nothing, as in the kernels; per adapter here, per slot below only where needed
+    scal = torch.where(ranks > 0, scalings.to(cdt), 0)
     if by_id:
         # Low skew (the serving norm): rows laid out by adapter id, one padded block, and the
         # adapter stacks used as they are, with no per-call copy of A and B.
-        a_act, b_act = lora_A.to(cdt), lora_B.to(cdt)
+        a_act, b_act, act_ranks = lora_A.to(cdt), lora_B.to(cdt), ranks
     else:
         a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
-    ranks = ranks.to(x.device)  # once: read per slot (coef) and per active adapter
-    coef = torch.where(ranks[ad] > 0, scalings.to(cdt)[ad], 0)  # rank <= 0 adds nothing, as in the kernels
-    if adapter_weights is not None:
-        coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
-    act_ranks = ranks[active]
+        act_ranks = ranks[active]
     direct = k == 1 and y.dtype == cdt  # each row gets one delta: add it straight into y
     a_act, b_act = _rank_limited(a_act, b_act, act_ranks, r_max)
     equal = by_id and sel.numel() == max_count * num
     if equal and sel.numel() * max(x.shape[1], n, r_max) <= _CHUNK_ELEMS:  # no padding, no masks, one block
-        return _equal_counts(x.to(cdt), y, sel.view(num, max_count), coef.view(num, max_count), a_act, b_act,
-                             t, k, direct)
+        # Row (a, j) of the block is adapter a's: its coefficient is scal[a] unless slots are weighted.
+        coef = scal[:, None] if adapter_weights is None else (
+            scal[:, None] * adapter_weights.reshape(-1).to(cdt)[sel].view(num, max_count))
+        if grid is not None and direct and x.dtype == cdt:
+            return _grid_block(x, y, grid, num, max_count, coef, a_act, b_act)
+        return _equal_counts(x.to(cdt), y, sel.view(num, max_count), coef, a_act, b_act, t, k, direct)
+    coef = scal[ad]
+    if adapter_weights is not None:
+        coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
     # Otherwise one output row per (token, slot) pair, written once; k > 1 slots summed afterwards.
     acc = y if direct else torch.zeros((t * k, n), dtype=cdt, device=x.device)
     xc = x.to(cdt)
@@ -96,13 +105,29 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
     return _add_slots(y, acc, adapter_ids, sel, t, k, n, cdt)
 
 
+class Plan(NamedTuple):
+    """The (token, slot) pairs with an adapter sorted by adapter, and the adapters' row layout."""
+    sel: torch.Tensor  # slots j = token * k + c, sorted by adapter (stable)
+    ad: torch.Tensor  # their adapters
+    counts: torch.Tensor  # [L] slots per adapter
+    starts: torch.Tensor  # [L] first position of each adapter in sel
+    max_count: int
+    by_id: bool  # rows laid out by adapter id (low skew) rather than by count
+    active: torch.Tensor  # adapters in layout order
+    act_counts: torch.Tensor
+    act_starts: torch.Tensor
+    # (first, adapter step, row step) when every adapter holds max_count slots at slot
+    # first + a * adapter_step + j * row_step (a decode batch with sequence i on adapter i % L, or one
+    # already grouped by adapter): the block is a strided view of x and y, no gather, no scatter.
+    grid: tuple[int, int, int] | None
+
+
 # The last plan: every layer of one forward (and every decode step of one batch) sees the same ids.
 _LAST_PLAN: tuple | None = None
 
 
-def token_plan(adapter_ids, num: int):
-    """The (token, slot) pairs sorted by adapter and the adapters' row layout, or None when no slot has
-    an adapter: (sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts).
+def token_plan(adapter_ids, num: int) -> Plan | None:
+    """The ``Plan`` of these ids, or None when no slot has an adapter.
 
     On CPU the last plan is kept and reused when the ids are equal (a T-element compare instead of the
     sort), so a model's layers sort the batch once per forward. The entry holds its own copy of the ids
@@ -119,7 +144,7 @@ def token_plan(adapter_ids, num: int):
     return plan
 
 
-def _sort_tokens(adapter_ids, num: int):
+def _sort_tokens(adapter_ids, num: int) -> Plan | None:
     flat = adapter_ids.reshape(-1).to(torch.int64)
     sel = torch.nonzero((flat >= 0) & (flat < num)).flatten()  # slots j = token * k + c with an adapter
     if sel.numel() == 0 or num == 0:
@@ -136,7 +161,22 @@ def _sort_tokens(adapter_ids, num: int):
     else:
         active = torch.nonzero(counts).flatten()
         active = active[torch.argsort(counts[active], descending=True, stable=True)]
-    return sel, ad, counts, starts, max_count, by_id, active, counts[active], starts[active]
+    grid = _grid(sel, num, max_count) if by_id and sel.numel() == max_count * num else None
+    return Plan(sel, ad, counts, starts, max_count, by_id, active, counts[active], starts[active], grid)
+
+
+def _grid(sel, num: int, count: int) -> tuple[int, int, int] | None:
+    """(first, adapter step, row step) when the [num, count] block of sorted slots is that affine grid with
+    positive steps (so its rows are a strided view, each slot once), else None."""
+    block = sel.view(num, count)
+    first = int(block[0, 0])
+    step_a = int(block[1, 0]) - first if num > 1 else 1
+    step_j = int(block[0, 1]) - first if count > 1 else 1
+    if step_a <= 0 or step_j <= 0:
+        return None
+    want = first + step_a * torch.arange(num, device=sel.device)[:, None] + step_j * torch.arange(
+        count, device=sel.device)
+    return (first, step_a, step_j) if torch.equal(block, want) else None
 
 
 def _rank_limited(a_act, b_act, act_ranks, r_max: int):
@@ -148,8 +188,26 @@ def _rank_limited(a_act, b_act, act_ranks, r_max: int):
     return a_act, b_act
 
 
+def _grid_block(x, y, grid, num: int, count: int, coef, a_act, b_act):
+    """The equal-count block when its rows form a ``Plan.grid``: x's rows read and y's rows updated through
+    strided [L, c, .] views (no gathered copy of x, no index_add_), the deltas in a reused scratch buffer
+    and added as index_add_ adds them (y + delta per element)."""
+    first, step_a, step_j = grid
+    kdim, n = x.shape[1], y.shape[1]
+    xv = x.as_strided((num, count, kdim), (step_a * x.stride(0), step_j * x.stride(0), x.stride(1)),
+                      x.storage_offset() + first * x.stride(0))
+    u = torch.bmm(xv, a_act.transpose(1, 2))  # [L, c, R]
+    u.mul_(coef[:, :, None])
+    delta = torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n))
+    yv = y.as_strided((num, count, n), (step_a * y.stride(0), step_j * y.stride(0), y.stride(1)),
+                      y.storage_offset() + first * y.stride(0))
+    yv.add_(delta)
+    return y
+
+
 def _equal_counts(xc, y, slots, coef, a_act, b_act, t: int, k: int, direct: bool):
-    """slots [L, c] (sorted by adapter), coef [L, c]: two bmm's over the [L, c, K] block of their rows."""
+    """slots [L, c] (sorted by adapter), coef [L, c] or [L, 1]: two bmm's over the [L, c, K] block of their
+    rows."""
     num, count = slots.shape
     n, kdim = y.shape[1], xc.shape[1]
     rows = slots.reshape(-1) if k == 1 else slots.reshape(-1) // k
