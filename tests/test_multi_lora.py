@@ -180,6 +180,34 @@ def test_fake_impl_and_schema(monkeypatch):
         assert out.shape == (5, 1, 24)
 
 
+def test_plain_eager_calls_skip_the_custom_op_dispatch(monkeypatch, backend):
+    """Eager inference runs the implementation directly, bit-equal to the op; autograd, fake tensors and
+    torch-function modes still go through the custom op."""
+    x, w, b, a, bb, s, ids, ranks = make(6, seed=21)
+    calls = []
+    real = ops._op
+    monkeypatch.setattr(ops, "_op", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        direct = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks)
+    assert calls == []
+    monkeypatch.setattr(ops, "_plain_eager", lambda args: False)
+    with torch.no_grad():
+        assert torch.equal(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), direct)
+    assert calls == [1]
+    monkeypatch.undo()
+    monkeypatch.setenv("LORA_TRITON_BACKEND", backend)
+    xg = x.clone().requires_grad_(True)
+    assert not ops._plain_eager((xg, w, b, a, bb, s, ids, ranks, None))
+    with torch.no_grad():
+        assert ops._plain_eager((xg, w, b, a, bb, s, ids, ranks, None))
+    from torch.overrides import TorchFunctionMode
+    with TorchFunctionMode():
+        assert not ops._plain_eager((x, w, b, a, bb, s, ids, ranks, None))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        assert not ops._plain_eager(tuple(mode.from_tensor(t) for t in (x, w, b, a, bb, s, ids, ranks)) + (None,))
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(ids=torch.tensor([0, 3, 1])), r"\[-1, 2\].*\[0, 3\]"),
     (dict(ids=torch.tensor([0, -2, 1])), r"\[-1, 2\]"),

@@ -171,5 +171,23 @@ def multi_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     if rk.dtype != torch.int32:  # clamped before the cast: 2**32 + 4 must not become rank 4
         rk = rk.clamp(0, r_max).to(torch.int32)
     w = None if adapter_weights is None else adapter_weights.reshape(t, k).to(torch.float32)
-    y = _op(x.reshape(t, kdim), weight, bias, lora_A, lora_B, scal, ids, rk, w)
+    args = (x.reshape(t, kdim), weight, bias, lora_A, lora_B, scal, ids, rk, w)
+    y = _impl(x.device).multi_lora_linear(*args) if _plain_eager(args) else _op(*args)
     return y.reshape(*lead, n)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    """Whether the call may run the implementation without the custom op's dispatch: eager, no autograd,
+    plain tensors, no torch-function or dispatch mode. torch.compile, export, make_fx, fake tensors,
+    functorch transforms and calls that need dx / dW all go through the op. The dispatch is ~10 Python
+    frames plus an aliasing check: 130-175 us per call with caches cold after the base GEMM (measured,
+    T=64, K=N=4096, 2026-12-01), against ~1 ms for the whole LoRA term."""
+    tensors = [a for a in args if a is not None]
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._has_torch_function(tensors):
+        return False
+    if any(type(a) not in _PLAIN for a in tensors) or torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
+        return False
+    return not (torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args[:3]))
