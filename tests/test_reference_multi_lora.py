@@ -154,3 +154,19 @@ def test_grid_needs_positive_steps_and_one_slot():
     x, w, b, a, bb, s, _, ranks = make(4, ranks=(3, 6), seed=19, slots=2)
     ids = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0]])
     check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
+
+
+def test_block_over_the_ids_in_use_reads_a_view_of_the_stacks(monkeypatch):
+    """A pool with more slots than the batch uses (adapters 2..4 of 7, slots 0, 1, 5, 6 holding NaN):
+    the block covers only that id range, as a view of the stacks, and never reads the other slots."""
+    calls = _grid_spy(monkeypatch)
+    x, w, b, a, bb, s, _, ranks = make(6, ranks=(4, 4, 2, 8, 5, 4, 4), seed=23)
+    for slot in (0, 1, 5, 6):
+        a[slot], bb[slot] = float("nan"), float("nan")
+    ids = torch.tensor([2, 3, 4, 2, 3, 4])
+    plan = ref._sort_tokens(ids.view(-1, 1), 7)
+    assert plan.by_id and plan.lo == 2 and plan.active.tolist() == [2, 3, 4] and plan.grid == (0, 1, 3)
+    check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
+    assert calls == [(0, 1, 3)]
+    ids = torch.tensor([2, 4, 4, 2, -1, 3])  # uneven: the padded chunks over the same range
+    check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)

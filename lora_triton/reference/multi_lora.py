@@ -13,7 +13,9 @@ zeroing A/B rows beyond r_a (not by slicing), which also makes garbage in the pa
 When every active adapter holds the same number of rows (one sequence per adapter, the usual
 decode batch) the sorted rows are one [adapters, count, K] block with no padding or masks; when
 those rows lie on an affine grid (sequence i on adapter i % L, or a batch grouped by adapter) the block
-is a strided view of x and y, with no gathered copy of x and no scatter into y.
+is a strided view of x and y, with no gathered copy of x and no scatter into y. At low skew the
+block spans the ids from the first to the last adapter in use, a view of the stacks (a pool with more
+slots than a batch uses reads only those).
 With one slot per token and x in the compute dtype (fp32, fp64) the LoRA term goes into y with
 ``index_add_``; otherwise it is summed over slots in fp32 and added once. Rows without an
 adapter are never written, so they equal F.linear bit for bit.
@@ -54,27 +56,29 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
     plan = token_plan(adapter_ids, num)
     if plan is None or r_max == 0:
         return y
-    sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts, grid = plan
+    sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts, grid, lo = plan
+    span = len(active)
     ranks = ranks.to(x.device)  # once: read per adapter (coefficient, rank limit)
     # rank <= 0 adds nothing, as in the kernels; per adapter here, per slot below only where needed
     scal = torch.where(ranks > 0, scalings.to(cdt), 0)
     if by_id:
-        # Low skew (the serving norm): rows laid out by adapter id, one padded block, and the
-        # adapter stacks used as they are, with no per-call copy of A and B.
-        a_act, b_act, act_ranks = lora_A.to(cdt), lora_B.to(cdt), ranks
+        # Low skew (the serving norm): rows laid out by adapter id over the ids in use, one padded block,
+        # and that range of the adapter stacks as a view, with no per-call copy of A and B.
+        a_act, b_act = lora_A[lo:lo + span].to(cdt), lora_B[lo:lo + span].to(cdt)
+        act_ranks, act_scal = ranks[lo:lo + span], scal[lo:lo + span]
     else:
         a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
         act_ranks = ranks[active]
     direct = k == 1 and y.dtype == cdt  # each row gets one delta: add it straight into y
     a_act, b_act = _rank_limited(a_act, b_act, act_ranks, r_max)
-    equal = by_id and sel.numel() == max_count * num
+    equal = by_id and sel.numel() == max_count * span
     if equal and sel.numel() * max(x.shape[1], n, r_max) <= _CHUNK_ELEMS:  # no padding, no masks, one block
         # Row (a, j) of the block is adapter a's: its coefficient is scal[a] unless slots are weighted.
-        coef = scal[:, None] if adapter_weights is None else (
-            scal[:, None] * adapter_weights.reshape(-1).to(cdt)[sel].view(num, max_count))
+        coef = act_scal[:, None] if adapter_weights is None else (
+            act_scal[:, None] * adapter_weights.reshape(-1).to(cdt)[sel].view(span, max_count))
         if grid is not None and direct and x.dtype == cdt:
-            return _grid_block(x, y, grid, num, max_count, coef, a_act, b_act)
-        return _equal_counts(x.to(cdt), y, sel.view(num, max_count), coef, a_act, b_act, t, k, direct)
+            return _grid_block(x, y, grid, span, max_count, coef, a_act, b_act)
+        return _equal_counts(x.to(cdt), y, sel.view(span, max_count), coef, a_act, b_act, t, k, direct)
     coef = scal[ad]
     if adapter_weights is not None:
         coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
@@ -113,13 +117,16 @@ class Plan(NamedTuple):
     starts: torch.Tensor  # [L] first position of each adapter in sel
     max_count: int
     by_id: bool  # rows laid out by adapter id (low skew) rather than by count
-    active: torch.Tensor  # adapters in layout order
+    # adapters in layout order: by_id, the id range from the first to the last adapter in use (a pool
+    # with more slots than the batch uses reads only that range); else those in use, by count
+    active: torch.Tensor
     act_counts: torch.Tensor
     act_starts: torch.Tensor
     # (first, adapter step, row step) when every adapter holds max_count slots at slot
     # first + a * adapter_step + j * row_step (a decode batch with sequence i on adapter i % L, or one
     # already grouped by adapter): the block is a strided view of x and y, no gather, no scatter.
     grid: tuple[int, int, int] | None
+    lo: int  # the first adapter in use
 
 
 # The last plan: every layer of one forward (and every decode step of one batch) sees the same ids.
@@ -155,14 +162,15 @@ def _sort_tokens(adapter_ids, num: int) -> Plan | None:
     counts = torch.bincount(ad, minlength=num)
     starts = torch.cumsum(counts, 0) - counts
     max_count = int(counts.max())
-    by_id = max_count * num <= 2 * sel.numel()
+    used = torch.nonzero(counts).flatten()
+    lo, span = int(used[0]), int(used[-1]) + 1 - int(used[0])
+    by_id = max_count * span <= 2 * sel.numel()
     if by_id:
-        active = torch.arange(num, device=adapter_ids.device)
+        active = torch.arange(lo, lo + span, device=adapter_ids.device)
     else:
-        active = torch.nonzero(counts).flatten()
-        active = active[torch.argsort(counts[active], descending=True, stable=True)]
-    grid = _grid(sel, num, max_count) if by_id and sel.numel() == max_count * num else None
-    return Plan(sel, ad, counts, starts, max_count, by_id, active, counts[active], starts[active], grid)
+        active = used[torch.argsort(counts[used], descending=True, stable=True)]
+    grid = _grid(sel, span, max_count) if by_id and sel.numel() == max_count * span else None
+    return Plan(sel, ad, counts, starts, max_count, by_id, active, counts[active], starts[active], grid, lo)
 
 
 def _grid(sel, num: int, count: int) -> tuple[int, int, int] | None:
