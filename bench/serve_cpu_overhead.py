@@ -49,7 +49,7 @@ def measure(tokens: int, rounds: int, warmup: int = 3) -> dict:
             fns[n](0)
             times[n].append(time.perf_counter() - t0)
     ms = {n: [v * 1e3 for v in times[n]] for n in names}
-    out = {"case": case.key if hasattr(case, "key") else f"T{tokens}", "tokens": tokens, "rounds": rounds,
+    out = {"tokens": tokens, "rounds": rounds,
            "median_ms": {n: statistics.median(v) for n, v in ms.items()}}
     for n in ("lora_triton", "peft"):
         paired = [a - b for a, b in zip(ms[n], ms["base"])]
