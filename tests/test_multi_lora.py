@@ -251,3 +251,14 @@ def test_reference_chunks_skewed_batch(monkeypatch):
     ids = torch.tensor([0] * 14 + [1, 2, 2, -1, 1, 0])
     y = ref.multi_lora_linear(x, w, b, a, bb, s.float(), ids.reshape(-1, 1), ranks)
     check(y, x, w, b, a, bb, s, ids, ranks)
+
+
+def test_ranks_none_reads_every_rank_through_one_shared_tensor(backend):
+    """ranks=None means r_max for every adapter; the [L] tensor standing for it is built once per shape."""
+    x, w, b, a, bb, s, ids, _ = make(5, ranks=(8, 8, 8), seed=25)
+    full = torch.full((3,), 8, dtype=torch.int32)
+    with torch.no_grad():
+        y = ops.multi_lora_linear(x, w, b, a, bb, s, ids, None)
+    check(y, x, w, b, a, bb, s, ids, full)
+    assert ops._full_ranks(3, 8, x.device) is ops._full_ranks(3, 8, x.device)
+    assert torch.equal(ops._full_ranks(3, 8, x.device), full)

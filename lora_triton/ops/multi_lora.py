@@ -78,6 +78,21 @@ def check_adapter_ids(adapter_ids: Tensor, num_adapters: int, ranks: Optional[Te
             raise ValueError(f"ranks must be in [0, r_max={r_max}], got values in [{lo}, {hi}]")
 
 
+_FULL_RANKS: dict = {}
+
+
+def _full_ranks(num: int, r_max: int, device: torch.device) -> Tensor:
+    """ranks=None as a tensor ([L] of r_max, int32), one per (L, r_max, device), shared by the calls: the
+    ops only read it, and a fresh torch.full per decode step costs 5-10 us with cold caches."""
+    key = (num, r_max, device)
+    hit = _FULL_RANKS.get(key)
+    if hit is None:
+        if len(_FULL_RANKS) >= 64:
+            _FULL_RANKS.clear()
+        hit = _FULL_RANKS[key] = torch.full((num,), r_max, dtype=torch.int32, device=device)
+    return hit
+
+
 def _slots(adapter_ids: Tensor, lead: tuple, t: int) -> int:
     """Number of slots k per token; adapter_ids is lead, lead + (k,), [T] or [T, k]."""
     shape = tuple(adapter_ids.shape)
@@ -148,7 +163,7 @@ def multi_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     if scal.shape != (num,):
         raise ValueError(f"scalings must be [L={num}], got {tuple(scal.shape)}")
     if ranks is None:
-        rk = torch.full((num,), r_max, dtype=torch.int32, device=x.device)
+        rk = _full_ranks(num, r_max, x.device)
     else:
         if isinstance(ranks, Tensor) and (ranks.dtype.is_floating_point or ranks.dtype == torch.bool):
             raise TypeError(f"ranks must be integers, got {ranks.dtype}")
