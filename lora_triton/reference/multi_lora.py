@@ -209,13 +209,12 @@ def _grid_block(x, y, grid, num: int, count: int, coef, a_act, b_act):
     and added as index_add_ adds them (y + delta per element)."""
     first, step_a, step_j = grid
     kdim, n = x.shape[1], y.shape[1]
-    xv = x.as_strided((num, count, kdim), (step_a * x.stride(0), step_j * x.stride(0), x.stride(1)),
-                      x.storage_offset() + first * x.stride(0))
+    (xr, xc), (yr, yc) = x.stride(), y.stride()
+    xv = x.as_strided((num, count, kdim), (step_a * xr, step_j * xr, xc), x.storage_offset() + first * xr)
     u = torch.bmm(xv, a_act.transpose(1, 2))  # [L, c, R]
     u.mul_(coef[:, :, None])
     delta = torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n))
-    yv = y.as_strided((num, count, n), (step_a * y.stride(0), step_j * y.stride(0), y.stride(1)),
-                      y.storage_offset() + first * y.stride(0))
+    yv = y.as_strided((num, count, n), (step_a * yr, step_j * yr, yc), y.storage_offset() + first * yr)
     yv.add_(delta)
     return y
 
