@@ -3,7 +3,8 @@
     python bench/dora_cpu_speed.py ratios THREADS REPEATS SIZE...   # frozen / our LoRA / our DoRA / PEFT DoRA
     python bench/dora_cpu_speed.py peft THREADS...                  # PEFT's ratios under the issue's conditions
 
-``ratios``: fwd+bwd of each provider at K = N = SIZE, p = 0 and 0.1, interleaved in one process (medians),
+``ratios``: fwd+bwd of each provider at K = N = SIZE, p = 0 and 0.1, interleaved in one process (medians; timed
+by the benchmark harness, ``lora_triton/benchmark/timing.py`` / ``stats.py``),
 each as a multiple of the frozen layer's fwd+bwd; the norm is recomputed every step (as after an optimizer
 step). ``peft``: PEFT's LoRA / DoRA (p = 0, 0.1) at 1024 against the frozen layer's fwd+bwd and forward-only,
 train and eval, at each thread count. Both print the load average.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import warnings
 
 os.environ.setdefault("LORA_TRITON_BACKEND", "reference")
@@ -21,19 +21,18 @@ os.environ.setdefault("LORA_TRITON_BACKEND", "reference")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lora_triton.benchmark.stats import summarize  # noqa: E402
+from lora_triton.benchmark.timing import measure_interleaved  # noqa: E402
+
 M, R = 2048, 16
 
 
 def _medians(fns: dict, repeats: int) -> dict:
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    """Median seconds per call of each no-argument callable: the harness's interleaved timer (one warm-up
+    round, the starting provider rotated each round) and its median."""
+    samples = measure_interleaved({k: (lambda i, f=f: f()) for k, f in fns.items()}, torch.device("cpu"),
+                                  repeats=repeats, warmup=1)
+    return {k: summarize(v).median_s for k, v in samples.items()}
 
 
 def _peft_layer(base, r, alpha, p, dora, train=True):

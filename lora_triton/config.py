@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from .config_checks import check_int, check_number, check_probability, is_int, show
 from .io.atomic import atomic_write_text
+from .io.config_json import CONFIG_NAME, load_config_json, read_config_json  # noqa: F401  (re-exported)
 from .patterns import check_pattern, match
 
-CONFIG_NAME = "adapter_config.json"
 ALL_LINEAR = "all-linear"
 INIT_CHOICES = (True, False, "gaussian", "orthogonal", "eva", "loftq")
 # Initialisations that leave the base weights alone and give a plain LoRA adapter: such adapters
@@ -43,9 +43,28 @@ _UNSUPPORTED_AT_DEFAULT: dict[str, Any] = {
 _IGNORED = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "runtime_config"}
 
 
-class AdapterConfigFile:
-    """adapter_config.json for every adapter config class: its text (``to_peft_dict`` as sorted JSON)
-    and an atomic save."""
+@dataclass
+class PeftConfigFields:
+    """PEFT's bookkeeping fields, the same in every config class (LoRA / DoRA, AdaLoRA, LoHa, LoKr, X-LoRA);
+    each class sets its own ``peft_type`` default and checks it."""
+
+    peft_type: str = ""
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+
+    def validate_bookkeeping(self) -> None:
+        if not isinstance(self.inference_mode, bool):
+            raise ValueError(f"inference_mode must be a bool (true/false), got {show(self.inference_mode)}")
+        for name in ("task_type", "base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or None, got {show(getattr(self, name))}")
+
+
+class AdapterConfigFile(PeftConfigFields):
+    """adapter_config.json for every adapter config class but X-LoRA's: its text (``to_peft_dict`` as sorted
+    JSON) and an atomic save."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -64,6 +83,40 @@ class AdapterConfigFile:
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
+
+    def validate_targeting(self) -> None:
+        """The targeting fields every config class with PEFT's targeting shares (LoRA / DoRA, AdaLoRA, LoHa,
+        LoKr): target_modules, exclude_modules, layers_pattern, modules_to_save, layers_to_transform,
+        rank_pattern, alpha_pattern; regexes compiled up front (``patterns.check_pattern``)."""
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                if not (name == "target_modules" and value.lower() == ALL_LINEAR):
+                    check_pattern(name, value)
+            elif value is not None:
+                _check_str_list(name, value, "a regex string, a list of module names, or None")
+        for name in ("layers_pattern", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_str_list(name, value, "a list of strings or None")
+                for item in value:
+                    check_pattern(f"{name} entry", item)
+        if self.layers_to_transform is not None and (
+                not isinstance(self.layers_to_transform, list)
+                or not all(is_int(i) and i >= 0 for i in self.layers_to_transform)):
+            raise ValueError("layers_to_transform must be a layer index or a list of them (ints >= 0), "
+                             f"got {show(self.layers_to_transform)}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict of regex -> value, got {getattr(self, name)!r}")
+            for key in getattr(self, name):
+                check_pattern(f"{name} key", key)
+        for key, rank in self.rank_pattern.items():
+            check_int(f"rank_pattern[{key!r}]", rank)
+        for key, alpha in self.alpha_pattern.items():
+            check_number(f"alpha_pattern[{key!r}]", alpha)
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern is only used together with layers_to_transform")
 
     def normalize_targeting(self) -> None:
         """The targeting fields in one form: sets / tuples of names as sorted lists, a single layer index or
@@ -99,10 +152,6 @@ class LoraConfig(AdapterConfigFile):
     loftq_config: dict = field(default_factory=dict)  # init_lora_weights="loftq": nn/loftq.py
     ensure_weight_tying: bool = False  # adapters on tied embedding / head share their factors: nn/weight_tying.py
     peft_type: str = "LORA"
-    task_type: Optional[str] = None
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    inference_mode: bool = False
 
     def __post_init__(self):
         self.normalize_targeting()
@@ -118,18 +167,13 @@ class LoraConfig(AdapterConfigFile):
         if peft_type != "LORA":
             raise ValueError(f"peft_type: only 'LORA' adapters are supported, got {peft_type!r}")
         self.peft_type = peft_type
-        if not _is_int(self.r) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, got {_show(self.r)}")
-        _check_number("lora_alpha", self.lora_alpha)
-        _check_number("lora_dropout", self.lora_dropout)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "inference_mode", "ensure_weight_tying"):
+        check_int("r", self.r)
+        check_number("lora_alpha", self.lora_alpha)
+        check_probability("lora_dropout", self.lora_dropout)
+        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "ensure_weight_tying"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool (true/false), got {_show(getattr(self, name))}")
-        for name in ("task_type", "base_model_name_or_path", "revision"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string or None, got {_show(getattr(self, name))}")
+                raise ValueError(f"{name} must be a bool (true/false), got {show(getattr(self, name))}")
+        self.validate_bookkeeping()
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         if self.use_dora and self.lora_bias:
@@ -144,36 +188,7 @@ class LoraConfig(AdapterConfigFile):
             from .nn.loftq import check_loftq_config
 
             check_loftq_config(self.loftq_config, self.use_dora)
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                if not (name == "target_modules" and value.lower() == ALL_LINEAR):
-                    check_pattern(name, value)
-            elif value is not None:
-                _check_str_list(name, value, "a regex string, a list of module names, or None")
-        for name in ("layers_pattern", "modules_to_save"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_str_list(name, value, "a list of strings or None")
-                for item in value:
-                    check_pattern(f"{name} entry", item)
-        if self.layers_to_transform is not None and (
-                not isinstance(self.layers_to_transform, list)
-                or not all(_is_int(i) and i >= 0 for i in self.layers_to_transform)):
-            raise ValueError("layers_to_transform must be a layer index or a list of them (ints >= 0), "
-                             f"got {_show(self.layers_to_transform)}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name} must be a dict of regex -> value, got {getattr(self, name)!r}")
-            for key in getattr(self, name):
-                check_pattern(f"{name} key", key)
-        for key, rank in self.rank_pattern.items():
-            if not _is_int(rank) or rank <= 0:
-                raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {_show(rank)}")
-        for key, alpha in self.alpha_pattern.items():
-            _check_number(f"alpha_pattern[{key!r}]", alpha)
-        if self.layers_pattern and not self.layers_to_transform:
-            raise ValueError("layers_pattern is only used together with layers_to_transform")
+        self.validate_targeting()
 
     # PEFT semantics: the first pattern key matching `(.*\.)?(key)$` on the module path wins.
     def rank_for(self, module_path: str) -> int:
@@ -219,29 +234,6 @@ class LoraConfig(AdapterConfigFile):
         return cls.from_dict(load_config_json(directory))
 
 
-def load_config_json(directory: str) -> dict:
-    """The adapter_config.json dict of an adapter folder (or the file itself): FileNotFoundError when there is
-    none, ``read_config_json``'s ValueError when it is not a UTF-8 JSON object. Every config loader reads here."""
-    path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
-    return read_config_json(path)
-
-
-def read_config_json(path: str) -> dict:
-    """The JSON object in ``path``; ValueError naming the file when it is not UTF-8 JSON holding an object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text (a JSON file was expected): {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def as_lora_config(config) -> LoraConfig:
     """Ours unchanged; PEFT's ``peft.LoraConfig`` converted field by field (unsupported values refused
     exactly as when reading its adapter_config.json); anything else is a TypeError."""
@@ -262,22 +254,6 @@ def _pattern_key(patterns: dict, module_path: str, field: str = "rank_pattern / 
     return None
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _show(value) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
-def _check_number(field: str, value) -> None:
-    """A real, finite number (bool and strings refused: JSON "0.1" or true is a broken file)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{field} must be a number, got {_show(value)}")
-    if not math.isfinite(value):
-        raise ValueError(f"{field} must be finite, got {value!r}")
-
-
 def _check_str_list(field: str, value, expected: str) -> None:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{field} must be {expected}, got {_show(value)}")
+        raise ValueError(f"{field} must be {expected}, got {show(value)}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from .config import _IGNORED, AdapterConfigFile, _pattern_key
+from .config_checks import check_int, check_number, check_probability, is_int, show
 
 
 @dataclass
@@ -31,12 +32,6 @@ class _LycorisConfig(AdapterConfigFile):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     modules_to_save: Optional[list[str]] = None
-    peft_type: str = ""
-    task_type: Optional[str] = None
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    inference_mode: bool = False
-
     PEFT_TYPE = ""
     INIT_CHOICES = (True, False)
 
@@ -49,23 +44,14 @@ class _LycorisConfig(AdapterConfigFile):
         if peft_type != self.PEFT_TYPE:
             raise ValueError(f"peft_type: {type(self).__name__} is {self.PEFT_TYPE!r}, got {peft_type!r}")
         self.peft_type = peft_type
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"r must be a positive int, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
-            raise ValueError(f"alpha must be a number, got {self.alpha!r}")
+        self.validate_bookkeeping()
+        check_int("r", self.r)
+        check_number("alpha", self.alpha)
         for name in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+            check_probability(name, getattr(self, name))
         if not any(self.init_weights is c or self.init_weights == c and isinstance(c, str) for c in self.INIT_CHOICES):
             raise ValueError(f"init_weights must be one of {self.INIT_CHOICES}, got {self.init_weights!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name} must be a dict of regex -> value, got {getattr(self, name)!r}")
-        for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {rank!r}")
-        if self.layers_pattern and not self.layers_to_transform:
-            raise ValueError("layers_pattern is only used together with layers_to_transform")
+        self.validate_targeting()
 
     def rank_for(self, module_path: str) -> int:
         key = _pattern_key(self.rank_pattern, module_path)
@@ -120,6 +106,6 @@ class LoKrConfig(_LycorisConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.decompose_factor, int) or self.decompose_factor == 0 or self.decompose_factor < -1:
+        if not is_int(self.decompose_factor) or self.decompose_factor == 0 or self.decompose_factor < -1:
             raise ValueError(f"decompose_factor must be -1 (near the square root) or a positive int, "
-                             f"got {self.decompose_factor!r}")
+                             f"got {show(self.decompose_factor)}")

@@ -255,3 +255,44 @@ def test_thread_policy_all_never_toggles_and_auto_follows_the_load(monkeypatch):
                 pass
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_split_generation_equals_oracle(monkeypatch, threads):
+    """The Philox of a chunk split over threads (small parts here, so tiny inputs split): same bits, and the
+    split really happens; one thread or an oversubscribed machine never splits."""
+    monkeypatch.setenv("LORA_TRITON_CPU_THREADS", "all")
+    monkeypatch.setattr(philox, "_PART_MIN", 16)
+    monkeypatch.setattr(philox, "_PART_MAX", 40)
+    monkeypatch.setattr(philox, "_CHUNK", 64)
+    seen = []
+    rounds = philox._rounds
+    monkeypatch.setattr(philox, "_rounds", lambda c, *a: (seen.append(c.numel()), rounds(c, *a))[1])
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        offsets = torch.cat([torch.arange(300) * 37, torch.arange(2**32 - 50, 2**32 + 50)])
+        for ours, want in zip(philox4x32(2**33 + 5, offsets), _oracle_words(2**33 + 5, offsets)):
+            assert torch.equal(ours, want)
+        assert len(seen) == -(-400 // 40) and sum(seen) == 400 and max(seen) <= 40
+        assert philox.chunk_counters() == threads * 40
+        for rows, cols, row_offset in ((37, 33, 0), (50, 257, 2**32 + 1)):
+            want = _oracle_mask(2**33 + 5, rows, cols, 0.1, row_offset)
+            got = torch.cat([k.clone() for _, _, k in philox.keep_mask_chunks(
+                2**33 + 5, rows, cols, 0.1, dtype=torch.bool, row_offset=row_offset)])
+            assert torch.equal(got, want)
+        seen.clear()
+        monkeypatch.setenv("LORA_TRITON_CPU_THREADS", "fewer")
+        assert philox.cpu_parts() == 1 and philox.chunk_counters() == 64
+        philox4x32(7, offsets)
+        assert seen == [400]
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_split_pool_remade_after_fork(monkeypatch):
+    """A forked child gets a fresh executor (the parent's threads do not exist there)."""
+    monkeypatch.setenv("LORA_TRITON_CPU_THREADS", "all")
+    first = philox._pool()
+    monkeypatch.setattr(philox.os, "getpid", lambda: -1)
+    assert philox._pool() is not first

@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import CONFIG_NAME, read_config_json
 from ..nn.adalora import adalora_layers, adalora_state
 from ..nn.inject import adapter_configs
 from ..nn.modules_to_save import ModulesToSaveWrapper
 from .adapter_files import write_pair
-from .peft_format import PREFIX, _bias_params, load_adapter
+from .config_json import CONFIG_NAME, read_config_json
+from .peft_format import PREFIX, _bias_params, load_adapter, saved_base_model_name
 
 
 def is_adalora_dir(directory: str) -> bool:
@@ -75,8 +75,8 @@ def save_adalora(model: nn.Module, directory: str, adapter_name: Optional[str] =
     name = adapter_name or state.adapter_name
     tensors = adalora_state_dict(model, name)
     config = adapter_configs(model)[name]
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    config = dataclasses.replace(config, base_model_name_or_path=name_or_path, inference_mode=True)
+    config = dataclasses.replace(config, base_model_name_or_path=saved_base_model_name(model, config),
+                                 inference_mode=True)
     write_pair(directory, lambda tmp, metadata: save_file(tensors, tmp, metadata=metadata), config.to_json_string())
 
 

@@ -25,8 +25,8 @@ from typing import Optional
 
 from safetensors import safe_open
 
-from ..config import CONFIG_NAME, read_config_json
 from .atomic import temp_files, write_files
+from .config_json import CONFIG_NAME, read_config_json
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_META = "lora_triton.adapter_config"

@@ -113,6 +113,16 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
+def saved_base_model_name(model: nn.Module, config) -> Optional[str]:
+    """The base_model_name_or_path every adapter save (LoRA / DoRA, LyCORIS, AdaLoRA) writes: the model's name
+    (a transformers model's ``name_or_path``; PEFT's ``get_peft_model`` sets the config to it, and its save
+    writes that), else the config's own value (a loaded adapter's, which PEFT's save keeps), else None."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if isinstance(name, str) and name:
+        return name
+    return config.base_model_name_or_path or None
+
+
 def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default",
                  tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write one adapter to ``directory`` in PEFT's format, as one atomic save (``io/adapter_files.py``):
@@ -126,8 +136,7 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
         return save_adalora(model, directory, adapter_name)
     tensors = adapter_state_dict(model, adapter_name) if tensors is None else tensors
     config = adapter_configs(model)[adapter_name]
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or config.base_model_name_or_path
-    config = dataclasses.replace(config, base_model_name_or_path=name_or_path or None)
+    config = dataclasses.replace(config, base_model_name_or_path=saved_base_model_name(model, config))
     write_pair(directory, lambda tmp, metadata: save_file(tensors, tmp, metadata=metadata), config.to_json_string())
 
 

@@ -50,6 +50,36 @@ def _rank(ranks_ptr, adapter, R):
 
 
 @triton.jit
+def _shrink_acc(acc, x_rows, a_base, offs_r, r_ok, m_ok, k_lo, k_hi, stride_xk, stride_ar, stride_ak,
+                BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + x[rows, k_lo:k_hi] A[adapter, offs_r, k_lo:k_hi]^T: the shrink over one K range."""
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        xt = tl.load(x_rows[:, None] + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+        acc += tl.dot(xt, at.to(xt.dtype), input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _row_coef(scal_ptr, adapter, w_ptr, slot, m_ok, HAS_W: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each row's factor on the adapter's delta: its scaling, times the slot's weight when there are weights."""
+    coef = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scal_ptr + adapter)
+    if HAS_W:
+        coef *= tl.load(w_ptr + slot, mask=m_ok, other=0.0)
+    return coef
+
+
+@triton.jit
+def _add_into(y_ptrs, y_mask, delta):
+    """y[tile] += delta (the sum in fp32, one rounding to y's dtype)."""
+    old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (old.to(tl.float32) + delta).to(y_ptrs.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, u_ptr, perm_ptr, tile_adapter_ptr, tile_row0_ptr, tile_rend_ptr, ranks_ptr,
                    K, NUM_SLOTS, stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_us, stride_um, R,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -72,14 +102,8 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, perm_ptr, tile_adapter_ptr, tile_row0_pt
     k_hi = tl.minimum(k_lo + k_per, K)
     x_rows = x_ptr + tok.to(tl.int64) * stride_xm
     a_base = a_ptr + adapter.to(tl.int64) * stride_al
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_hi
-        xt = tl.load(x_rows[:, None] + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        at = tl.load(a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-        acc += tl.dot(xt, at.to(xt.dtype), input_precision=DOT_PREC)
+    acc = _shrink_acc(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_rows, a_base, offs_r, r_ok, m_ok, k_lo,
+                      k_hi, stride_xk, stride_ar, stride_ak, BLOCK_K, DOT_PREC)
     u_ptrs = u_ptr + pid_s * stride_us + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :]
     tl.store(u_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
 
@@ -96,9 +120,7 @@ def _expand_kernel(u_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr, tile_
     if adapter < 0:
         return
     rank = _rank(ranks_ptr, adapter, R)
-    coef = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scal_ptr + adapter)
-    if HAS_W:
-        coef *= tl.load(w_ptr + slot, mask=m_ok, other=0.0)
+    coef = _row_coef(scal_ptr, adapter, w_ptr, slot, m_ok, HAS_W, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     b_base = b_ptr + adapter.to(tl.int64) * stride_bl
@@ -116,9 +138,7 @@ def _expand_kernel(u_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr, tile_
                      mask=n_ok[None, :] & r_ok[:, None], other=0.0)
         acc += tl.dot(u, bt.to(u.dtype), input_precision=DOT_PREC)
     y_ptrs = y_ptr + tok[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    y_mask = m_ok[:, None] & n_ok[None, :]
-    old = tl.load(y_ptrs, mask=y_mask, other=0.0)
-    tl.store(y_ptrs, (old.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+    _add_into(y_ptrs, m_ok[:, None] & n_ok[None, :], acc)
 
 
 @triton.jit
@@ -136,21 +156,13 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr,
     rank = _rank(ranks_ptr, adapter, R)
     if rank == 0:
         return
-    coef = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scal_ptr + adapter)
-    if HAS_W:
-        coef *= tl.load(w_ptr + slot, mask=m_ok, other=0.0)
+    coef = _row_coef(scal_ptr, adapter, w_ptr, slot, m_ok, HAS_W, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank  # padded rows of A/B are never loaded
     x_rows = x_ptr + tok.to(tl.int64) * stride_xm
     a_base = a_ptr + adapter.to(tl.int64) * stride_al
-    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        xt = tl.load(x_rows[:, None] + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        at = tl.load(a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-        u += tl.dot(xt, at.to(xt.dtype), input_precision=DOT_PREC)
+    u = _shrink_acc(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_rows, a_base, offs_r, r_ok, m_ok, 0, K,
+                    stride_xk, stride_ar, stride_ak, BLOCK_K, DOT_PREC)
     u_c = (u * coef[:, None]).to(y_ptr.dtype.element_ty)
     b_base = b_ptr + adapter.to(tl.int64) * stride_bl
     y_rows = y_ptr + tok[:, None].to(tl.int64) * stride_ym
@@ -165,10 +177,7 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, w_ptr, perm_ptr, tile_adapter_ptr,
         bt = tl.load(b_base + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                      mask=n_ok[None, :] & r_ok[:, None], other=0.0)
         delta = tl.dot(u_c, bt.to(u_c.dtype), input_precision=DOT_PREC)
-        y_ptrs = y_rows + offs_n[None, :] * stride_yn
-        y_mask = m_ok[:, None] & n_ok[None, :]
-        old = tl.load(y_ptrs, mask=y_mask, other=0.0)
-        tl.store(y_ptrs, (old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
+        _add_into(y_rows + offs_n[None, :] * stride_yn, m_ok[:, None] & n_ok[None, :], delta)
 
 
 # ----------------------------------------------------------------------------- launchers

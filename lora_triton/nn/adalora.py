@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
+from ..config_checks import check_int, check_number, is_int
 from ..ops.lora_linear import lora_linear
 from . import kinds
 from .adapter_layer import AdapterLayer
@@ -62,19 +63,17 @@ class AdaLoraConfig(LoraConfig):
         finally:
             self.peft_type, self.rank_pattern = "ADALORA", pattern
         for name in ("init_r", "target_r", "deltaT"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.total_step, bool) or not isinstance(self.total_step, int) or self.total_step <= 0:
+            check_int(name, getattr(self, name))
+        if not is_int(self.total_step) or self.total_step <= 0:
             raise ValueError(f"AdaLoRA needs total_step (the number of training steps, > 0), got {self.total_step!r}")
-        if self.tinit < 0 or self.tfinal < 0 or self.tinit >= self.total_step - self.tfinal:
+        for name in ("tinit", "tfinal"):
+            check_int(name, getattr(self, name), minimum=0)
+        if self.tinit >= self.total_step - self.tfinal:
             raise ValueError(f"tinit={self.tinit}, tfinal={self.tfinal}, total_step={self.total_step} leave no "
                              "budgeting phase (need 0 <= tinit < total_step - tfinal)")
         for name in ("beta1", "beta2"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
-        if self.orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+            check_number(name, getattr(self, name), 0.0, 1.0, low_open=True, high_open=True)
+        check_number("orth_reg_weight", self.orth_reg_weight, low=0.0)
         for key, mask in (self.rank_pattern or {}).items():
             if not isinstance(mask, list) or len(mask) != self.init_r or not all(isinstance(m, bool) for m in mask):
                 raise ValueError(f"rank_pattern[{key!r}] must be a list of init_r={self.init_r} bools, got {mask!r}")

@@ -122,31 +122,66 @@ class DoraVariant(LoraVariant):
                            layer.scaling[name], 0.0)
         return dora_onto(result, base, lora, g, gm1)
 
-    def _delta(self, layer, name: str) -> torch.Tensor:
+    # -- merging: one implementation for every layer type; the hooks below give each type's layout ------
+    @staticmethod
+    def flat(weight: torch.Tensor) -> torch.Tensor:
+        """A weight in the layer's layout as [N, K], the rows DoRA's norm runs over (dense: already)."""
+        return weight
+
+    @staticmethod
+    def factor_view(weight: torch.Tensor) -> tuple:
+        """The shape g = m / n takes to scale a weight in the layer's layout (dense: one factor per row)."""
+        return (-1, 1)
+
+    def merge_delta(self, layer, name: str) -> torch.Tensor:
+        """s B A in the merge precision, in the layout merges fold into (dense: fp32 [out, in])."""
         a = layer.lora_A[name].weight.detach().float()
         b = layer.lora_B[name].weight.detach().float()
         return (b @ a) * layer.scaling[name]
 
+    def stored_base(self, layer) -> torch.Tensor:
+        """The base weight as stored now (detached), in the layout of ``merge_delta``."""
+        return layer.base_weight().detach()
+
+    def unmerged_base(self, layer) -> torch.Tensor:
+        """The base weight in the merge precision with the merged adapters taken out, last merged first."""
+        return layer.unmerged_weight_fp32()
+
+    def _factor(self, layer, name: str, weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """g = m / norm in ``weight``'s dtype, viewed to scale ``weight``."""
+        m = layer.lora_magnitude_vector[name].weight.detach().reshape(-1).to(weight.dtype)
+        return (m / norm).view(self.factor_view(weight))
+
+    def merge_norm(self, layer, name: str) -> torch.Tensor:
+        """n for a merge (PEFT): from the base weight with earlier merges taken out, as the forward does."""
+        if not layer.merged_adapters:
+            return self.weight_norm(layer, name)
+        _, a, b, scaling = self.factors(layer, name)
+        return dora_weight_norm(self.flat(self.unmerged_base(layer)), a.detach().float(), b.detach().float(),
+                                scaling)
+
     def merge_weight(self, layer, name, weight):
         # PEFT: n from the unmerged base weight, the factor applied to the weight as it is now.
-        if layer.merged_adapters:
-            base = layer.unmerged_weight_fp32()
-            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-            norm = dora_weight_norm(base, a.float(), b.float(), float(layer.scaling[name]))
-        else:
-            norm = self.weight_norm(layer, name)
+        norm = self.merge_norm(layer, name)
         self.merged_norm = norm.clone()
-        factor = layer.lora_magnitude_vector[name].weight.detach().float() / norm
-        return factor[:, None] * (weight + self._delta(layer, name))
+        return self._factor(layer, name, weight, norm) * (weight + self.merge_delta(layer, name))
 
     def unmerge_weight(self, layer, name, weight):
         if self.merged_norm is None:
             raise RuntimeError(f"DoRA adapter {name!r} has no recorded merge norm; it was not merged by this layer")
-        factor = layer.lora_magnitude_vector[name].weight.detach().float() / self.merged_norm
+        factor = self._factor(layer, name, weight, self.merged_norm)
         if not bool((factor != 0).all()):
             raise ValueError(f"cannot unmerge DoRA adapter {name!r}: its magnitude is zero in some rows, so the "
                              "merged weight lost those rows")
-        return weight / factor[:, None] - self._delta(layer, name)
+        return weight / factor - self.merge_delta(layer, name)
+
+    def weight_change(self, layer, name: str, delta: torch.Tensor) -> torch.Tensor:
+        """The whole change the adapter makes (its eval forward) in the base weight's layout and ``delta``'s
+        dtype, ``delta`` = s B A: g (W + dW) - W, g = m / ||W + dW|| over the norm's rows, W with the merged
+        adapters taken out (weighted merging, ``nn/merge_views.py``)."""
+        w = (self.unmerged_base(layer) if layer.merged_adapters else self.stored_base(layer)).to(delta.dtype)
+        directed = w + delta
+        return self._factor(layer, name, directed, self.flat(directed).norm(dim=1)) * directed - w
 
     def delete(self, layer, name: str) -> None:
         if name in layer.lora_magnitude_vector:

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.dora import dora_weight_norm
 from ..ops.lora_linear import lora_linear
 from ..ops.nf4_linear import nf4_lora_linear
 from ..reference.dora import norm_from_products
@@ -63,30 +62,18 @@ def dora_shapes(base_layer: nn.Module, use_dora: bool) -> dict[str, tuple[int, .
 
 
 class _AdapterLayerDora:
-    """DoRA on an ``AdapterLayer`` (Embedding / Conv): merge, unmerge and the output from the layer type's
-    ``factors`` (2-D views for the norm), ``flat`` (a weight as [N, K]), ``factor_view`` and ``terms``."""
+    """DoRA on an ``AdapterLayer`` (Embedding / Conv): ``DoraVariant``'s merge, unmerge and weight change on the
+    layer's own weight layout (the layer type's ``factors``, ``flat`` and ``factor_view``), and the output from
+    its ``terms``."""
 
-    def merge_norm(self, layer, name: str) -> torch.Tensor:
-        """n for a merge: from the base weight with earlier merges taken out, as PEFT and the forward do."""
-        if not layer.merged_adapters:
-            return self.weight_norm(layer, name)
-        _, a, b, scaling = self.factors(layer, name)
-        return dora_weight_norm(self.flat(layer.unmerged_weight()), a.detach().float(), b.detach().float(), scaling)
+    def merge_delta(self, layer, name: str) -> torch.Tensor:
+        return layer.delta_weight(name)
 
-    def merge_weight(self, layer, name, weight):
-        norm = self.merge_norm(layer, name)
-        self.merged_norm = norm.clone()
-        factor = layer.lora_magnitude_vector[name].weight.detach().reshape(-1).to(weight.dtype) / norm
-        return factor.view(self.factor_view(weight)) * (weight + layer.delta_weight(name))
+    def stored_base(self, layer) -> torch.Tensor:
+        return layer.merge_value(layer.base_layer.weight)
 
-    def unmerge_weight(self, layer, name, weight):
-        if self.merged_norm is None:
-            raise RuntimeError(f"DoRA adapter {name!r} has no recorded merge norm; it was not merged by this layer")
-        factor = layer.lora_magnitude_vector[name].weight.detach().reshape(-1).to(weight.dtype) / self.merged_norm
-        if not bool((factor != 0).all()):
-            raise ValueError(f"cannot unmerge DoRA adapter {name!r}: its magnitude is zero in some rows, so the "
-                             "merged weight lost those rows")
-        return weight / factor.view(self.factor_view(weight)) - layer.delta_weight(name)
+    def unmerged_base(self, layer) -> torch.Tensor:
+        return layer.unmerged_weight()
 
     def add_output(self, layer, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # result + (g - 1) base + g lora; for the embedding (base = result) that is PEFT's g result + g lora

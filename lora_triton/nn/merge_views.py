@@ -91,15 +91,8 @@ class LayerView:
 
 
 def _dora_change(layer, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """The whole change a DoRA adapter on a Conv / Embedding makes (its eval forward), in the base weight's
-    layout: g (W + dW) - W with g = m / ||W + dW|| over the variant's norm axis (nn/dora_layers.py)."""
-    variant = layer.lora_variant[name]
-    w = layer.unmerged_weight() if layer.merged_adapters else layer.merge_value(layer.base_layer.weight)
-    w = w.to(dtype)
-    directed = w + layer.delta_weight(name).to(dtype)
-    norm = variant.flat(directed).norm(dim=1)
-    m = layer.lora_magnitude_vector[name].weight.detach().reshape(-1).to(dtype)
-    return (m / norm).view(variant.factor_view(directed)) * directed - w
+    """A Conv / Embedding DoRA adapter's whole change in the base weight's layout (``DoraVariant.weight_change``)."""
+    return layer.lora_variant[name].weight_change(layer, name, layer.delta_weight(name).to(dtype))
 
 
 class LinearView(LayerView):
@@ -116,14 +109,7 @@ class LinearView(LayerView):
         """s B A; for DoRA the whole change it makes, (m / ||W + s B A||_row) (W + s B A) - W (its eval
         forward, dense)."""
         delta = super().delta(name, dtype)
-        if self.is_dora(name):
-            layer = self.layer
-            w = layer.unmerged_weight_fp32().to(dtype) if layer.merged_adapters else layer.base_weight().detach().to(
-                dtype)
-            m = layer.lora_magnitude_vector[name].weight.detach().to(dtype).reshape(-1)
-            directed = w + delta
-            delta = (m / directed.norm(dim=1))[:, None] * directed - w
-        return delta
+        return self.layer.lora_variant[name].weight_change(self.layer, name, delta) if self.is_dora(name) else delta
 
     def stored_delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         delta = self.delta(name, dtype)

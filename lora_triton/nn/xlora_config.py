@@ -9,14 +9,16 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import CONFIG_NAME
+from ..config import PeftConfigFields
+from ..config_checks import check_int, check_number, check_probability, is_int
 from ..io.atomic import atomic_write_text
+from ..io.config_json import CONFIG_NAME, load_config_json
 
 _IGNORED = {"auto_mapping", "peft_version", "runtime_config"}
 
 
 @dataclass
-class XLoraConfig:
+class XLoraConfig(PeftConfigFields):
     hidden_size: Optional[int] = None
     adapters: Optional[dict] = None  # expert name -> PEFT LoRA adapter directory
     enable_softmax: bool = True
@@ -31,10 +33,6 @@ class XLoraConfig:
     scaling_pass_value: float = 0.0
     global_scaling_weight: float = 1.0
     peft_type: str = "XLORA"
-    task_type: Optional[str] = None
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    inference_mode: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -44,8 +42,9 @@ class XLoraConfig:
         if peft_type != "XLORA":
             raise ValueError(f"peft_type must be 'XLORA' for an XLoraConfig, got {peft_type!r}")
         self.peft_type = peft_type
+        self.validate_bookkeeping()
         # PEFT falls back to hidden_size=4096 with a warning; a wrong size only fails later, so ask for it.
-        if isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, int) or self.hidden_size <= 0:
+        if not is_int(self.hidden_size) or self.hidden_size <= 0:
             raise ValueError(f"hidden_size must be the base model's hidden size (a positive int), "
                              f"got {self.hidden_size!r}")
         if not isinstance(self.adapters, dict) or not self.adapters:
@@ -55,20 +54,17 @@ class XLoraConfig:
             if not isinstance(name, str) or not name or "." in name or name == "__base__":
                 raise ValueError(f"expert names must be non-empty strings without '.', got {name!r}")
         n = len(self.adapters)
-        if self.top_k_lora is not None and (isinstance(self.top_k_lora, bool) or not isinstance(self.top_k_lora, int)
-                                            or not 1 <= self.top_k_lora <= n):
+        if self.top_k_lora is not None and (not is_int(self.top_k_lora) or not 1 <= self.top_k_lora <= n):
             raise ValueError(f"top_k_lora must be None or an int in [1, {n}] (the number of experts), "
                              f"got {self.top_k_lora!r}")
         if self.enable_softmax_topk and self.top_k_lora is None:
             raise ValueError("enable_softmax_topk=True needs top_k_lora")
-        if not isinstance(self.xlora_depth, int) or self.xlora_depth < 1:
-            raise ValueError(f"xlora_depth must be an int >= 1, got {self.xlora_depth!r}")
-        if not isinstance(self.xlora_size, int) or self.xlora_size < 1:
-            raise ValueError(f"xlora_size must be a positive int, got {self.xlora_size!r}")
-        if not 0.0 <= float(self.xlora_dropout_p) < 1.0:
-            raise ValueError(f"xlora_dropout_p must be in [0, 1), got {self.xlora_dropout_p!r}")
-        if not float(self.softmax_temperature) > 0:
-            raise ValueError(f"softmax_temperature must be > 0, got {self.softmax_temperature!r}")
+        check_int("xlora_depth", self.xlora_depth)
+        check_int("xlora_size", self.xlora_size)
+        check_probability("xlora_dropout_p", self.xlora_dropout_p)
+        check_number("softmax_temperature", self.softmax_temperature, low=0.0, low_open=True)
+        check_number("scaling_pass_value", self.scaling_pass_value)
+        check_number("global_scaling_weight", self.global_scaling_weight)
         if self.enable_softmax and self.enable_softmax_topk:
             warnings.warn("enable_softmax and enable_softmax_topk are both on (PEFT warns: worse performance)",
                           stacklevel=3)
@@ -95,8 +91,5 @@ class XLoraConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str) -> XLoraConfig:
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """The config in ``directory`` (or that adapter_config.json itself), read by the shared reader."""
+        return cls.from_dict(load_config_json(directory))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from typing import NamedTuple, Optional
 
 import torch
@@ -156,11 +157,59 @@ def decode_absmax(absmax, nested_absmax=None, nested_code=None, offset: float = 
     return (nested_code[absmax[start:stop].long()] * scale).add_(offset)
 
 
-def pair_table(code: torch.Tensor) -> torch.Tensor:
-    """int64 [256]: entry b holds the fp32 pair (code[b >> 4], code[b & 15]) in memory order, so one 8-byte
-    gather per packed byte writes both of its values (a [256, 2] fp32 table gathers 2-3x slower on CPU)."""
+def _build_pair_table(code: torch.Tensor) -> torch.Tensor:
     pairs = torch.stack((code.float().repeat_interleave(16), code.float().repeat(16)), dim=1)
     return pairs.contiguous().view(torch.int64).view(-1)
+
+
+class _PairTables:
+    """The pair tables of the code tables in use, most recent ``MAX_ENTRIES`` kept: a layer's GEMMs pass the
+    same 16-entry code buffer on every call, so its table is built once, not three small ops per call.
+
+    Keyed on the code tensor's device, dtype, storage address, layout and version counter (bumped by any
+    in-place write, views included), never on its values: reading those would synchronize a GPU. An entry
+    holds the code tensor itself, so its storage cannot be freed and the address reused while cached.
+    """
+
+    MAX_ENTRIES = 16
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: OrderedDict = OrderedDict()  # key -> (code, table)
+
+    def get(self, code: torch.Tensor) -> torch.Tensor:
+        try:
+            key = (code.device, code.dtype, code.data_ptr(), tuple(code.shape), code.stride(), code._version)
+        except RuntimeError:  # an inference-mode tensor has no version counter: nothing to key a cache on
+            return _build_pair_table(code)
+        with self._lock:
+            held = self._entries.get(key)
+            if held is not None:
+                self._entries.move_to_end(key)
+                return held[1]
+        table = _build_pair_table(code)
+        with self._lock:
+            self._entries[key] = (code, table)
+            while len(self._entries) > self.MAX_ENTRIES:
+                self._entries.popitem(last=False)
+        return table
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_PAIR_TABLES = _PairTables()
+
+
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 [256]: entry b holds the fp32 pair (code[b >> 4], code[b & 15]) in memory order, so one 8-byte
+    gather per packed byte writes both of its values (a [256, 2] fp32 table gathers 2-3x slower on CPU).
+    Cached per code tensor (``_PairTables``); the result is shared: read it, never write it."""
+    return _PAIR_TABLES.get(code)
 
 
 class _Scratch(threading.local):

@@ -16,17 +16,20 @@ uint32 words live in int64 tensors; one int64 multiply gives both halves of a 32
 product (low word: its low 32 bits, high word: ``>> 32``), so a round is 2 multiplies.
 Only the two words that feed the next multiply are masked to 32 bits; the other two carry
 garbage above bit 31 that no later step reads. Round keys are Python ints for CPU seeds
-(no 0-d tensor ops), every op runs in place on buffers reused across row chunks, and the
-16-bit halves are compared through an int16 view of the words (sign bit flipped by an
-XOR folded into the last round), written straight into the mask's [rows, 8 G] layout.
+(no 0-d tensor ops), every op runs in place on buffers reused across row chunks, the last
+round writes the four words interleaved as int32 [counters, 4], and the 16-bit halves are
+compared through one contiguous int16 view of them (sign bit flipped by an XOR folded into
+the last round), which is already the mask's [rows, 8 G] layout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -48,6 +51,13 @@ _THREAD_GRAIN = 1 << 22
 # largest operand is smaller than this runs on the caller's threads (such small ops mostly run inline
 # anyway: torch's parallel grain is 32K elements).
 _TOGGLE_MIN = 1 << 18
+# torch runs an elementwise op inline below this many elements (ATen's GRAIN_SIZE, 32768): the Philox parts
+# the threads of ``_split_parts`` take stay under it, so no op opens a parallel region from a worker thread.
+_PART_MAX = (1 << 15) - 1
+_PART_MIN = 1 << 13
+# Python threads issue the parts' ops: each op's argument parsing holds the GIL for a few us, so past a few
+# threads they queue on it; more parts would also grow the chunk's buffers (about 100 bytes per counter).
+_MAX_PARTS = 4
 
 
 def round_keys(seed: torch.Tensor | int, device=None) -> list[tuple]:
@@ -73,52 +83,122 @@ def tensor_round_keys(seed: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tens
 
 
 class _Philox:
-    """Reused int64 buffers for up to ``n`` counters; ``run`` leaves the 4 words in ``words``."""
+    """Reused buffers for up to ``n`` counters; ``run`` returns the 4 words as int32 [..., 4]."""
 
     def __init__(self, n: int, device):
         self.n = n
         self.buf = torch.empty((6, n), dtype=torch.int64, device=device)
+        self.words = torch.empty((n, 4), dtype=torch.int32, device=device)
 
-    def run(self, counters: torch.Tensor, keys, flip16: bool = False) -> list[torch.Tensor]:
+    def run(self, counters: torch.Tensor, keys, flip16: bool = False) -> torch.Tensor:
         """Philox4x32-10 of int64 ``counters`` (flat, or [G, n'] with keys broadcasting as [G, 1] tensors; <= n
-        in all). Returns [c0, c1, c2, c3] as views of the
-        buffers, exact in bits 0..31 only (bits above are garbage: mask them to read the uint32).
-        ``flip16`` XORs every word with 0x80008000 (for the int16 compare)."""
+        in all). Returns the words [*counters.shape, 4] as int32 bit patterns (a view of a reused buffer).
+        ``flip16`` XORs every word with 0x80008000 (for the int16 compare).
+
+        The last round writes its four words straight into the [..., 4] layout, so the 16-bit halves of
+        counter c sit at int16 positions 8c .. 8c + 7 in lane order (2 * word + half): the mask compare then
+        reads them in one contiguous pass (per-word strided copies cost 10x the compare, measured)."""
         n = counters.numel()
-        c0, c1, c2, c3, pa, pb = (b[:n].view(counters.shape) for b in self.buf)  # [n] or [G, n]
-        k0, k1 = keys[0]
-        # Round 1 with c2 = c3 = 0 (umulhi(B, 0) = 0 and B * 0 = 0), so c1 becomes 0.
-        torch.bitwise_and(counters, _MASK32, out=c3)
-        torch.mul(c3, _ROUND_A, out=pa)
-        torch.bitwise_right_shift(counters, 32, out=c0)
-        c0 ^= k0
-        c0 &= _MASK32
+        out = self.words[:n].view(*counters.shape, 4)
+        parts = _split_parts(counters, keys)
+        if parts == 1:
+            _rounds(counters, keys, flip16, [b[:n].view(counters.shape) for b in self.buf], out)
+            return out
+        # Counters split over threads: each part's ops are below torch's parallel grain, so they run inline
+        # on the thread that issues them (the GIL is released inside each op), one part per core.
+        bounds = [n * i // parts for i in range(parts + 1)]
+        jobs = [(counters[lo:hi], keys, flip16, [b[lo:hi] for b in self.buf], out[lo:hi])
+                for lo, hi in zip(bounds[:-1], bounds[1:])]
+        futures = [_pool().submit(_rounds, *job) for job in jobs[1:]]
+        _rounds(*jobs[0])
+        for f in futures:
+            f.result()
+        return out
+
+
+def _rounds(counters: torch.Tensor, keys, flip16: bool, bufs: list[torch.Tensor], out: torch.Tensor) -> None:
+    """The Philox4x32-10 op sequence on ``counters`` with six int64 scratch ``bufs`` of its shape, the words
+    written to ``out`` [*counters.shape, 4] (``_Philox.run``)."""
+    c0, c1, c2, c3, pa, pb = bufs
+    k0, k1 = keys[0]
+    # Round 1 with c2 = c3 = 0 (umulhi(B, 0) = 0 and B * 0 = 0), so c1 becomes 0.
+    torch.bitwise_and(counters, _MASK32, out=c3)
+    torch.mul(c3, _ROUND_A, out=pa)
+    torch.bitwise_right_shift(counters, 32, out=c0)
+    c0 ^= k0
+    c0 &= _MASK32
+    torch.bitwise_right_shift(pa, 32, out=c2)
+    c2 ^= k1
+    c2 &= _MASK32
+    c3, pa = pa, c3  # lo(A * c0) is pa; c3's old buffer becomes free
+    last = len(keys) - 1
+    for i, (k0, k1) in enumerate(keys[1:], 1):
+        if flip16 and i == last:
+            k0, k1 = k0 ^ _FLIP16, k1 ^ _FLIP16
+        torch.mul(c0, _ROUND_A, out=pa)  # A * c0: lo -> new c3, hi -> new c2
+        torch.mul(c2, _ROUND_B, out=pb)  # B * c2: lo -> new c1, hi -> new c0
+        torch.bitwise_right_shift(pb, 32, out=c0)
+        if i > 1:  # c1 is 0 after round 1
+            c0 ^= c1
         torch.bitwise_right_shift(pa, 32, out=c2)
-        c2 ^= k1
-        c2 &= _MASK32
-        c3, pa = pa, c3  # lo(A * c0) is pa; c3's old buffer becomes free
-        last = len(keys) - 1
-        for i, (k0, k1) in enumerate(keys[1:], 1):
-            if flip16 and i == last:
-                k0, k1 = k0 ^ _FLIP16, k1 ^ _FLIP16
-            torch.mul(c0, _ROUND_A, out=pa)  # A * c0: lo -> new c3, hi -> new c2
-            torch.mul(c2, _ROUND_B, out=pb)  # B * c2: lo -> new c1, hi -> new c0
-            torch.bitwise_right_shift(pb, 32, out=c0)
-            if i > 1:  # c1 is 0 after round 1
-                c0 ^= c1
+        c2 ^= c3
+        if i < last:  # c0, c2 feed the next round's multiplies
             c0 ^= k0
-            torch.bitwise_right_shift(pa, 32, out=c2)
-            c2 ^= c3
             c2 ^= k1
-            if i < last:  # c0, c2 feed the next round's multiplies
-                c0 &= _MASK32
-                c2 &= _MASK32
-            c1, pb = pb, c1
-            c3, pa = pa, c3
-        if flip16:
-            c1 ^= _FLIP16
-            c3 ^= _FLIP16
-        return [c0, c1, c2, c3]
+            c0 &= _MASK32
+            c2 &= _MASK32
+        else:  # the int64 -> int32 cast of the output keeps bits 0..31
+            torch.bitwise_xor(c0, k0, out=out[..., 0])
+            torch.bitwise_xor(c2, k1, out=out[..., 2])
+        c1, pb = pb, c1
+        c3, pa = pa, c3
+    if flip16:
+        torch.bitwise_xor(c1, _FLIP16, out=out[..., 1])
+        torch.bitwise_xor(c3, _FLIP16, out=out[..., 3])
+    else:
+        out[..., 1].copy_(c1)
+        out[..., 3].copy_(c3)
+
+
+_pool_state: list = [None, 0, 0]  # (executor, its worker count, the pid that made it)
+_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """A process-wide executor with ``cpu_parts() - 1`` workers (the caller runs one part).
+    Remade after a fork: a child inherits the executor but not its threads, and would wait on them forever."""
+    want, pid = max(1, min(torch.get_num_threads(), _MAX_PARTS) - 1), os.getpid()
+    with _pool_lock:
+        executor, workers, owner = _pool_state
+        if executor is None or workers != want or owner != pid:
+            if executor is not None and owner == pid:
+                executor.shutdown(wait=False)
+            _pool_state[:] = [ThreadPoolExecutor(want, thread_name_prefix="lora_triton_philox"), want, pid]
+        return _pool_state[0]
+
+
+def cpu_parts() -> int:
+    """How many threads one CPU mask chunk is generated on: torch's intra-op thread count, at most
+    ``_MAX_PARTS``, on a machine that is not oversubscribed (``_oversubscribed``), else 1. A chunk holds
+    ``_CHUNK`` counters on one thread, about ``cpu_parts() * _PART_MAX`` on several (``chunk_counters``)."""
+    threads = min(torch.get_num_threads(), _MAX_PARTS)
+    return 1 if threads <= 1 or _oversubscribed() else threads
+
+
+def chunk_counters() -> int:
+    """Philox counters per CPU mask chunk (``keep_mask_chunks``)."""
+    parts = cpu_parts()
+    return _CHUNK if parts == 1 else parts * _PART_MAX
+
+
+def _split_parts(counters: torch.Tensor, keys) -> int:
+    """Threads for one ``run``: flat CPU counters with Python-int keys, at least ``_PART_MIN`` counters a part
+    (a thread hand-off costs tens of us), at most ``_PART_MAX`` (so a part's ops run inline)."""
+    n = counters.numel()
+    if counters.dim() != 1 or counters.device.type != "cpu" or n < 2 * _PART_MIN or not isinstance(keys[0][0], int):
+        return 1
+    parts = min(cpu_parts(), n // _PART_MIN)
+    return 1 if parts <= 1 else max(parts, -(-n // _PART_MAX))
 
 
 def philox4x32(seed: torch.Tensor | int, offsets: torch.Tensor, keys=None) -> tuple[torch.Tensor, ...]:
@@ -130,7 +210,7 @@ def philox4x32(seed: torch.Tensor | int, offsets: torch.Tensor, keys=None) -> tu
     keys = round_keys(seed, offsets.device) if keys is None else keys
     flat = offsets.reshape(-1)
     words = _Philox(flat.numel(), offsets.device).run(flat, keys)
-    return tuple((w & _MASK32).reshape(offsets.shape) for w in words)
+    return tuple((words[:, i].to(torch.int64) & _MASK32).reshape(offsets.shape) for i in range(4))
 
 
 def philox_randint(seed: torch.Tensor | int, offsets: torch.Tensor) -> torch.Tensor:
@@ -217,18 +297,16 @@ def keep_buffers(shape, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, 
     return out, None if exact else torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def keep_flags(words: list[torch.Tensor], out: torch.Tensor, levels: torch.Tensor | None, thr16) -> None:
-    """Writes the keep flags (1 kept, 0 dropped) of ``flip16`` Philox ``words`` into ``out`` [..., G, 4, 2]
-    (lane 2 * word + half), ``thr16`` = threshold - 32768 (a number, or a tensor broadcasting to ``out``).
+def keep_flags(words: torch.Tensor, out: torch.Tensor, levels: torch.Tensor | None, thr16) -> None:
+    """Writes the keep flags (1 kept, 0 dropped) of ``flip16`` Philox ``words`` (``_Philox.run``'s int32
+    [..., 4]) into ``out`` [..., G, 4, 2] (lane 2 * word + half), ``thr16`` = threshold - 32768 (a number,
+    or a tensor broadcasting to ``out``).
 
     The 16-bit halves become 0/1 by arithmetic, not by a compare: torch.ge into a float tensor builds a
     bool temporary and casts it (measured: 58% of the generator's time, 2048 x 2048). ``levels`` (from
     ``keep_buffers``) is where that runs for an inexact ``out`` dtype; None runs it in ``out``."""
     lv = out if levels is None else levels
-    lead = lv.shape[:-2]
-    for w, word in enumerate(words):
-        halves = word.view(torch.int16).view(*lead, 4)[..., :2]  # little endian: bits 0..15, 16..31
-        lv[..., w, :].copy_(halves)
+    lv.copy_(words.view(torch.int16).view(lv.shape))  # little endian: half 0 is bits 0..15
     # Integers h: h - (thr - 1) >= 1 exactly when h >= thr, <= 0 otherwise, so the clamp gives 1 or 0.
     lv.sub_(thr16 - 1).clamp_(0, 1)
     if levels is not None:
@@ -240,7 +318,8 @@ def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, d
     """Yields (r0, r1, keep) for consecutive row chunks: keep [r1 - r0, cols] in ``dtype`` (1 = kept,
     0 = dropped) for rows row_offset + r0 .. row_offset + r1 - 1 of the mask stream.
 
-    On CPU the chunk holds about ``_CHUNK`` counters and its buffers are reused by the next chunk:
+    On CPU the chunk holds about ``chunk_counters()`` counters (its Philox split over the cores of a machine
+    that is not oversubscribed: ``cpu_parts``) and its buffers are reused by the next chunk:
     use (or copy) each chunk before advancing. Elsewhere the whole mask comes in one chunk.
     """
     if rows == 0 or cols == 0:
@@ -251,7 +330,7 @@ def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, d
     thr16 = dropout_threshold(p) - 32768  # the unsigned 16-bit compare on sign-flipped halves
     keys = round_keys(seed, device)
     groups = -(-cols // 8)
-    step = max(1, _CHUNK // groups) if device.type == "cpu" else rows
+    step = max(1, chunk_counters() // groups) if device.type == "cpu" else rows
     step = min(step, rows)
     gen = _Philox(step * groups, device)
     gidx = torch.arange(groups, device=device, dtype=torch.int64)
