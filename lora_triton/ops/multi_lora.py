@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..reference.multi_lora import full_ranks
 from .backend import implementation
 from .checks import _shape, check_same_device
 
@@ -76,21 +77,6 @@ def check_adapter_ids(adapter_ids: Tensor, num_adapters: int, ranks: Optional[Te
         lo, hi = int(ranks.min()), int(ranks.max())
         if lo < 0 or (r_max is not None and hi > r_max):
             raise ValueError(f"ranks must be in [0, r_max={r_max}], got values in [{lo}, {hi}]")
-
-
-_FULL_RANKS: dict = {}
-
-
-def _full_ranks(num: int, r_max: int, device: torch.device) -> Tensor:
-    """ranks=None as a tensor ([L] of r_max, int32), one per (L, r_max, device), shared by the calls: the
-    ops only read it, and a fresh torch.full per decode step costs 5-10 us with cold caches."""
-    key = (num, r_max, device)
-    hit = _FULL_RANKS.get(key)
-    if hit is None:
-        if len(_FULL_RANKS) >= 64:
-            _FULL_RANKS.clear()
-        hit = _FULL_RANKS[key] = torch.full((num,), r_max, dtype=torch.int32, device=device)
-    return hit
 
 
 def _slots(adapter_ids: Tensor, lead: tuple, t: int) -> int:
@@ -163,7 +149,7 @@ def multi_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     if scal.shape != (num,):
         raise ValueError(f"scalings must be [L={num}], got {tuple(scal.shape)}")
     if ranks is None:
-        rk = _full_ranks(num, r_max, x.device)
+        rk = full_ranks(num, r_max, x.device)
     else:
         if isinstance(ranks, Tensor) and (ranks.dtype.is_floating_point or ranks.dtype == torch.bool):
             raise TypeError(f"ranks must be integers, got {ranks.dtype}")

@@ -62,8 +62,10 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
     # decode step's usual state), so no-op casts and full-range slices are skipped, not issued.
     if ranks.device != x.device:
         ranks = ranks.to(x.device)  # once: read per adapter (coefficient, rank limit)
-    # rank <= 0 adds nothing, as in the kernels; per adapter here, per slot below only where needed
-    scal = torch.where(ranks > 0, scalings if scalings.dtype == cdt else scalings.to(cdt), 0)
+    full = ranks is _FULL_RANKS.get((num, r_max, ranks.device))  # ranks=None: every rank r_max > 0
+    scal = scalings if scalings.dtype == cdt else scalings.to(cdt)
+    if not full:  # rank <= 0 adds nothing, as in the kernels; per adapter here, per slot below where needed
+        scal = torch.where(ranks > 0, scal, 0)
     if by_id:
         # Low skew (the serving norm): rows laid out by adapter id over the ids in use, one padded block,
         # and that range of the adapter stacks as a view, with no per-call copy of A and B.
@@ -77,7 +79,8 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
         a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
         act_ranks = ranks[active]
     direct = k == 1 and y.dtype == cdt  # each row gets one delta: add it straight into y
-    a_act, b_act = _rank_limited(a_act, b_act, act_ranks, r_max)
+    if not full:
+        a_act, b_act = _rank_limited(a_act, b_act, act_ranks, r_max)
     equal = by_id and sel.numel() == max_count * span
     if equal and sel.numel() * max(x.shape[1], n, r_max) <= _CHUNK_ELEMS:  # no padding, no masks, one block
         # Row (a, j) of the block is adapter a's: its coefficient is scal[a] unless slots are weighted.
@@ -192,6 +195,22 @@ def _grid(sel, num: int, count: int) -> tuple[int, int, int] | None:
     want = first + step_a * torch.arange(num, device=sel.device)[:, None] + step_j * torch.arange(
         count, device=sel.device)
     return (first, step_a, step_j) if torch.equal(block, want) else None
+
+
+_FULL_RANKS: dict = {}
+
+
+def full_ranks(num: int, r_max: int, device) -> torch.Tensor:
+    """ranks=None as a tensor ([L] of r_max, int32), one per (L, r_max, device) and shared by the calls,
+    which only read it: no torch.full per decode step, and by identity this reference knows every rank
+    is full (no rank mask, no rank <= 0 test), each op of which costs 5-20 us with caches cold."""
+    key = (num, r_max, torch.device(device))
+    hit = _FULL_RANKS.get(key)
+    if hit is None:
+        if len(_FULL_RANKS) >= 64:
+            _FULL_RANKS.clear()
+        hit = _FULL_RANKS[key] = torch.full((num,), r_max, dtype=torch.int32, device=device)
+    return hit
 
 
 def _rank_limited(a_act, b_act, act_ranks, r_max: int):
