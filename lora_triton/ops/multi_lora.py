@@ -94,7 +94,7 @@ def _as_tensor(v, dtype, device, name) -> Tensor:
     if isinstance(v, Tensor):
         if v.device != device:
             raise ValueError(f"{name} must be on {device} (x's device), got {v.device}")
-        return v.to(dtype)
+        return v if v.dtype == dtype else v.to(dtype)
     return torch.as_tensor(v, dtype=dtype, device=device)
 
 
@@ -143,8 +143,10 @@ def multi_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
                              f"got {_shape(adapter_weights)}")
         if not adapter_weights.is_floating_point():
             raise TypeError(f"adapter_weights must be floating point, got {adapter_weights.dtype}")
-    check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
-                       "adapter_ids": adapter_ids, "adapter_weights": adapter_weights})
+    dev = x.device
+    if any(t is not None and t.device != dev for t in (weight, bias, lora_A, lora_B, adapter_ids, adapter_weights)):
+        check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
+                           "adapter_ids": adapter_ids, "adapter_weights": adapter_weights})
     scal = _as_tensor(scalings, torch.float32, x.device, "scalings")
     if scal.shape != (num,):
         raise ValueError(f"scalings must be [L={num}], got {tuple(scal.shape)}")
@@ -160,7 +162,9 @@ def multi_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
             isinstance(v, Tensor) and v.requires_grad for v in (lora_A, lora_B, scal, adapter_weights)):
         raise RuntimeError("multi_lora_linear is an inference op: lora_A, lora_B, scalings and adapter_weights "
                            "get no gradient; detach them or run under torch.no_grad() (train with lora_linear)")
-    ids = adapter_ids.reshape(t, k).to(torch.int64)
+    ids = adapter_ids.reshape(t, k)
+    if ids.dtype != torch.int64:
+        ids = ids.to(torch.int64)
     if validate:
         check_adapter_ids(adapter_ids, num, rk if ranks is not None else None, r_max, scal)
     else:
