@@ -6,6 +6,8 @@ Registered as the torch.library custom op ``lora_triton::multi_lora_linear`` wit
 impl, so ``torch.compile`` traces through it. Inference op: the adapters (lora_A, lora_B,
 scalings, adapter_weights) get no gradient, and asking for one raises; x, weight and bias are
 differentiable (the dx of the LoRA term is the same op with A and B swapped and transposed).
+Plain eager inference calls (``_plain_eager``) run the backend directly, without the custom op's
+dispatch; everything traced, transformed or differentiated goes through the op.
 
 Validation of shapes, dtypes and devices is free (metadata only) and always on. Checking the
 *values* of adapter_ids and ranks needs a host sync: ``validate=False`` skips it, for decode
