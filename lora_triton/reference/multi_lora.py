@@ -224,17 +224,20 @@ def _rank_limited(a_act, b_act, act_ranks, r_max: int):
 
 def _grid_block(x, y, grid, num: int, count: int, coef, a_act, b_act):
     """The equal-count block when its rows form a ``Plan.grid``: x's rows read and y's rows updated through
-    strided [L, c, .] views (no gathered copy of x, no index_add_), the deltas in a reused scratch buffer
-    and added as index_add_ adds them (y + delta per element)."""
+    strided [L, c, .] views (no gathered copy of x, no index_add_); the deltas go into y by baddbmm_ when
+    its rows are one contiguous block, else through a reused scratch buffer and one add."""
     first, step_a, step_j = grid
     kdim, n = x.shape[1], y.shape[1]
     (xr, xc), (yr, yc) = x.stride(), y.stride()
     xv = x.as_strided((num, count, kdim), (step_a * xr, step_j * xr, xc), x.storage_offset() + first * xr)
     u = torch.bmm(xv, a_act.transpose(1, 2))  # [L, c, R]
     u.mul_(coef[:, :, None])
-    delta = torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n))
     yv = y.as_strided((num, count, n), (step_a * yr, step_j * yr, yc), y.storage_offset() + first * yr)
-    yv.add_(delta)
+    if yv.is_contiguous():  # grouped rows: the GEMM adds into y itself (as cheap as the bare bmm, measured)
+        yv.baddbmm_(u, b_act.transpose(1, 2))
+        return y
+    # Strided rows: baddbmm_ would copy y's rows out and back; a delta in scratch and one add cost less.
+    yv.add_(torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n)))
     return y
 
 
