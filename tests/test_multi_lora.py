@@ -180,6 +180,34 @@ def test_fake_impl_and_schema(monkeypatch):
         assert out.shape == (5, 1, 24)
 
 
+def test_plain_eager_calls_skip_the_custom_op_dispatch(monkeypatch, backend):
+    """Eager inference runs the implementation directly, bit-equal to the op; autograd, fake tensors and
+    torch-function modes still go through the custom op."""
+    x, w, b, a, bb, s, ids, ranks = make(6, seed=21)
+    calls = []
+    real = ops._op
+    monkeypatch.setattr(ops, "_op", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        direct = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks)
+    assert calls == []
+    monkeypatch.setattr(ops, "_plain_eager", lambda args: False)
+    with torch.no_grad():
+        assert torch.equal(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), direct)
+    assert calls == [1]
+    monkeypatch.undo()
+    monkeypatch.setenv("LORA_TRITON_BACKEND", backend)
+    xg = x.clone().requires_grad_(True)
+    assert not ops._plain_eager((xg, w, b, a, bb, s, ids, ranks, None))
+    with torch.no_grad():
+        assert ops._plain_eager((xg, w, b, a, bb, s, ids, ranks, None))
+    from torch.overrides import TorchFunctionMode
+    with TorchFunctionMode():
+        assert not ops._plain_eager((x, w, b, a, bb, s, ids, ranks, None))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        assert not ops._plain_eager(tuple(mode.from_tensor(t) for t in (x, w, b, a, bb, s, ids, ranks)) + (None,))
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(ids=torch.tensor([0, 3, 1])), r"\[-1, 2\].*\[0, 3\]"),
     (dict(ids=torch.tensor([0, -2, 1])), r"\[-1, 2\]"),
@@ -223,3 +251,14 @@ def test_reference_chunks_skewed_batch(monkeypatch):
     ids = torch.tensor([0] * 14 + [1, 2, 2, -1, 1, 0])
     y = ref.multi_lora_linear(x, w, b, a, bb, s.float(), ids.reshape(-1, 1), ranks)
     check(y, x, w, b, a, bb, s, ids, ranks)
+
+
+def test_ranks_none_reads_every_rank_through_one_shared_tensor(backend):
+    """ranks=None means r_max for every adapter; the [L] tensor standing for it is built once per shape."""
+    x, w, b, a, bb, s, ids, _ = make(5, ranks=(8, 8, 8), seed=25)
+    full = torch.full((3,), 8, dtype=torch.int32)
+    with torch.no_grad():
+        y = ops.multi_lora_linear(x, w, b, a, bb, s, ids, None)
+    check(y, x, w, b, a, bb, s, ids, full)
+    assert ops.full_ranks(3, 8, x.device) is ops.full_ranks(3, 8, x.device)
+    assert torch.equal(ops.full_ranks(3, 8, x.device), full)

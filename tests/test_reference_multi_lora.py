@@ -17,14 +17,20 @@ def _reference_backend(monkeypatch):
 
 
 def _spy(monkeypatch):
+    """Calls of the one-block paths: ``direct`` (added into y) per call, the strided one always direct."""
     calls = []
-    real = ref._equal_counts
+    real, real_grid = ref._equal_counts, ref._grid_block
 
     def spy(*args, **kwargs):
         calls.append(args[-1])  # direct: added into y with index_add_
         return real(*args, **kwargs)
 
+    def grid_spy(*args, **kwargs):
+        calls.append(True)
+        return real_grid(*args, **kwargs)
+
     monkeypatch.setattr(ref, "_equal_counts", spy)
+    monkeypatch.setattr(ref, "_grid_block", grid_spy)
     return calls
 
 
@@ -96,3 +102,71 @@ def test_scratch_reuse_never_aliases_results(monkeypatch):
     monkeypatch.setattr(ref, "_WORKSPACE_MAX", 0)
     assert torch.equal(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), first)
     assert torch.equal(ops.multi_lora_linear(x[:4] * 2, None, None, a, bb, s, ids[:4], ranks), y2)
+
+
+def _grid_spy(monkeypatch):
+    calls = []
+    real = ref._grid_block
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])  # the grid
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ref, "_grid_block", spy)
+    monkeypatch.setattr(ref, "_LAST_PLAN", None)
+    return calls
+
+
+@pytest.mark.parametrize("ids, grid", [
+    ([0, 1, 2] * 4, (0, 1, 3)),  # sequence i on adapter i % L: rows a, a + L, ...
+    ([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2], (0, 4, 1)),  # already grouped by adapter
+    ([-1, 0, 1, 2, -1, 0, 1, 2], (1, 1, 4)),  # rows without an adapter between the groups
+    ([0, -1, 1, -1, 2], (0, 2, 1)),  # one row per adapter
+])
+def test_grid_block_reads_and_writes_strided_views(monkeypatch, ids, grid):
+    """Equal counts laid out on an affine grid of rows: x and y through strided views, no gather or scatter,
+    equal to the gathered block up to fp32 rounding (bmm may order a strided batch's sums differently),
+    and rows without an adapter untouched (``check``)."""
+    calls = _grid_spy(monkeypatch)
+    t = len(ids)
+    wide = make(t, k_in=43, ranks=(2, 8, 5), seed=13)[0]
+    x = wide[:, 1:41]  # row stride 43: the views must follow x's strides, not assume contiguity
+    _, w, b, a, bb, s, _, ranks = make(t, ranks=(2, 8, 5), seed=13)
+    ids = torch.tensor(ids)
+    a[0, 2:] = float("nan")  # beyond rank 2: never read
+    y = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks)
+    assert calls == [grid]
+    check(y, x, w, b, a, bb, s, ids, ranks)
+    monkeypatch.setattr(ref, "_grid", lambda *args: None)  # the gathered [L, c, K] block instead
+    monkeypatch.setattr(ref, "_LAST_PLAN", None)
+    torch.testing.assert_close(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), y, rtol=1e-6, atol=1e-6)
+
+
+def test_grid_needs_positive_steps_and_one_slot():
+    """Adapter 1's rows before adapter 0's (a negative step), two slots per token or fp16 (no add into y):
+    the gathered block, still exact against the fp64 loop."""
+    assert ref._sort_tokens(torch.tensor([[1], [0], [1], [0]]), 2).grid is None
+    assert ref._sort_tokens(torch.tensor([[0], [1], [0], [1]]), 2).grid == (0, 1, 2)
+    assert ref._sort_tokens(torch.tensor([[0], [1], [1], [0]]), 2).grid is None  # not affine
+    for ids, dtype in ((torch.tensor([1, 0, 1, 0]), torch.float32), (torch.tensor([0, 1, 0, 1]), torch.float16)):
+        x, w, b, a, bb, s, _, ranks = make(4, ranks=(3, 6), dtype=dtype, seed=17)
+        check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
+    x, w, b, a, bb, s, _, ranks = make(4, ranks=(3, 6), seed=19, slots=2)
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0]])
+    check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
+
+
+def test_block_over_the_ids_in_use_reads_a_view_of_the_stacks(monkeypatch):
+    """A pool with more slots than the batch uses (adapters 2..4 of 7, slots 0, 1, 5, 6 holding NaN):
+    the block covers only that id range, as a view of the stacks, and never reads the other slots."""
+    calls = _grid_spy(monkeypatch)
+    x, w, b, a, bb, s, _, ranks = make(6, ranks=(4, 4, 2, 8, 5, 4, 4), seed=23)
+    for slot in (0, 1, 5, 6):
+        a[slot], bb[slot] = float("nan"), float("nan")
+    ids = torch.tensor([2, 3, 4, 2, 3, 4])
+    plan = ref._sort_tokens(ids.view(-1, 1), 7)
+    assert plan.by_id and plan.lo == 2 and plan.active.tolist() == [2, 3, 4] and plan.grid == (0, 1, 3)
+    check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
+    assert calls == [(0, 1, 3)]
+    ids = torch.tensor([2, 4, 4, 2, -1, 3])  # uneven: the padded chunks over the same range
+    check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)

@@ -11,7 +11,11 @@ whose adapter set shrinks as the small adapters run out, so a skewed batch (one 
 thousands of tokens, many with one) pads at most one chunk per adapter. Ranks are applied by
 zeroing A/B rows beyond r_a (not by slicing), which also makes garbage in the padding harmless.
 When every active adapter holds the same number of rows (one sequence per adapter, the usual
-decode batch) the sorted rows are one [adapters, count, K] block with no padding or masks.
+decode batch) the sorted rows are one [adapters, count, K] block with no padding or masks; when
+those rows lie on an affine grid (sequence i on adapter i % L, or a batch grouped by adapter) the block
+is a strided view of x and y, with no gathered copy of x and no scatter into y. At low skew the
+block spans the ids from the first to the last adapter in use, a view of the stacks (a pool with more
+slots than a batch uses reads only those).
 With one slot per token and x in the compute dtype (fp32, fp64) the LoRA term goes into y with
 ``index_add_``; otherwise it is summed over slots in fp32 and added once. Rows without an
 adapter are never written, so they equal F.linear bit for bit.
@@ -21,6 +25,7 @@ The sort ("plan") of the last call is kept and reused for equal ids (``token_pla
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import torch
 
@@ -51,24 +56,42 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
     plan = token_plan(adapter_ids, num)
     if plan is None or r_max == 0:
         return y
-    sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts = plan
+    sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts, grid, lo = plan
+    span = len(active)
+    # Each op below is a few microseconds warm but 5-20 with the caches cold after the base GEMM (a
+    # decode step's usual state), so no-op casts and full-range slices are skipped, not issued.
+    if ranks.device != x.device:
+        ranks = ranks.to(x.device)  # once: read per adapter (coefficient, rank limit)
+    full = ranks is _FULL_RANKS.get((num, r_max, ranks.device))  # ranks=None: every rank r_max > 0
+    scal = scalings if scalings.dtype == cdt else scalings.to(cdt)
+    if not full:  # rank <= 0 adds nothing, as in the kernels; per adapter here, per slot below where needed
+        scal = torch.where(ranks > 0, scal, 0)
     if by_id:
-        # Low skew (the serving norm): rows laid out by adapter id, one padded block, and the
-        # adapter stacks used as they are, with no per-call copy of A and B.
-        a_act, b_act = lora_A.to(cdt), lora_B.to(cdt)
+        # Low skew (the serving norm): rows laid out by adapter id over the ids in use, one padded block,
+        # and that range of the adapter stacks as a view, with no per-call copy of A and B.
+        a_act, b_act, act_ranks, act_scal = lora_A, lora_B, ranks, scal
+        if span != num:
+            a_act, b_act = lora_A[lo:lo + span], lora_B[lo:lo + span]
+            act_ranks, act_scal = ranks[lo:lo + span], scal[lo:lo + span]
+        if a_act.dtype != cdt:
+            a_act, b_act = a_act.to(cdt), b_act.to(cdt)
     else:
         a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
-    ranks = ranks.to(x.device)  # once: read per slot (coef) and per active adapter
-    coef = torch.where(ranks[ad] > 0, scalings.to(cdt)[ad], 0)  # rank <= 0 adds nothing, as in the kernels
+        act_ranks = ranks[active]
+    direct = k == 1 and y.dtype == cdt  # each row gets one delta: add it straight into y
+    if not full:
+        a_act, b_act = _rank_limited(a_act, b_act, act_ranks, r_max)
+    equal = by_id and sel.numel() == max_count * span
+    if equal and sel.numel() * max(x.shape[1], n, r_max) <= _CHUNK_ELEMS:  # no padding, no masks, one block
+        # Row (a, j) of the block is adapter a's: its coefficient is scal[a] unless slots are weighted.
+        coef = act_scal[:, None] if adapter_weights is None else (
+            act_scal[:, None] * adapter_weights.reshape(-1).to(cdt)[sel].view(span, max_count))
+        if grid is not None and direct and x.dtype == cdt:
+            return _grid_block(x, y, grid, span, max_count, coef, a_act, b_act)
+        return _equal_counts(x.to(cdt), y, sel.view(span, max_count), coef, a_act, b_act, t, k, direct)
+    coef = scal[ad]
     if adapter_weights is not None:
         coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
-    act_ranks = ranks[active]
-    direct = k == 1 and y.dtype == cdt  # each row gets one delta: add it straight into y
-    a_act, b_act = _rank_limited(a_act, b_act, act_ranks, r_max)
-    equal = by_id and sel.numel() == max_count * num
-    if equal and sel.numel() * max(x.shape[1], n, r_max) <= _CHUNK_ELEMS:  # no padding, no masks, one block
-        return _equal_counts(x.to(cdt), y, sel.view(num, max_count), coef.view(num, max_count), a_act, b_act,
-                             t, k, direct)
     # Otherwise one output row per (token, slot) pair, written once; k > 1 slots summed afterwards.
     acc = y if direct else torch.zeros((t * k, n), dtype=cdt, device=x.device)
     xc = x.to(cdt)
@@ -96,13 +119,32 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
     return _add_slots(y, acc, adapter_ids, sel, t, k, n, cdt)
 
 
+class Plan(NamedTuple):
+    """The (token, slot) pairs with an adapter sorted by adapter, and the adapters' row layout."""
+    sel: torch.Tensor  # slots j = token * k + c, sorted by adapter (stable)
+    ad: torch.Tensor  # their adapters
+    counts: torch.Tensor  # [L] slots per adapter
+    starts: torch.Tensor  # [L] first position of each adapter in sel
+    max_count: int
+    by_id: bool  # rows laid out by adapter id (low skew) rather than by count
+    # adapters in layout order: by_id, the id range from the first to the last adapter in use (a pool
+    # with more slots than the batch uses reads only that range); else those in use, by count
+    active: torch.Tensor
+    act_counts: torch.Tensor
+    act_starts: torch.Tensor
+    # (first, adapter step, row step) when every adapter holds max_count slots at slot
+    # first + a * adapter_step + j * row_step (a decode batch with sequence i on adapter i % L, or one
+    # already grouped by adapter): the block is a strided view of x and y, no gather, no scatter.
+    grid: tuple[int, int, int] | None
+    lo: int  # the first adapter in use
+
+
 # The last plan: every layer of one forward (and every decode step of one batch) sees the same ids.
 _LAST_PLAN: tuple | None = None
 
 
-def token_plan(adapter_ids, num: int):
-    """The (token, slot) pairs sorted by adapter and the adapters' row layout, or None when no slot has
-    an adapter: (sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts).
+def token_plan(adapter_ids, num: int) -> Plan | None:
+    """The ``Plan`` of these ids, or None when no slot has an adapter.
 
     On CPU the last plan is kept and reused when the ids are equal (a T-element compare instead of the
     sort), so a model's layers sort the batch once per forward. The entry holds its own copy of the ids
@@ -119,7 +161,7 @@ def token_plan(adapter_ids, num: int):
     return plan
 
 
-def _sort_tokens(adapter_ids, num: int):
+def _sort_tokens(adapter_ids, num: int) -> Plan | None:
     flat = adapter_ids.reshape(-1).to(torch.int64)
     sel = torch.nonzero((flat >= 0) & (flat < num)).flatten()  # slots j = token * k + c with an adapter
     if sel.numel() == 0 or num == 0:
@@ -130,13 +172,45 @@ def _sort_tokens(adapter_ids, num: int):
     counts = torch.bincount(ad, minlength=num)
     starts = torch.cumsum(counts, 0) - counts
     max_count = int(counts.max())
-    by_id = max_count * num <= 2 * sel.numel()
+    used = torch.nonzero(counts).flatten()
+    lo, span = int(used[0]), int(used[-1]) + 1 - int(used[0])
+    by_id = max_count * span <= 2 * sel.numel()
     if by_id:
-        active = torch.arange(num, device=adapter_ids.device)
+        active = torch.arange(lo, lo + span, device=adapter_ids.device)
     else:
-        active = torch.nonzero(counts).flatten()
-        active = active[torch.argsort(counts[active], descending=True, stable=True)]
-    return sel, ad, counts, starts, max_count, by_id, active, counts[active], starts[active]
+        active = used[torch.argsort(counts[used], descending=True, stable=True)]
+    grid = _grid(sel, span, max_count) if by_id and sel.numel() == max_count * span else None
+    return Plan(sel, ad, counts, starts, max_count, by_id, active, counts[active], starts[active], grid, lo)
+
+
+def _grid(sel, num: int, count: int) -> tuple[int, int, int] | None:
+    """(first, adapter step, row step) when the [num, count] block of sorted slots is that affine grid with
+    positive steps (so its rows are a strided view, each slot once), else None."""
+    block = sel.view(num, count)
+    first = int(block[0, 0])
+    step_a = int(block[1, 0]) - first if num > 1 else 1
+    step_j = int(block[0, 1]) - first if count > 1 else 1
+    if step_a <= 0 or step_j <= 0:
+        return None
+    want = first + step_a * torch.arange(num, device=sel.device)[:, None] + step_j * torch.arange(
+        count, device=sel.device)
+    return (first, step_a, step_j) if torch.equal(block, want) else None
+
+
+_FULL_RANKS: dict = {}
+
+
+def full_ranks(num: int, r_max: int, device) -> torch.Tensor:
+    """ranks=None as a tensor ([L] of r_max, int32), one per (L, r_max, device) and shared by the calls,
+    which only read it: no torch.full per decode step, and by identity this reference knows every rank
+    is full (no rank mask, no rank <= 0 test), each op of which costs 5-20 us with caches cold."""
+    key = (num, r_max, torch.device(device))
+    hit = _FULL_RANKS.get(key)
+    if hit is None:
+        if len(_FULL_RANKS) >= 64:
+            _FULL_RANKS.clear()
+        hit = _FULL_RANKS[key] = torch.full((num,), r_max, dtype=torch.int32, device=device)
+    return hit
 
 
 def _rank_limited(a_act, b_act, act_ranks, r_max: int):
@@ -148,8 +222,28 @@ def _rank_limited(a_act, b_act, act_ranks, r_max: int):
     return a_act, b_act
 
 
+def _grid_block(x, y, grid, num: int, count: int, coef, a_act, b_act):
+    """The equal-count block when its rows form a ``Plan.grid``: x's rows read and y's rows updated through
+    strided [L, c, .] views (no gathered copy of x, no index_add_); the deltas go into y by baddbmm_ when
+    its rows are one contiguous block, else through a reused scratch buffer and one add."""
+    first, step_a, step_j = grid
+    kdim, n = x.shape[1], y.shape[1]
+    (xr, xc), (yr, yc) = x.stride(), y.stride()
+    xv = x.as_strided((num, count, kdim), (step_a * xr, step_j * xr, xc), x.storage_offset() + first * xr)
+    u = torch.bmm(xv, a_act.transpose(1, 2))  # [L, c, R]
+    u.mul_(coef[:, :, None])
+    yv = y.as_strided((num, count, n), (step_a * yr, step_j * yr, yc), y.storage_offset() + first * yr)
+    if yv.is_contiguous():  # grouped rows: the GEMM adds into y itself (as cheap as the bare bmm, measured)
+        yv.baddbmm_(u, b_act.transpose(1, 2))
+        return y
+    # Strided rows: baddbmm_ would copy y's rows out and back; a delta in scratch and one add cost less.
+    yv.add_(torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n)))
+    return y
+
+
 def _equal_counts(xc, y, slots, coef, a_act, b_act, t: int, k: int, direct: bool):
-    """slots [L, c] (sorted by adapter), coef [L, c]: two bmm's over the [L, c, K] block of their rows."""
+    """slots [L, c] (sorted by adapter), coef [L, c] or [L, 1]: two bmm's over the [L, c, K] block of their
+    rows."""
     num, count = slots.shape
     n, kdim = y.shape[1], xc.shape[1]
     rows = slots.reshape(-1) if k == 1 else slots.reshape(-1) // k
