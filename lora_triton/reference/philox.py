@@ -55,9 +55,6 @@ _TOGGLE_MIN = 1 << 18
 # the threads of ``_split_parts`` take stay under it, so no op opens a parallel region from a worker thread.
 _PART_MAX = (1 << 15) - 1
 _PART_MIN = 1 << 13
-# Python threads issue the parts' ops: each op's argument parsing holds the GIL for a few us, so past a few
-# threads they queue on it; more parts would also grow the chunk's buffers (about 100 bytes per counter).
-_MAX_PARTS = 4
 
 
 def round_keys(seed: torch.Tensor | int, device=None) -> list[tuple]:
@@ -165,9 +162,9 @@ _pool_lock = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
-    """A process-wide executor with ``cpu_parts() - 1`` workers (the caller runs one part).
+    """A process-wide executor with torch's intra-op thread count - 1 workers (the caller runs one part).
     Remade after a fork: a child inherits the executor but not its threads, and would wait on them forever."""
-    want, pid = max(1, min(torch.get_num_threads(), _MAX_PARTS) - 1), os.getpid()
+    want, pid = max(1, torch.get_num_threads() - 1), os.getpid()
     with _pool_lock:
         executor, workers, owner = _pool_state
         if executor is None or workers != want or owner != pid:
@@ -178,10 +175,10 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def cpu_parts() -> int:
-    """How many threads one CPU mask chunk is generated on: torch's intra-op thread count, at most
-    ``_MAX_PARTS``, on a machine that is not oversubscribed (``_oversubscribed``), else 1. A chunk holds
-    ``_CHUNK`` counters on one thread, about ``cpu_parts() * _PART_MAX`` on several (``chunk_counters``)."""
-    threads = min(torch.get_num_threads(), _MAX_PARTS)
+    """How many threads one CPU mask chunk is generated on: torch's intra-op thread count on a machine that is
+    not oversubscribed (``_oversubscribed``), else 1. A chunk holds ``_CHUNK`` counters on one thread, about
+    ``cpu_parts() * _PART_MAX`` on several (``chunk_counters``)."""
+    threads = torch.get_num_threads()
     return 1 if threads <= 1 or _oversubscribed() else threads
 
 
