@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -51,10 +49,6 @@ _THREAD_GRAIN = 1 << 22
 # largest operand is smaller than this runs on the caller's threads (such small ops mostly run inline
 # anyway: torch's parallel grain is 32K elements).
 _TOGGLE_MIN = 1 << 18
-# torch runs an elementwise op inline below this many elements (ATen's GRAIN_SIZE, 32768): the Philox parts
-# the threads of ``_split_parts`` take stay under it, so no op opens a parallel region from a worker thread.
-_PART_MAX = (1 << 15) - 1
-_PART_MIN = 1 << 13
 
 
 def round_keys(seed: torch.Tensor | int, device=None) -> list[tuple]:
@@ -96,106 +90,47 @@ class _Philox:
         counter c sit at int16 positions 8c .. 8c + 7 in lane order (2 * word + half): the mask compare then
         reads them in one contiguous pass (per-word strided copies cost 10x the compare, measured)."""
         n = counters.numel()
+        c0, c1, c2, c3, pa, pb = (b[:n].view(counters.shape) for b in self.buf)  # [n] or [G, n]
         out = self.words[:n].view(*counters.shape, 4)
-        parts = _split_parts(counters, keys)
-        if parts == 1:
-            _rounds(counters, keys, flip16, [b[:n].view(counters.shape) for b in self.buf], out)
-            return out
-        # Counters split over threads: each part's ops are below torch's parallel grain, so they run inline
-        # on the thread that issues them (the GIL is released inside each op), one part per core.
-        bounds = [n * i // parts for i in range(parts + 1)]
-        jobs = [(counters[lo:hi], keys, flip16, [b[lo:hi] for b in self.buf], out[lo:hi])
-                for lo, hi in zip(bounds[:-1], bounds[1:])]
-        futures = [_pool().submit(_rounds, *job) for job in jobs[1:]]
-        _rounds(*jobs[0])
-        for f in futures:
-            f.result()
-        return out
-
-
-def _rounds(counters: torch.Tensor, keys, flip16: bool, bufs: list[torch.Tensor], out: torch.Tensor) -> None:
-    """The Philox4x32-10 op sequence on ``counters`` with six int64 scratch ``bufs`` of its shape, the words
-    written to ``out`` [*counters.shape, 4] (``_Philox.run``)."""
-    c0, c1, c2, c3, pa, pb = bufs
-    k0, k1 = keys[0]
-    # Round 1 with c2 = c3 = 0 (umulhi(B, 0) = 0 and B * 0 = 0), so c1 becomes 0.
-    torch.bitwise_and(counters, _MASK32, out=c3)
-    torch.mul(c3, _ROUND_A, out=pa)
-    torch.bitwise_right_shift(counters, 32, out=c0)
-    c0 ^= k0
-    c0 &= _MASK32
-    torch.bitwise_right_shift(pa, 32, out=c2)
-    c2 ^= k1
-    c2 &= _MASK32
-    c3, pa = pa, c3  # lo(A * c0) is pa; c3's old buffer becomes free
-    last = len(keys) - 1
-    for i, (k0, k1) in enumerate(keys[1:], 1):
-        if flip16 and i == last:
-            k0, k1 = k0 ^ _FLIP16, k1 ^ _FLIP16
-        torch.mul(c0, _ROUND_A, out=pa)  # A * c0: lo -> new c3, hi -> new c2
-        torch.mul(c2, _ROUND_B, out=pb)  # B * c2: lo -> new c1, hi -> new c0
-        torch.bitwise_right_shift(pb, 32, out=c0)
-        if i > 1:  # c1 is 0 after round 1
-            c0 ^= c1
+        k0, k1 = keys[0]
+        # Round 1 with c2 = c3 = 0 (umulhi(B, 0) = 0 and B * 0 = 0), so c1 becomes 0.
+        torch.bitwise_and(counters, _MASK32, out=c3)
+        torch.mul(c3, _ROUND_A, out=pa)
+        torch.bitwise_right_shift(counters, 32, out=c0)
+        c0 ^= k0
+        c0 &= _MASK32
         torch.bitwise_right_shift(pa, 32, out=c2)
-        c2 ^= c3
-        if i < last:  # c0, c2 feed the next round's multiplies
-            c0 ^= k0
-            c2 ^= k1
-            c0 &= _MASK32
-            c2 &= _MASK32
-        else:  # the int64 -> int32 cast of the output keeps bits 0..31
-            torch.bitwise_xor(c0, k0, out=out[..., 0])
-            torch.bitwise_xor(c2, k1, out=out[..., 2])
-        c1, pb = pb, c1
-        c3, pa = pa, c3
-    if flip16:
-        torch.bitwise_xor(c1, _FLIP16, out=out[..., 1])
-        torch.bitwise_xor(c3, _FLIP16, out=out[..., 3])
-    else:
-        out[..., 1].copy_(c1)
-        out[..., 3].copy_(c3)
-
-
-_pool_state: list = [None, 0, 0]  # (executor, its worker count, the pid that made it)
-_pool_lock = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    """A process-wide executor with torch's intra-op thread count - 1 workers (the caller runs one part).
-    Remade after a fork: a child inherits the executor but not its threads, and would wait on them forever."""
-    want, pid = max(1, torch.get_num_threads() - 1), os.getpid()
-    with _pool_lock:
-        executor, workers, owner = _pool_state
-        if executor is None or workers != want or owner != pid:
-            if executor is not None and owner == pid:
-                executor.shutdown(wait=False)
-            _pool_state[:] = [ThreadPoolExecutor(want, thread_name_prefix="lora_triton_philox"), want, pid]
-        return _pool_state[0]
-
-
-def cpu_parts() -> int:
-    """How many threads one CPU mask chunk is generated on: torch's intra-op thread count on a machine that is
-    not oversubscribed (``_oversubscribed``), else 1. A chunk holds ``_CHUNK`` counters on one thread, about
-    ``cpu_parts() * _PART_MAX`` on several (``chunk_counters``)."""
-    threads = torch.get_num_threads()
-    return 1 if threads <= 1 or _oversubscribed() else threads
-
-
-def chunk_counters() -> int:
-    """Philox counters per CPU mask chunk (``keep_mask_chunks``)."""
-    parts = cpu_parts()
-    return _CHUNK if parts == 1 else parts * _PART_MAX
-
-
-def _split_parts(counters: torch.Tensor, keys) -> int:
-    """Threads for one ``run``: flat CPU counters with Python-int keys, at least ``_PART_MIN`` counters a part
-    (a thread hand-off costs tens of us), at most ``_PART_MAX`` (so a part's ops run inline)."""
-    n = counters.numel()
-    if counters.dim() != 1 or counters.device.type != "cpu" or n < 2 * _PART_MIN or not isinstance(keys[0][0], int):
-        return 1
-    parts = min(cpu_parts(), n // _PART_MIN)
-    return 1 if parts <= 1 else max(parts, -(-n // _PART_MAX))
+        c2 ^= k1
+        c2 &= _MASK32
+        c3, pa = pa, c3  # lo(A * c0) is pa; c3's old buffer becomes free
+        last = len(keys) - 1
+        for i, (k0, k1) in enumerate(keys[1:], 1):
+            if flip16 and i == last:
+                k0, k1 = k0 ^ _FLIP16, k1 ^ _FLIP16
+            torch.mul(c0, _ROUND_A, out=pa)  # A * c0: lo -> new c3, hi -> new c2
+            torch.mul(c2, _ROUND_B, out=pb)  # B * c2: lo -> new c1, hi -> new c0
+            torch.bitwise_right_shift(pb, 32, out=c0)
+            if i > 1:  # c1 is 0 after round 1
+                c0 ^= c1
+            torch.bitwise_right_shift(pa, 32, out=c2)
+            c2 ^= c3
+            if i < last:  # c0, c2 feed the next round's multiplies
+                c0 ^= k0
+                c2 ^= k1
+                c0 &= _MASK32
+                c2 &= _MASK32
+            else:  # the int64 -> int32 cast of the output keeps bits 0..31
+                torch.bitwise_xor(c0, k0, out=out[..., 0])
+                torch.bitwise_xor(c2, k1, out=out[..., 2])
+            c1, pb = pb, c1
+            c3, pa = pa, c3
+        if flip16:
+            torch.bitwise_xor(c1, _FLIP16, out=out[..., 1])
+            torch.bitwise_xor(c3, _FLIP16, out=out[..., 3])
+        else:
+            out[..., 1].copy_(c1)
+            out[..., 3].copy_(c3)
+        return out
 
 
 def philox4x32(seed: torch.Tensor | int, offsets: torch.Tensor, keys=None) -> tuple[torch.Tensor, ...]:
@@ -315,8 +250,7 @@ def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, d
     """Yields (r0, r1, keep) for consecutive row chunks: keep [r1 - r0, cols] in ``dtype`` (1 = kept,
     0 = dropped) for rows row_offset + r0 .. row_offset + r1 - 1 of the mask stream.
 
-    On CPU the chunk holds about ``chunk_counters()`` counters (its Philox split over the cores of a machine
-    that is not oversubscribed: ``cpu_parts``) and its buffers are reused by the next chunk:
+    On CPU the chunk holds about ``_CHUNK`` counters and its buffers are reused by the next chunk:
     use (or copy) each chunk before advancing. Elsewhere the whole mask comes in one chunk.
     """
     if rows == 0 or cols == 0:
@@ -327,7 +261,7 @@ def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, d
     thr16 = dropout_threshold(p) - 32768  # the unsigned 16-bit compare on sign-flipped halves
     keys = round_keys(seed, device)
     groups = -(-cols // 8)
-    step = max(1, chunk_counters() // groups) if device.type == "cpu" else rows
+    step = max(1, _CHUNK // groups) if device.type == "cpu" else rows
     step = min(step, rows)
     gen = _Philox(step * groups, device)
     gidx = torch.arange(groups, device=device, dtype=torch.int64)
