@@ -38,7 +38,7 @@ def test_forward_keeps_backward_takes_same_bits(monkeypatch, m, k):
 
 
 def test_large_masks_are_regenerated_not_kept():
-    rows = philox._CHUNK // 4 + 1  # K = 32: 4 counters per row, one more row than a chunk holds
+    rows = philox.small_mask_counters() // 4 + 1  # K = 32: 4 counters per row, one row past a small mask
     _, _, kept = _step(rows, 32, 8, 2, 0.1, seed=5)
     assert kept == 0
 

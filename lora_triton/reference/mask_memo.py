@@ -3,11 +3,11 @@
 On small layers (a tiny Llama's M=64, K=256) the mask generator's cost is its ~100 small ops of fixed
 overhead, not the elements, and regenerating it in backward doubled that. A mask is a pure function of
 (seed, rows, cols, row offset, threshold, dtype), so keeping it under that key can never change a result:
-a hit returns the very bits a regeneration would, a miss regenerates. Only masks that fit one generator
-chunk (``philox._CHUNK`` counters: at most 256K elements, 1 MiB in fp32) are kept, the memo holds at most
-``MAX_BYTES`` (oldest evicted first), and backward pops what it takes, so a forward without a backward
-(evaluation in train mode) at worst leaves ``MAX_BYTES`` behind until later masks evict it. Large layers
-and other devices always regenerate (0 bytes kept).
+a hit returns the very bits a regeneration would, a miss regenerates. Only small masks (at most
+``philox.small_mask_counters()`` counters, one generator chunk: 256K elements, 1 MiB in fp32) are kept,
+the memo holds at most ``MAX_BYTES`` (oldest evicted first), and backward pops what it takes, so a forward
+without a backward (evaluation in train mode) at worst leaves ``MAX_BYTES`` behind until later masks evict
+it. Large layers and other devices always regenerate (0 bytes kept).
 
 Masks are drawn in batches where that is known to be right: ``prefill`` draws the G projections of one x
 (q/k/v, gate/up) together, and ``seeds_drawn`` draws at a step's first seed the masks the step will ask for
@@ -45,7 +45,7 @@ def _key(seed, rows: int, cols: int, p: float, dtype: torch.dtype, row_offset: i
     if device is None and isinstance(seed, torch.Tensor):
         device = seed.device
     kind = device.type if isinstance(device, torch.device) else torch.device(device or "cpu").type
-    if kind != "cpu" or rows * -(-cols // 8) > philox._CHUNK:
+    if kind != "cpu" or rows * -(-cols // 8) > philox.small_mask_counters():
         return None
     s = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)  # one element: a CPU read, no sync
     return s, rows, cols, row_offset, _threshold(float(p)), dtype
@@ -100,7 +100,7 @@ def _draw_batch(seed_ints: list[int], rows: int, cols: int, thrs: list[int], dty
 
 
 def _fits(rows: int, cols: int) -> bool:
-    return 0 < rows * -(-cols // 8) <= philox._CHUNK and cols > 0
+    return 0 < rows * -(-cols // 8) <= philox.small_mask_counters() and cols > 0
 
 
 def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -> None:

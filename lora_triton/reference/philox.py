@@ -39,9 +39,15 @@ _KEY_B = 0xBB67AE85
 _FLIP16 = 0x80008000  # the sign bits of both 16-bit halves: unsigned compare via a signed int16 view
 # Triton's uint_to_uniform_float scale for 32-bit words.
 _UNIFORM_SCALE = 4.6566127342e-10
-# Philox counters per row chunk on CPU: large enough that per-op overhead stops dominating, small
-# enough that the six int64 word buffers (6 x 8 bytes per counter) and the chunk's mask stay in cache.
-_CHUNK = 1 << 15
+# Philox counters per row chunk on CPU. Above ATen's 32768-element grain each op of the chunk runs on the
+# intra-op threads, and fewer chunks pay the ~100 ops' fixed cost fewer times; past 2^17 the buffers (about
+# 100 bytes per counter) leave L2/L3. Measured (2026-12-01 15:35Z, load 0.4, 2 threads, p=0.1 fp32 mask,
+# median of 7): 2048 x 1024 7.98 / 6.33 / 4.46 / 4.85 / 8.77 ms for 2^14 .. 2^18, 2048 x 2048 14.89 /
+# 12.08 / 8.27 / 8.05 / 12.55 ms; on one thread 2^16 costs 18.0 ns a counter against 18.8 at 2^15.
+_CHUNK = 1 << 16
+# Masks of at most this many counters (256K elements, 1 MiB in fp32) are small: ``mask_memo`` keeps them
+# from forward to backward. Never more than ``_CHUNK`` (a kept mask must come in one chunk).
+SMALL_MASK_COUNTERS = 1 << 15
 # Elements of the largest operand per intra-op thread in ``few_threads``: 16 MB of fp32 is 1-2 ms of one
 # core's bandwidth, enough to amortize the barrier a parallel op ends in.
 _THREAD_GRAIN = 1 << 22
@@ -243,6 +249,11 @@ def keep_flags(words: torch.Tensor, out: torch.Tensor, levels: torch.Tensor | No
     lv.sub_(thr16 - 1).clamp_(0, 1)
     if levels is not None:
         out.copy_(levels)
+
+
+def small_mask_counters() -> int:
+    """The largest mask (in Philox counters) ``mask_memo`` keeps: one chunk at most."""
+    return min(SMALL_MASK_COUNTERS, _CHUNK)
 
 
 def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, device=None,
