@@ -170,6 +170,11 @@ def dropout_threshold(p: float) -> int:
     return int(p32 * 65536.0 + 0.5)
 
 
+# What the thread helpers return for a small block: one shared no-op context, so a small layer's call pays
+# no generator-based context manager (a few us each, several per call: 2026-12-01 tiny-Llama profile).
+_UNCHANGED = contextlib.nullcontext()
+
+
 def serial_cpu(device, numel: int | None = None):
     """Runs the block's CPU ops on one intra-op thread (torch's thread count restored after).
 
@@ -178,14 +183,18 @@ def serial_cpu(device, numel: int | None = None):
     time at load 13 on 2 cores, against 1.2x on one thread). The large GEMMs outside stay parallel.
     ``numel`` (the block's largest operand) below ``_TOGGLE_MIN`` leaves the thread count alone.
     """
-    return _cpu_threads(device, 1 if numel is None or numel >= _TOGGLE_MIN else None)
+    if numel is not None and numel < _TOGGLE_MIN:
+        return _UNCHANGED
+    return _cpu_threads(device, 1)
 
 
 def few_threads(device, numel: int):
     """Runs the block (rank-r GEMMs) on one intra-op thread per ``_THREAD_GRAIN`` elements of its largest
     operand, ``numel``, at most torch's count: a [2048, 1024] x [1024, 16] GEMM took 16-24 ms on two
     threads at load 2-3 on 2 cores, against 1 ms on one. Below ``_TOGGLE_MIN`` nothing changes."""
-    return _cpu_threads(device, None if numel < _TOGGLE_MIN else max(1, numel // _THREAD_GRAIN))
+    if numel < _TOGGLE_MIN:
+        return _UNCHANGED
+    return _cpu_threads(device, max(1, numel // _THREAD_GRAIN))
 
 
 _POLICIES = ("auto", "fewer", "all")
