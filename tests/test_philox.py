@@ -255,3 +255,16 @@ def test_thread_policy_all_never_toggles_and_auto_follows_the_load(monkeypatch):
                 pass
     finally:
         torch.set_num_threads(threads)
+
+
+def test_interleaved_mask_iterators_share_the_cached_generator(monkeypatch):
+    """Two masks iterated in lockstep on one thread (one cached generator): each has its own bits."""
+    monkeypatch.setattr(philox, "_CHUNK", 64)
+    want_a, want_b = _oracle_mask(3, 40, 100, 0.1), _oracle_mask(2**40 + 9, 40, 100, 0.5, 7)
+    got_a, got_b = [], []
+    for (_, _, a), (_, _, b) in zip(philox.keep_mask_chunks(3, 40, 100, 0.1),
+                                    philox.keep_mask_chunks(2**40 + 9, 40, 100, 0.5, row_offset=7)):
+        got_a.append(a.clone())
+        got_b.append(b.clone())
+    assert torch.equal(torch.cat(got_a), want_a) and torch.equal(torch.cat(got_b), want_b)
+    assert philox.generator(64, "cpu") is philox.generator(10, "cpu")

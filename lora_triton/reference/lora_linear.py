@@ -11,6 +11,8 @@ dA and dB come back in float32; dx in x's dtype.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .mask_memo import mask_chunks
@@ -29,14 +31,19 @@ def _mask_chunks(x, seed, dropout_p: float, forward: bool):
 
 
 def shrink_dropout(x, lora_A, dropout_p: float, seed):
-    """U = D(x) A^T [M, r]: x masked one row chunk at a time into a reused buffer, then one GEMM per chunk."""
-    # K = 0 yields no mask chunk, so nothing would write u: start from zeros there (U = 0 exactly).
-    alloc = torch.zeros if x.shape[1] == 0 else torch.empty
-    u = alloc((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
+    """U = D(x) A^T [M, r]: x masked one row chunk at a time into a reused buffer, then one GEMM per chunk
+    (a mask that comes in one chunk, as small layers' do, takes the plain ops: fewer calls, same bits)."""
     a_t = lora_A.t()
-    buf = None
     with serial_cpu(x.device, x.numel()):
-        for r0, r1, keep in _mask_chunks(x, seed, dropout_p, forward=True):
+        chunks = _mask_chunks(x, seed, dropout_p, forward=True)
+        first = next(chunks, None)
+        if first is not None and first[1] - first[0] == x.shape[0]:
+            return torch.mm(x * first[2], a_t).mul_(1.0 / (1.0 - dropout_p))
+        # K = 0 yields no mask chunk, so nothing would write u: start from zeros there (U = 0 exactly).
+        alloc = torch.zeros if first is None else torch.empty
+        u = alloc((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
+        buf = None
+        for r0, r1, keep in itertools.chain([first] if first is not None else [], chunks):
             if buf is None:
                 buf = torch.empty((r1 - r0, x.shape[1]), dtype=x.dtype, device=x.device)
             xm = torch.mul(x[r0:r1], keep, out=buf[:r1 - r0])
@@ -88,17 +95,21 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
         return dx, _f32(d_a), _f32(d_b)
     # One mask regeneration per row chunk serves both D(x) for dA and D'(dU A) for dx; the 1/(1-p)
     # scale goes on the rank-r operand, so each [M, K] chunk takes a single masking pass.
-    dx = None
-    if need_dx:
-        dx = dy @ weight if weight is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    d_a = torch.zeros((lora_A.shape[0], x.shape[1]), dtype=acc, device=x.device)
     same = x.dtype == acc
-    xbuf = dbuf = None
     with serial_cpu(x.device, max(x.numel(), dy.numel())):
         d_u, d_b = _rank_grads(dy, u, lora_B, scaling)
         d_us = d_u.mul_(1.0 / (1.0 - dropout_p))
-        for r0, r1, keep in _mask_chunks(x, seed, dropout_p, forward=False):
+        chunks = _mask_chunks(x, seed, dropout_p, forward=False)
+        first = next(chunks, None)
+        if same and first is not None and first[1] - first[0] == x.shape[0]:
+            return _bwd_one_chunk(dy, x, weight, lora_A, d_us, d_b, first[2], need_dx)
+        dx = None
+        if need_dx:
+            dx = dy @ weight if weight is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        d_a = torch.zeros((lora_A.shape[0], x.shape[1]), dtype=acc, device=x.device)
+        xbuf = dbuf = None
+        for r0, r1, keep in itertools.chain([first] if first is not None else [], chunks):
             n = r1 - r0
             if xbuf is None:
                 xbuf = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device)
@@ -114,4 +125,17 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
                     torch.mul(lora_dx, keep, out=dx[r0:r1])
                 else:
                     dx[r0:r1].addcmul_(lora_dx, keep)
+    return dx, _f32(d_a), _f32(d_b)
+
+
+def _bwd_one_chunk(dy, x, weight, lora_A, d_us, d_b, keep, need_dx: bool):
+    """The p > 0 backward for a mask that comes in one chunk (x in fp32/fp64): whole-tensor ops, no
+    buffers or accumulator to set up (a small layer's call pays per op). dx = D'(dU A) is written first
+    and the dgrad GEMM accumulates into it."""
+    d_a = d_us.t() @ (x * keep)
+    dx = None
+    if need_dx:
+        dx = torch.mm(d_us, lora_A).mul_(keep)
+        if weight is not None:
+            dx.addmm_(dy, weight)
     return dx, _f32(d_a), _f32(d_b)
