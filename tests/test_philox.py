@@ -268,3 +268,16 @@ def test_interleaved_mask_iterators_share_the_cached_generator(monkeypatch):
         got_b.append(b.clone())
     assert torch.equal(torch.cat(got_a), want_a) and torch.equal(torch.cat(got_b), want_b)
     assert philox.generator(64, "cpu") is philox.generator(10, "cpu")
+
+
+@pytest.mark.parametrize("seed", ORACLE_SEEDS)
+def test_folded_start_equals_general_rounds(seed):
+    """Counters below 2**32 with the first rounds' constants folded: the same words as the general rounds."""
+    counters = torch.cat([torch.arange(300), torch.randint(0, 2**32, (500,)), torch.tensor([2**32 - 1])])
+    gen = philox._Philox(counters.numel(), "cpu")
+    keys = philox.round_keys(seed)
+    for flip in (False, True):
+        general = gen.run(counters, keys, flip16=flip).clone()
+        assert torch.equal(gen.run(counters, keys, flip16=flip, below_2_32=True), general)
+    for ours, want in zip(general.unbind(-1), _oracle_words(seed, counters)):
+        assert torch.equal((ours.to(torch.int64) & 0xFFFFFFFF) ^ 0x80008000, want)

@@ -41,11 +41,12 @@ _FLIP16 = 0x80008000  # the sign bits of both 16-bit halves: unsigned compare vi
 # Triton's uint_to_uniform_float scale for 32-bit words.
 _UNIFORM_SCALE = 4.6566127342e-10
 # Philox counters per row chunk on CPU. Above ATen's 32768-element grain each op of the chunk runs on the
-# intra-op threads, and fewer chunks pay the ~100 ops' fixed cost fewer times; past 2^17 the buffers (about
-# 100 bytes per counter) leave L2/L3. Measured (2026-12-01 15:35Z, load 0.4, 2 threads, p=0.1 fp32 mask,
-# median of 7): 2048 x 1024 7.98 / 6.33 / 4.46 / 4.85 / 8.77 ms for 2^14 .. 2^18, 2048 x 2048 14.89 /
-# 12.08 / 8.27 / 8.05 / 12.55 ms; on one thread 2^16 costs 18.0 ns a counter against 18.8 at 2^15.
-_CHUNK = 1 << 16
+# intra-op threads, and fewer chunks pay the ~100 ops' fixed cost fewer times; the generator's buffers (64
+# bytes a counter, ``generator``) are kept per thread, so a large chunk page-faults once, not per call.
+# Measured (2026-12-01 15:55Z, load 0.6, 2 threads, p=0.1 fp32 mask, median of 7, cached buffers):
+# 2048 x 1024 7.11 / 5.81 / 4.20 / 3.60 / 3.52 ms for 2^14 .. 2^18, 2048 x 2048 13.78 / 11.30 / 8.23 / 6.88 /
+# 6.29 ms; 2^17 holds 8 MiB per thread against 16 MiB for 2^18's last few percent.
+_CHUNK = 1 << 17
 # Masks of at most this many counters (256K elements, 1 MiB in fp32) are small: ``mask_memo`` keeps them
 # from forward to backward. Never more than ``_CHUNK`` (a kept mask must come in one chunk).
 SMALL_MASK_COUNTERS = 1 << 15
@@ -88,30 +89,36 @@ class _Philox:
         self.buf = torch.empty((6, n), dtype=torch.int64, device=device)
         self.words = torch.empty((n, 4), dtype=torch.int32, device=device)
 
-    def run(self, counters: torch.Tensor, keys, flip16: bool = False) -> torch.Tensor:
+    def run(self, counters: torch.Tensor, keys, flip16: bool = False, below_2_32: bool = False) -> torch.Tensor:
         """Philox4x32-10 of int64 ``counters`` (flat, or [G, n'] with keys broadcasting as [G, 1] tensors; <= n
         in all). Returns the words [*counters.shape, 4] as int32 bit patterns (a view of a reused buffer).
         ``flip16`` XORs every word with 0x80008000 (for the int16 compare).
 
         The last round writes its four words straight into the [..., 4] layout, so the 16-bit halves of
         counter c sit at int16 positions 8c .. 8c + 7 in lane order (2 * word + half): the mask compare then
-        reads them in one contiguous pass (per-word strided copies cost 10x the compare, measured)."""
+        reads them in one contiguous pass (per-word strided copies cost 10x the compare, measured).
+        ``below_2_32``: the caller knows every counter is below 2**32 (``_folded_start``)."""
         n = counters.numel()
         c0, c1, c2, c3, pa, pb = (b[:n].view(counters.shape) for b in self.buf)  # [n] or [G, n]
         out = self.words[:n].view(*counters.shape, 4)
-        k0, k1 = keys[0]
-        # Round 1 with c2 = c3 = 0 (umulhi(B, 0) = 0 and B * 0 = 0), so c1 becomes 0.
-        torch.bitwise_and(counters, _MASK32, out=c3)
-        torch.mul(c3, _ROUND_A, out=pa)
-        torch.bitwise_right_shift(counters, 32, out=c0)
-        c0 ^= k0
-        c0 &= _MASK32
-        torch.bitwise_right_shift(pa, 32, out=c2)
-        c2 ^= k1
-        c2 &= _MASK32
-        c3, pa = pa, c3  # lo(A * c0) is pa; c3's old buffer becomes free
+        if below_2_32 and isinstance(keys[0][0], int) and len(keys) > 3:
+            c0, c1, c2, c3, pa, pb = _folded_start(counters, keys, c0, c1, c2, c3, pa, pb)
+            start = 3
+        else:
+            k0, k1 = keys[0]
+            # Round 1 with c2 = c3 = 0 (umulhi(B, 0) = 0 and B * 0 = 0), so c1 becomes 0.
+            torch.bitwise_and(counters, _MASK32, out=c3)
+            torch.mul(c3, _ROUND_A, out=pa)
+            torch.bitwise_right_shift(counters, 32, out=c0)
+            c0 ^= k0
+            c0 &= _MASK32
+            torch.bitwise_right_shift(pa, 32, out=c2)
+            c2 ^= k1
+            c2 &= _MASK32
+            c3, pa = pa, c3  # lo(A * c0) is pa; c3's old buffer becomes free
+            start = 1
         last = len(keys) - 1
-        for i, (k0, k1) in enumerate(keys[1:], 1):
+        for i, (k0, k1) in enumerate(keys[start:], start):
             if flip16 and i == last:
                 k0, k1 = k0 ^ _FLIP16, k1 ^ _FLIP16
             torch.mul(c0, _ROUND_A, out=pa)  # A * c0: lo -> new c3, hi -> new c2
@@ -140,12 +147,45 @@ class _Philox:
         return out
 
 
+def _folded_start(counters, keys, c0, c1, c2, c3, pa, pb):
+    """Rounds 1-3 for counters below 2**32 and Python-int keys, with the constants folded: the counter's
+    high word is 0, so after round 1 c0 is the key k0 and c1 is 0, after round 2 c3 is lo(A * k0): Python
+    ints, 8 fewer tensor ops than the general rounds (19 instead of 27). Returns the buffers as
+    (c0, c1, c2, c3, pa, pb) in the main loop's roles after round 3."""
+    (k0a, k1a), (k0b, k1b), (k0c, k1c) = keys[0], keys[1], keys[2]
+    # Round 1: c0 = counter (clean), c1 = c2 = c3 = 0 -> c0' = k0a, c1' = 0, c2' = hi(A ctr) ^ k1a, c3' = pa.
+    torch.mul(counters, _ROUND_A, out=pa)
+    torch.bitwise_right_shift(pa, 32, out=c2)
+    c2 ^= k1a
+    c2 &= _MASK32
+    # Round 2: A * c0' is the Python int A * k0a: c0'' = hi(B c2') ^ k0b, c1'' = pb,
+    # c2'' = hi(A k0a) ^ c3' ^ k1b, c3'' = lo(A k0a).
+    prod = _ROUND_A * k0a
+    torch.mul(c2, _ROUND_B, out=pb)
+    torch.bitwise_right_shift(pb, 32, out=c0)
+    c0 ^= k0b
+    c0 &= _MASK32
+    torch.bitwise_xor(pa, ((prod >> 32) & _MASK32) ^ k1b, out=c2)
+    c2 &= _MASK32
+    # Round 3: c0''' = hi(B c2'') ^ c1'' ^ k0c, c2''' = hi(A c0'') ^ c3'' ^ k1c; the products land in pa and c1.
+    torch.mul(c0, _ROUND_A, out=pa)
+    torch.mul(c2, _ROUND_B, out=c1)
+    torch.bitwise_right_shift(c1, 32, out=c0)
+    c0 ^= pb
+    c0 ^= k0c
+    c0 &= _MASK32
+    torch.bitwise_right_shift(pa, 32, out=c2)
+    c2 ^= (prod & _MASK32) ^ k1c
+    c2 &= _MASK32
+    return c0, c1, c2, pa, c3, pb  # c1 = lo(B c2''), c3 = lo(A c0''); the old c3 and pb buffers are free
+
+
 _cached = threading.local()
 
 
 def generator(n: int, device) -> _Philox:
     """A ``_Philox`` for ``n`` counters. On CPU, for at most ``_CHUNK`` counters, one per thread reused across
-    calls (its ~64 bytes a counter stay held, 4 MiB at most): fresh buffers page-faulted on every call, ~0.3 ms
+    calls (its 64 bytes a counter stay held, 8 MiB at most): fresh buffers page-faulted on every call, ~0.3 ms
     of a tiny Llama step's single batched mask call (2026-12-01 profile). ``run``'s words are read before the
     next ``run``, so interleaved mask iterators of one thread can share it. Elsewhere a fresh one."""
     device = torch.device(device)
@@ -311,7 +351,7 @@ def keep_mask_chunks(seed: torch.Tensor | int, rows: int, cols: int, p: float, d
         ridx = torch.arange(row_offset + r0, row_offset + r1, device=device, dtype=torch.int64)
         cnt = counters[:n]
         torch.add(gidx[None, :], ridx[:, None], alpha=groups, out=cnt)
-        words = gen.run(cnt.reshape(-1), keys, flip16=True)
+        words = gen.run(cnt.reshape(-1), keys, flip16=True, below_2_32=(row_offset + r1) * groups <= 1 << 32)
         keep_flags(words, out[:n], None if levels is None else levels[:n], thr16)
         yield r0, r1, out[:n].view(n, groups * 8)[:, :cols]
 
