@@ -54,9 +54,9 @@ def _generator_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = philox._Philox.run
 
-    def counting(self, counters, keys, flip16=False):
+    def counting(self, counters, keys, flip16=False, below_2_32=False):
         calls.append(counters.numel())
-        return real(self, counters, keys, flip16)
+        return real(self, counters, keys, flip16, below_2_32)
 
     monkeypatch.setattr(philox._Philox, "run", counting)
     return calls

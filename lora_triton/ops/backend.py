@@ -35,7 +35,14 @@ def interpreter_enabled() -> bool:
 
 
 def requested_backend() -> str:
-    value = os.environ.get("LORA_TRITON_BACKEND", "auto").strip().lower() or "auto"
+    return _parse_backend(os.environ.get("LORA_TRITON_BACKEND", "auto"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_backend(raw: str) -> str:
+    # Cached on the raw string: every op call asks (a small layer pays per call); a bad value is not
+    # cached (the ValueError is raised again on every call).
+    value = raw.strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"LORA_TRITON_BACKEND must be one of {BACKENDS}, got {value!r}")
     return value
@@ -71,4 +78,10 @@ def implementation(device: torch.device, family: str):
     """The module running op ``family`` on ``device``: ``kernels/<family>.py`` (Triton) or its twin
     ``reference/<family>.py`` (same function names and signatures), imported on first use."""
     package = "kernels" if choose_backend(device) == "triton" else "reference"
-    return importlib.import_module(f"lora_triton.{package}.{family}")
+    module = _modules.get((package, family))
+    if module is None:  # imported on first use, then a dict lookup instead of the import machinery
+        module = _modules[(package, family)] = importlib.import_module(f"lora_triton.{package}.{family}")
+    return module
+
+
+_modules: dict[tuple[str, str], object] = {}

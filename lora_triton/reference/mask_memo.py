@@ -91,7 +91,7 @@ def _draw_batch(seed_ints: list[int], rows: int, cols: int, thrs: list[int], dty
     keys = list(zip(table[:, 0].unbind(0), table[:, 1].unbind(0)))
     n = rows * groups
     counters = torch.arange(n, dtype=torch.int64).expand(g, n).contiguous()  # row i, group j: i * G + j
-    words = philox.generator(g * n, "cpu").run(counters, keys, flip16=True)
+    words = philox.generator(g * n, "cpu").run(counters, keys, flip16=True, below_2_32=n <= 1 << 32)
     out, levels = philox.keep_buffers((g, rows, groups, 4, 2), dtype)
     thr16 = torch.tensor([t - 32768 for t in thrs], dtype=out.dtype if levels is None else levels.dtype)
     philox.keep_flags(words, out, levels, thr16.view(g, 1, 1, 1, 1))  # as in keep_mask_chunks, per seed

@@ -101,7 +101,7 @@ class _Philox:
         n = counters.numel()
         c0, c1, c2, c3, pa, pb = (b[:n].view(counters.shape) for b in self.buf)  # [n] or [G, n]
         out = self.words[:n].view(*counters.shape, 4)
-        if below_2_32 and isinstance(keys[0][0], int) and len(keys) > 3:
+        if below_2_32 and len(keys) > 3 and (isinstance(keys[0][0], int) or keys[0][0].device.type == "cpu"):
             c0, c1, c2, c3, pa, pb = _folded_start(counters, keys, c0, c1, c2, c3, pa, pb)
             start = 3
         else:
@@ -148,9 +148,9 @@ class _Philox:
 
 
 def _folded_start(counters, keys, c0, c1, c2, c3, pa, pb):
-    """Rounds 1-3 for counters below 2**32 and Python-int keys, with the constants folded: the counter's
-    high word is 0, so after round 1 c0 is the key k0 and c1 is 0, after round 2 c3 is lo(A * k0): Python
-    ints, 8 fewer tensor ops than the general rounds (19 instead of 27). Returns the buffers as
+    """Rounds 1-3 for counters below 2**32, with the constants folded: the counter's high word is 0, so
+    after round 1 c0 is the key k0 and c1 is 0, after round 2 c3 is lo(A * k0): Python ints (or, for a
+    batch of seeds, [G, 1] CPU tensors), 8 fewer full-size ops than the general rounds. Returns the buffers as
     (c0, c1, c2, c3, pa, pb) in the main loop's roles after round 3."""
     (k0a, k1a), (k0b, k1b), (k0c, k1c) = keys[0], keys[1], keys[2]
     # Round 1: c0 = counter (clean), c1 = c2 = c3 = 0 -> c0' = k0a, c1' = 0, c2' = hi(A ctr) ^ k1a, c3' = pa.
