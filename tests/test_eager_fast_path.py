@@ -7,23 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from twice_rule import fp16_matmul_ok
 
 import lora_triton as lt
 from lora_triton.ops import eager
 from lora_triton.ops.grouped import lora_linear_grouped
 from lora_triton.ops.lora_linear import lora_linear
 
-
-def _fp16_matmul_ok() -> bool:
-    try:
-        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
-        return True
-    except RuntimeError:
-        return False
-
-
 DTYPES = [torch.float32, pytest.param(torch.float16, marks=pytest.mark.skipif(
-    not _fp16_matmul_ok(), reason="no fp16 matmul on this CPU"))]
+    not fp16_matmul_ok(), reason="no fp16 matmul on this CPU"))]
 
 
 @pytest.fixture(autouse=True)

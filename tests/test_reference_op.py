@@ -6,22 +6,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twice_rule import fp16_matmul_ok
 
 import lora_triton
 from lora_triton.reference import lora_linear as ref
 from lora_triton.reference.philox import dropout_keep_mask
 
-
-def _fp16_matmul_ok() -> bool:
-    try:
-        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
-        return True
-    except RuntimeError:
-        return False
-
-
 DTYPES = [torch.float32, pytest.param(torch.float16, marks=pytest.mark.skipif(
-    not _fp16_matmul_ok(), reason="no fp16 matmul on this CPU")), torch.bfloat16]
+    not fp16_matmul_ok(), reason="no fp16 matmul on this CPU")), torch.bfloat16]
 # max|err| / (max|truth| + 1), per dtype.
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
