@@ -191,11 +191,8 @@ class LoraLinear(nn.Module):
     def _merged_values(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The base weight and bias with these adapters folded in, in fp32 (nothing is written)."""
         quantized = isinstance(self.base_layer, NF4Linear)  # merged into a new full-precision Linear
-        if quantized:  # DoRA folds its own way (nn/dora_layers.py); NF4 is never fan_in_fan_out
-            merged_w = self._fold_weights(names)
-        else:
-            merged_w = self._fold_weights(names)
-            merged_w = merged_w.t() if self.fan_in_fan_out else merged_w
+        merged_w = self._fold_weights(names)  # [out, in]; NF4 (and so DoRA on NF4) is never fan_in_fan_out
+        merged_w = merged_w.t() if self.fan_in_fan_out else merged_w
         merged_b = None
         lora_biases = [n for n in names if self.lora_B[n].bias is not None]
         if lora_biases:
