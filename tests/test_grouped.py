@@ -199,6 +199,21 @@ def test_weight_and_bias_grads(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_empty_in_features(p, monkeypatch):
+    # K = 0 is a valid input, as for lora_linear: y = b (no base or LoRA term), zero gradients.
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "reference")
+    x = torch.randn(2, 3, 0, requires_grad=True)
+    a_s = [torch.randn(2, 0, requires_grad=True) for _ in range(2)]
+    b_s = [torch.randn(4, 2, requires_grad=True) for _ in range(2)]
+    ys = lora_linear_grouped(x, [torch.randn(4, 0)] * 2, [None, torch.ones(4)], a_s, b_s, [1.0, 2.0], [p, p])
+    assert [tuple(y.shape) for y in ys] == [(2, 3, 4)] * 2
+    torch.testing.assert_close(ys[0], torch.zeros(2, 3, 4))
+    torch.testing.assert_close(ys[1], torch.ones(2, 3, 4))
+    sum(y.sum() for y in ys).backward()
+    assert x.grad.shape == x.shape and not b_s[0].grad.any()
+
+
 def test_validation_errors():
     x = torch.randn(4, 8)
     a, b = torch.randn(2, 8), torch.randn(5, 2)

@@ -24,6 +24,7 @@ from torch import Tensor
 from .backend import implementation
 from .checks import check_lora_operands, check_scaling
 from .eager import fast_path
+from .lora_linear import _rows, _unrows
 from .seeds import draw_seeds
 
 
@@ -131,10 +132,6 @@ def _grads(ctx, grads, bwd, saved=None):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _unrows(y: Tensor, lead) -> Tensor:
-    return y if len(lead) == 1 else torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))  # not views: see lora_linear
-
-
 class _EagerGrouped(torch.autograd.Function):
     """The custom op's forward and backward without torch.library's wrappers (``ops/eager.py``). Lists
     are not autograd inputs of a Function, so the tensors travel flat, G per list. Takes x [..., K] and
@@ -144,7 +141,7 @@ class _EagerGrouped(torch.autograd.Function):
     def forward(ctx, x, scalings, dropout_ps, seeds, *flat):
         g = len(scalings)
         weights, biases, lora_As, lora_Bs = (list(flat[i * g:(i + 1) * g]) for i in range(4))
-        outs = _fwd_impl(x.reshape(-1, x.shape[-1]), weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds)
+        outs = _fwd_impl(_rows(x), weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds)
         _save(ctx, x, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seeds, outs[-1])
         ctx.mark_non_differentiable(outs[-1])
         return (*(_unrows(y, x.shape[:-1]) for y in outs[:g]), outs[-1])
@@ -154,8 +151,8 @@ class _EagerGrouped(torch.autograd.Function):
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
         x = saved[0]
-        dys = [dy.reshape(-1, dy.shape[-1]) for dy in grads[:ctx.g]]
-        dx, d_ws, d_biases, d_as, d_bs, *_ = _grads(ctx, dys, _bwd_impl, (x.reshape(-1, x.shape[-1]), *saved[1:]))
+        dys = [_rows(dy) for dy in grads[:ctx.g]]
+        dx, d_ws, d_biases, d_as, d_bs, *_ = _grads(ctx, dys, _bwd_impl, (_rows(x), *saved[1:]))
         return (None if dx is None else dx.view(x.shape), None, None, None, *d_ws, *d_biases, *d_as, *d_bs)
 
 
@@ -214,7 +211,7 @@ def lora_linear_grouped(x: Tensor, weights: Sequence[Optional[Tensor]], biases: 
     eager = fast_path(x, seed_t, *tensors)  # a plain eager call: the implementation without the custom op
     if eager and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
         return _EagerGrouped.apply(x, scalings, dropout_ps, seed_t, *tensors)[:g]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     run = _fwd_impl if eager else _fwd
     outs = run(x2, weights, biases, lora_As, lora_Bs, scalings, dropout_ps, seed_t)
     return tuple(_unrows(y, x.shape[:-1]) for y in outs[:g])
