@@ -24,7 +24,7 @@ from torch import Tensor
 from .backend import implementation
 from .checks import check_lora_operands, check_scaling
 from .eager import fast_path
-from .lora_linear import _rows, _unrows
+from .lora_linear import _as, _needs_grad, _rows, _unrows
 from .seeds import draw_seeds
 
 
@@ -33,11 +33,11 @@ def _impl(device: torch.device):
 
 
 def _cast(ts, dtype):
-    return [t if t.dtype == dtype else t.to(dtype) for t in ts]  # no dispatch for the no-op casts
+    return [_as(t, dtype) for t in ts]
 
 
 def _cast_each(grads, params):
-    return [d if d.dtype == p.dtype else d.to(p.dtype) for d, p in zip(grads, params)]
+    return [_as(d, p.dtype) for d, p in zip(grads, params)]
 
 
 # Lists of optional tensors would reach autograd as one opaque leaf (no gradients for their
@@ -209,7 +209,7 @@ def lora_linear_grouped(x: Tensor, weights: Sequence[Optional[Tensor]], biases: 
     biases = [_absent(x) if b is None else b for b in biases]
     tensors = (*weights, *biases, *lora_As, *lora_Bs)
     eager = fast_path(x, seed_t, *tensors)  # a plain eager call: the implementation without the custom op
-    if eager and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
+    if eager and _needs_grad(x, *tensors):
         return _EagerGrouped.apply(x, scalings, dropout_ps, seed_t, *tensors)[:g]
     x2 = _rows(x)
     run = _fwd_impl if eager else _fwd
