@@ -43,6 +43,12 @@ def rank_offset() -> int:
     return dist.get_rank() * RANK_STRIDE % SEED_LIMIT
 
 
+def _ranked(seeds: Tensor) -> Tensor:
+    """Drawn seeds moved to this rank's stream (``rank_offset``; unchanged on one process)."""
+    offset = rank_offset()
+    return seeds if offset == 0 else (seeds + offset) % SEED_LIMIT
+
+
 _COUNTERS: dict[torch.device, Tensor] = {}
 
 
@@ -58,9 +64,7 @@ def _counter(device: torch.device) -> Tensor:
 
 def _draw(counter: Tensor, n: int) -> Tensor:
     counter.add_(1)
-    seeds = torch.randint(0, SEED_LIMIT, (n,), dtype=torch.int64, device=counter.device)
-    offset = rank_offset()
-    return seeds if offset == 0 else (seeds + offset) % SEED_LIMIT
+    return _ranked(torch.randint(0, SEED_LIMIT, (n,), dtype=torch.int64, device=counter.device))
 
 
 @torch.library.custom_op("lora_triton::draw_seeds", mutates_args=("counter",),
@@ -93,6 +97,4 @@ def peek_seeds(k: int) -> list[int]:
     generator yields the same values either way), read from a copy of the generator: nothing is consumed."""
     gen = torch.Generator()
     gen.set_state(torch.default_generator.get_state())
-    seeds = torch.randint(0, SEED_LIMIT, (k,), dtype=torch.int64, generator=gen)
-    offset = rank_offset()
-    return (seeds if offset == 0 else (seeds + offset) % SEED_LIMIT).tolist()
+    return _ranked(torch.randint(0, SEED_LIMIT, (k,), dtype=torch.int64, generator=gen)).tolist()
