@@ -4,7 +4,7 @@ On small layers (a tiny Llama's M=64, K=256) the mask generator's cost is its ~1
 overhead, not the elements, and regenerating it in backward doubled that. A mask is a pure function of
 (seed, rows, cols, row offset, threshold, dtype), so keeping it under that key can never change a result:
 a hit returns the very bits a regeneration would, a miss regenerates. Only small masks (at most
-``philox.small_mask_counters()`` counters, one generator chunk: 256K elements, 1 MiB in fp32) are kept,
+``philox.small_mask_counters()`` counters, 256K elements, 1 MiB in fp32: within one generator chunk) are kept,
 the memo holds at most ``MAX_BYTES`` (oldest evicted first), and backward pops what it takes, so a forward
 without a backward (evaluation in train mode) at worst leaves ``MAX_BYTES`` behind until later masks evict
 it. Large layers and other devices always regenerate (0 bytes kept).
@@ -41,11 +41,11 @@ def _threshold(p: float) -> int:
 
 
 def _key(seed, rows: int, cols: int, p: float, dtype: torch.dtype, row_offset: int, device) -> tuple | None:
-    """The memo key, or None when this mask is not kept (not CPU, or more than one generator chunk)."""
+    """The memo key, or None when this mask is not kept (not CPU, or not small: ``_fits``)."""
     if device is None and isinstance(seed, torch.Tensor):
         device = seed.device
     kind = device.type if isinstance(device, torch.device) else torch.device(device or "cpu").type
-    if kind != "cpu" or rows * -(-cols // 8) > philox.small_mask_counters():
+    if kind != "cpu" or not _fits(rows, cols):
         return None
     s = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)  # one element: a CPU read, no sync
     return s, rows, cols, row_offset, _threshold(float(p)), dtype
