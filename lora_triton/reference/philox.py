@@ -17,9 +17,9 @@ product (low word: its low 32 bits, high word: ``>> 32``), so a round is 2 multi
 Only the two words that feed the next multiply are masked to 32 bits; the other two carry
 garbage above bit 31 that no later step reads. Round keys are Python ints for CPU seeds
 (no 0-d tensor ops), every op runs in place on buffers reused across row chunks, the last
-round writes the four words interleaved as int32 [counters, 4], and the 16-bit halves are
-compared through one contiguous int16 view of them (sign bit flipped by an XOR folded into
-the last round), which is already the mask's [rows, 8 G] layout.
+round writes the four words interleaved as int32 [counters, 4], and the 16-bit halves become
+keep flags by arithmetic on one contiguous int16 view of them (``keep_flags``; sign bit flipped
+by an XOR folded into the last round), which is already the mask's [rows, 8 G] layout.
 """
 
 from __future__ import annotations
