@@ -61,17 +61,19 @@ def build(hidden: int, layers: int, r: int, dropout: float):
 
 @contextlib.contextmanager
 def _env(name: str, value: str | None):
+    """``name`` set to ``value`` for the block (None: left as it is), restored after."""
+    if value is None:
+        yield
+        return
     old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
+    os.environ[name] = value
     try:
         yield
     finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def build_layer(hidden: int, r: int, dropout: float):
