@@ -30,20 +30,26 @@ def _mask_chunks(x, seed, dropout_p: float, forward: bool):
                        keep=forward, take=not forward)
 
 
+def _split_first(chunks):
+    """(the first chunk or None, an iterator of all the chunks): the callers test whether the mask came
+    in one chunk before choosing their loop."""
+    first = next(chunks, None)
+    return first, itertools.chain(() if first is None else (first,), chunks)
+
+
 def shrink_dropout(x, lora_A, dropout_p: float, seed):
     """U = D(x) A^T [M, r]: x masked one row chunk at a time into a reused buffer, then one GEMM per chunk
     (a mask that comes in one chunk, as small layers' do, takes the plain ops: fewer calls, same bits)."""
     a_t = lora_A.t()
     with serial_cpu(x.device, x.numel()):
-        chunks = _mask_chunks(x, seed, dropout_p, forward=True)
-        first = next(chunks, None)
+        first, chunks = _split_first(_mask_chunks(x, seed, dropout_p, forward=True))
         if first is not None and first[1] - first[0] == x.shape[0]:
             return torch.mm(x * first[2], a_t).mul_(1.0 / (1.0 - dropout_p))
         # K = 0 yields no mask chunk, so nothing would write u: start from zeros there (U = 0 exactly).
         alloc = torch.zeros if first is None else torch.empty
         u = alloc((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
         buf = None
-        for r0, r1, keep in itertools.chain([first] if first is not None else [], chunks):
+        for r0, r1, keep in chunks:
             if buf is None:
                 buf = torch.empty((r1 - r0, x.shape[1]), dtype=x.dtype, device=x.device)
             xm = torch.mul(x[r0:r1], keep, out=buf[:r1 - r0])
@@ -100,8 +106,7 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     with serial_cpu(x.device, max(x.numel(), dy.numel())):
         d_u, d_b = _rank_grads(dy, u, lora_B, scaling)
         d_us = d_u.mul_(1.0 / (1.0 - dropout_p))
-        chunks = _mask_chunks(x, seed, dropout_p, forward=False)
-        first = next(chunks, None)
+        first, chunks = _split_first(_mask_chunks(x, seed, dropout_p, forward=False))
         if same and first is not None and first[1] - first[0] == x.shape[0]:
             return _bwd_one_chunk(dy, x, weight, lora_A, d_us, d_b, first[2], need_dx)
         dx = None
@@ -109,7 +114,7 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
             dx = dy @ weight if weight is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
         d_a = torch.zeros((lora_A.shape[0], x.shape[1]), dtype=acc, device=x.device)
         xbuf = dbuf = None
-        for r0, r1, keep in itertools.chain([first] if first is not None else [], chunks):
+        for r0, r1, keep in chunks:
             n = r1 - r0
             if xbuf is None:
                 xbuf = torch.empty((n, x.shape[1]), dtype=x.dtype, device=x.device)
