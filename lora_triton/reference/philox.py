@@ -282,9 +282,9 @@ def _oversubscribed() -> bool:
 
 
 @contextlib.contextmanager
-def _cpu_threads(device, want: int | None):
+def _cpu_threads(device, want: int):
     threads = torch.get_num_threads()
-    if want is None or torch.device(device).type != "cpu" or want >= threads or not _oversubscribed():
+    if torch.device(device).type != "cpu" or want >= threads or not _oversubscribed():
         yield
         return
     torch.set_num_threads(want)
