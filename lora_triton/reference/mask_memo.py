@@ -48,7 +48,17 @@ def _key(seed, rows: int, cols: int, p: float, dtype: torch.dtype, row_offset: i
     if kind != "cpu" or not _fits(rows, cols):
         return None
     s = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)  # one element: a CPU read, no sync
-    return s, rows, cols, row_offset, _threshold(float(p)), dtype
+    return _memo_key(s, rows, cols, _threshold(float(p)), dtype, row_offset)
+
+
+def _memo_key(seed: int, rows: int, cols: int, thr: int, dtype: torch.dtype, row_offset: int = 0) -> tuple:
+    """The one layout of a memo key (a batch's puts and the lookups must agree on it)."""
+    return seed, rows, cols, row_offset, thr, dtype
+
+
+def _counters(rows: int, cols: int) -> int:
+    """Philox counters of a [rows, cols] mask: one per 8 columns of a row."""
+    return rows * -(-cols // 8)
 
 
 def _nbytes(keep: torch.Tensor) -> int:
@@ -96,11 +106,11 @@ def _draw_batch(seed_ints: list[int], rows: int, cols: int, thrs: list[int], dty
     thr16 = torch.tensor([t - 32768 for t in thrs], dtype=out.dtype if levels is None else levels.dtype)
     philox.keep_flags(words, out, levels, thr16.view(g, 1, 1, 1, 1))  # as in keep_mask_chunks, per seed
     for j, thr in enumerate(thrs):
-        _put((seed_ints[j], rows, cols, 0, thr, dtype), out[j].view(rows, groups * 8)[:, :cols])
+        _put(_memo_key(seed_ints[j], rows, cols, thr, dtype), out[j].view(rows, groups * 8)[:, :cols])
 
 
 def _fits(rows: int, cols: int) -> bool:
-    return 0 < rows * -(-cols // 8) <= philox.small_mask_counters() and cols > 0
+    return 0 < _counters(rows, cols) <= philox.small_mask_counters() and cols > 0
 
 
 def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -> None:
@@ -110,7 +120,7 @@ def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -
     projections with dropout, or past one chunk."""
     idx = [g for g, p in enumerate(ps) if p > 0.0]
     if (len(idx) < 2 or seeds.device.type != "cpu" or not _fits(rows, cols)
-            or rows * -(-cols // 8) * len(idx) > philox._CHUNK or MAX_BYTES == 0):
+            or _counters(rows, cols) * len(idx) > philox._CHUNK or MAX_BYTES == 0):
         return
     every = seeds.reshape(-1).tolist()
     fc = mask_forecast.state()
@@ -118,7 +128,7 @@ def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -
     for j in idx:
         seed, thr = int(every[j]), _threshold(float(ps[j]))
         fc.on_mask(seed, (rows, cols, thr, dtype))
-        if (seed, rows, cols, 0, thr, dtype) not in _memo:
+        if _memo_key(seed, rows, cols, thr, dtype) not in _memo:
             todo.append((seed, thr))
     if len(todo) > 1:  # a single one is drawn by its projection's own forward
         _draw_batch([t[0] for t in todo], rows, cols, [t[1] for t in todo], dtype)
@@ -134,12 +144,12 @@ def seeds_drawn(seeds: torch.Tensor, peek) -> None:
     budget = MAX_BYTES // 2
     for seed, (rows, cols, thr, dtype) in plan:
         size = rows * cols * dtype.itemsize
-        if not _fits(rows, cols) or size > budget or (seed, rows, cols, 0, thr, dtype) in _memo:
+        if not _fits(rows, cols) or size > budget or _memo_key(seed, rows, cols, thr, dtype) in _memo:
             continue
         budget -= size
         by_shape.setdefault((rows, cols, dtype), []).append((seed, thr))
     for (rows, cols, dtype), todo in by_shape.items():
-        per_call = max(1, philox._CHUNK // (rows * -(-cols // 8)))
+        per_call = max(1, philox._CHUNK // _counters(rows, cols))
         for i in range(0, len(todo), per_call):
             part = todo[i:i + per_call]
             _draw_batch([t[0] for t in part], rows, cols, [t[1] for t in part], dtype)
