@@ -74,6 +74,9 @@ def choose_backend(device: torch.device) -> str:
     return "triton" if runnable and device.type == "cuda" else "reference"
 
 
+_modules: dict[tuple[str, str], object] = {}  # (package, family) -> the imported implementation module
+
+
 def implementation(device: torch.device, family: str):
     """The module running op ``family`` on ``device``: ``kernels/<family>.py`` (Triton) or its twin
     ``reference/<family>.py`` (same function names and signatures), imported on first use."""
@@ -82,6 +85,3 @@ def implementation(device: torch.device, family: str):
     if module is None:  # imported on first use, then a dict lookup instead of the import machinery
         module = _modules[(package, family)] = importlib.import_module(f"lora_triton.{package}.{family}")
     return module
-
-
-_modules: dict[tuple[str, str], object] = {}
