@@ -120,22 +120,6 @@ def step_fn(model, ids, eager: str | None = None):
     return step
 
 
-def measure_cpu_time(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """``measure_interleaved`` with the calling thread's CPU time instead of wall time."""
-    names = list(fns)
-    for w in range(warmup):
-        for name in names:
-            fns[name](w)
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            t0 = time.thread_time()
-            fns[name](rep)
-            out[name].append(time.thread_time() - t0)
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_triton.benchmark.tiny_llama", description=__doc__)
     ap.add_argument("--hidden", type=int, default=256)
@@ -171,7 +155,7 @@ def main(argv=None) -> int:
     for f in fns.values():
         f(0)
     if args.cpu_time:
-        samples = measure_cpu_time(fns, repeats=args.repeats, warmup=3)
+        samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3, clock=time.thread_time)
     else:
         samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3, n_sets=1)
     stats = {k: summarize(v) for k, v in samples.items()}
