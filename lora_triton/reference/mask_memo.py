@@ -17,7 +17,6 @@ shape. Either way each mask has the bits of its own seed's stream, kept under it
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -33,13 +32,6 @@ _bytes = 0
 _lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=256)
-def _threshold(p: float) -> int:
-    """``philox.dropout_threshold``, remembered: it builds and reads a tensor, a few microseconds per call,
-    and a training step asks for the same few p's dozens of times."""
-    return philox.dropout_threshold(p)
-
-
 def _key(seed, rows: int, cols: int, p: float, dtype: torch.dtype, row_offset: int, device) -> tuple | None:
     """The memo key, or None when this mask is not kept (not CPU, or not small: ``_fits``)."""
     if device is None and isinstance(seed, torch.Tensor):
@@ -48,7 +40,7 @@ def _key(seed, rows: int, cols: int, p: float, dtype: torch.dtype, row_offset: i
     if kind != "cpu" or not _fits(rows, cols):
         return None
     s = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)  # one element: a CPU read, no sync
-    return _memo_key(s, rows, cols, _threshold(float(p)), dtype, row_offset)
+    return _memo_key(s, rows, cols, philox.dropout_threshold(p), dtype, row_offset)
 
 
 def _memo_key(seed: int, rows: int, cols: int, thr: int, dtype: torch.dtype, row_offset: int = 0) -> tuple:
@@ -126,7 +118,7 @@ def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -
     fc = mask_forecast.state()
     todo = []
     for j in idx:
-        seed, thr = int(every[j]), _threshold(float(ps[j]))
+        seed, thr = int(every[j]), philox.dropout_threshold(ps[j])
         fc.on_mask(seed, (rows, cols, thr, dtype))
         if _memo_key(seed, rows, cols, thr, dtype) not in _memo:
             todo.append((seed, thr))

@@ -25,6 +25,7 @@ by an XOR folded into the last round), which is already the mask's [rows, 8 G] l
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -224,7 +225,14 @@ def philox_rand(seed: torch.Tensor | int, offsets: torch.Tensor) -> torch.Tensor
 
 def dropout_threshold(p: float) -> int:
     """16-bit threshold of the mask stream, computed in fp32 exactly as the kernels do."""
-    p32 = torch.tensor(float(p), dtype=torch.float32)
+    return _threshold(float(p))
+
+
+@functools.lru_cache(maxsize=256)
+def _threshold(p: float) -> int:
+    # Remembered: it builds and reads a tensor (a few us), and a training step asks for the same few p's
+    # dozens of times.
+    p32 = torch.tensor(p, dtype=torch.float32)
     return int(p32 * 65536.0 + 0.5)
 
 
