@@ -95,10 +95,10 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
     # Otherwise one output row per (token, slot) pair, written once; k > 1 slots summed afterwards.
     acc = y if direct else torch.zeros((t * k, n), dtype=cdt, device=x.device)
     xc = x.to(cdt)
-    rows = max(1, min(max_count, _CHUNK_ELEMS // max(1, len(active) * max(x.shape[1], n, r_max))))
+    rows = max(1, min(max_count, _CHUNK_ELEMS // max(1, span * max(x.shape[1], n, r_max))))
     for c0 in range(0, max_count, rows):  # chunks of rows, not adapters
         # Sorted by count, the adapters still holding rows at c0 form a prefix.
-        m = len(active) if by_id or not c0 else int((act_counts > c0).sum())
+        m = span if by_id or not c0 else int((act_counts > c0).sum())
         offs = c0 + torch.arange(rows, device=x.device)
         ok = offs[None, :] < act_counts[:m, None]  # [m, rows]
         pos = torch.where(ok, act_starts[:m, None] + offs[None, :], 0)
