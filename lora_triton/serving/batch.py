@@ -102,6 +102,7 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
         seq = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64, device=layer.base_weight().device)
         hooks.append(_make_hook(seq))
     # Embedding / Conv LoRA, LoHa and LoKr layers (nn/kinds.py): the reference path, one pass per name.
+    groups = _row_groups(names)
     for path, m in model.named_modules():
         if isinstance(m, AdapterLayer) and m.adapter_names():
             merged = used.intersection(m.merged_adapters)
@@ -109,12 +110,12 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
                 raise ValueError(f"{path}: adapters {sorted(merged)} are merged into the base weights; "
                                  "unmerge them before serving a mixed batch")
             layers.append((path, m))
-            hooks.append(_adapter_layer_hook(names))
+            hooks.append(_adapter_layer_hook(groups))
     # modules_to_save copies (e.g. per-task heads) run once per distinct name on its rows.
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper):
             layers.append(("", m))
-            hooks.append(_saved_module_hook(names))
+            hooks.append(_saved_module_hook(groups))
     previous = [layer.mixed_batch for _, layer in layers]
     try:
         for (_, layer), hook in zip(layers, hooks):
@@ -144,17 +145,32 @@ def _rows_per_name(names: list[str], b: int) -> dict:
     return {name: [i for i, n in enumerate(per_row) if n == name] for name in dict.fromkeys(per_row)}
 
 
-def _adapter_layer_hook(names: list[str]):
+def _row_groups(names: list[str]):
+    """(batch size, device) -> [(name, row index tensor)] for these names, built once per batch size and
+    device and shared by every per-name hook of one ``adapter_batch`` (not rebuilt per layer call). Keyed
+    on inference mode too: an index made under it cannot be saved for a later backward."""
+    cache: dict = {}
+
+    def groups(b: int, device) -> list:
+        key = (b, device, torch.is_inference_mode_enabled())
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = [(name, torch.tensor(rows, device=device))
+                                for name, rows in _rows_per_name(names, b).items()]
+        return hit
+    return groups
+
+
+def _adapter_layer_hook(groups):
     """An AdapterLayer's mixed batch: the base on every row, each adapter's term added on its rows only
     (batch dimension first, as the modules_to_save hook assumes)."""
     def hook(layer: AdapterLayer, x, *args, **kwargs):
         out = layer.base_layer(x, *args, **kwargs)
         if layer.disable_adapters:
             return out
-        for name, rows in _rows_per_name(names, x.shape[0]).items():
+        for name, idx in groups(x.shape[0], x.device):
             if name == BASE or not layer.has_adapter(name):
                 continue
-            idx = torch.tensor(rows, device=x.device)
             delta = layer.adapter_forward(name, x.index_select(0, idx))
             if delta is not None:
                 out = out.index_add(0, idx, delta.to(out.dtype))
@@ -162,13 +178,12 @@ def _adapter_layer_hook(names: list[str]):
     return hook
 
 
-def _saved_module_hook(names: list[str]):
+def _saved_module_hook(groups):
     """Rows of each name through that adapter's copy of the module (the original for base rows)."""
     def hook(wrapper: ModulesToSaveWrapper, x, *args, **kwargs):
         b = x.shape[0]
         out = None
-        for name, rows in _rows_per_name(names, b).items():
-            rows = torch.tensor(rows, device=x.device)
+        for name, rows in groups(b, x.device):
             module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
             part = module(x.index_select(0, rows), *args, **kwargs)
             if out is None:
