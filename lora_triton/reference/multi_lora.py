@@ -209,8 +209,17 @@ def full_ranks(num: int, r_max: int, device) -> torch.Tensor:
     if hit is None:
         if len(_FULL_RANKS) >= 64:
             _FULL_RANKS.clear()
-        hit = _FULL_RANKS[key] = torch.full((num,), r_max, dtype=torch.int32, device=device)
+        hit = _FULL_RANKS[key] = _kept(torch.full, (num,), r_max, dtype=torch.int32, device=device)
     return hit
+
+
+def _kept(make, *args, **kwargs) -> torch.Tensor:
+    """``make(*args, **kwargs)`` for a tensor kept across calls: made outside inference mode, so a later
+    call without it may still write it in place or save it for backward (an inference tensor may not)."""
+    if not torch.is_inference_mode_enabled():
+        return make(*args, **kwargs)
+    with torch.inference_mode(False):
+        return make(*args, **kwargs)
 
 
 def _rank_limited(a_act, b_act, act_ranks, r_max: int):
@@ -273,7 +282,7 @@ def _scratch(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
     bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
     buf = bufs.get((slot, like.dtype))
     if buf is None or buf.numel() < numel:
-        buf = bufs[(slot, like.dtype)] = torch.empty(numel, dtype=like.dtype)
+        buf = bufs[(slot, like.dtype)] = _kept(torch.empty, numel, dtype=like.dtype)
     return buf[:numel]
 
 
