@@ -224,8 +224,9 @@ class _Scratch(threading.local):
         key = torch.device(device)
         held = self.buffers.get(key)
         if held is None or held[0].numel() < n_bytes:
-            held = (torch.empty(n_bytes, dtype=torch.int32, device=key),
-                    torch.empty(n_bytes, dtype=torch.int64, device=key))
+            with torch.inference_mode(False):  # kept: a later call outside inference mode writes them in place
+                held = (torch.empty(n_bytes, dtype=torch.int32, device=key),
+                        torch.empty(n_bytes, dtype=torch.int64, device=key))
             self.buffers[key] = held
         return held[0][:n_bytes], held[1][:n_bytes]
 
