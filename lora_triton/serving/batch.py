@@ -43,15 +43,16 @@ def layer_stack(layer: LoraLinear, dtype: torch.dtype):
     names = list(layer.lora_A)
     dev = layer.base_weight().device
     r_max = max((layer.r[n] for n in names), default=0)
-    a = torch.zeros((len(names), r_max, layer.in_features), dtype=dtype, device=dev)
-    b = torch.zeros((len(names), layer.out_features, r_max), dtype=dtype, device=dev)
-    with torch.no_grad():
+    # Kept across calls: made outside inference mode, so a later forward with grad may save them for backward.
+    with torch.inference_mode(False), torch.no_grad():
+        a = torch.zeros((len(names), r_max, layer.in_features), dtype=dtype, device=dev)
+        b = torch.zeros((len(names), layer.out_features, r_max), dtype=dtype, device=dev)
         for i, name in enumerate(names):  # once per adapter change, not per forward
             r = layer.r[name]
             a[i, :r] = layer.lora_A[name].weight.to(dtype)
             b[i, :, :r] = layer.lora_B[name].weight.to(dtype)
-    scal = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=dev)
-    ranks = torch.tensor([layer.r[n] for n in names], dtype=torch.int32, device=dev)
+        scal = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=dev)
+        ranks = torch.tensor([layer.r[n] for n in names], dtype=torch.int32, device=dev)
     stack = (names, a, b, scal, ranks)
     _STACKS[layer] = (key, stack)
     return stack
