@@ -148,16 +148,16 @@ def _rows_per_name(names: list[str], b: int) -> dict:
 
 def _row_groups(names: list[str]):
     """(batch size, device) -> [(name, row index tensor)] for these names, built once per batch size and
-    device and shared by every per-name hook of one ``adapter_batch`` (not rebuilt per layer call). Keyed
-    on inference mode too: an index made under it cannot be saved for a later backward."""
+    device and shared by every per-name hook of one ``adapter_batch`` (not rebuilt per layer call). Made
+    outside inference mode, like the stacks: a later forward with grad saves them for backward."""
     cache: dict = {}
 
     def groups(b: int, device) -> list:
-        key = (b, device, torch.is_inference_mode_enabled())
-        hit = cache.get(key)
+        hit = cache.get((b, device))
         if hit is None:
-            hit = cache[key] = [(name, torch.tensor(rows, device=device))
-                                for name, rows in _rows_per_name(names, b).items()]
+            with torch.inference_mode(False):
+                hit = cache[(b, device)] = [(name, torch.tensor(rows, device=device))
+                                            for name, rows in _rows_per_name(names, b).items()]
         return hit
     return groups
 
