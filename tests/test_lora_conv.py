@@ -136,6 +136,23 @@ def test_mixed_batch_rows_on_conv_embedding_loha_lokr_match_one_adapter_per_call
     assert net.c2.mixed_batch is None  # the hooks are gone after the block
 
 
+def test_mixed_batch_row_indices_made_under_inference_mode_are_not_reused_with_grad():
+    # The per-name row index tensors are cached per batch size: one made under inference mode must not
+    # reach a later forward whose backward would save it ("Inference tensors cannot be saved").
+    net = conv_net(groups=1)
+    lt.inject_lora(net, lt.LoHaConfig(target_modules=["c2"], r=2, init_weights=False), "loha")
+    lt.inject_lora(net, lt.LoKrConfig(target_modules=["head"], r=1, init_weights=False), "lokr")
+    names = ["loha", None, "lokr"]
+    inputs = conv_inputs(batch=3)
+    with lt.adapter_batch(net, names):
+        with torch.inference_mode():
+            first = call(net, inputs)
+        again = call(net, inputs)
+        again.float().sum().backward()
+    assert torch.equal(first, again.detach())
+    assert any(p.grad is not None for n, p in net.named_parameters() if "hada" in n or "lokr" in n)
+
+
 def test_kinds_bench_cli_writes_a_result(tmp_path):
     # The benchmark module's CLI (the device check runs it with --device cuda --quick): one small case, CPU.
     import json

@@ -35,6 +35,21 @@ def _grads(y, dy, tensors):
     return torch.autograd.grad(y, tensors, dy)
 
 
+def test_chunk_buffers_made_under_inference_mode_serve_a_later_training_step(monkeypatch):
+    # The dequantization scratch is kept per thread: made by an inference-mode forward, it must still take
+    # the in-place writes of a later forward + backward outside inference mode.
+    from lora_triton.reference import nf4 as ref_nf4
+
+    monkeypatch.setattr(ref_nf4._SCRATCH, "buffers", {})
+    layer = _layer(64, 48)
+    x, a, b = _operands(5, 64, 48, 4, torch.float32)
+    with torch.inference_mode():
+        want = nf4_lora_linear(x.detach(), layer.nf4_weight(), None, a.detach(), b.detach(), 1.5)
+    y = nf4_lora_linear(x, layer.nf4_weight(), None, a, b, 1.5)
+    assert torch.equal(y.detach(), want)
+    assert all(g is not None for g in _grads(y, torch.ones_like(y), (x, a, b)))
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("m,k,n,r", SHAPES)

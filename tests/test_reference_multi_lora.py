@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,6 +104,26 @@ def test_scratch_reuse_never_aliases_results(monkeypatch):
     monkeypatch.setattr(ref, "_WORKSPACE_MAX", 0)
     assert torch.equal(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), first)
     assert torch.equal(ops.multi_lora_linear(x[:4] * 2, None, None, a, bb, s, ids[:4], ranks), y2)
+
+
+def test_buffers_kept_from_an_inference_mode_call_serve_later_calls(monkeypatch):
+    """The workspaces and the shared ranks=None tensor are kept across calls: made by a first call under
+    torch.inference_mode, they must still take in-place writes and be saved for backward outside it."""
+    monkeypatch.setattr(ref, "_WORKSPACE", threading.local())
+    monkeypatch.setattr(ref, "_FULL_RANKS", {})
+    monkeypatch.setattr(ref, "_LAST_PLAN", None)
+    x, w, b, a, bb, s, _, _ = make(8, ranks=(4, 4, 4), seed=12)
+    ids = torch.tensor([0, 1, 2, 0, 1, 2, 1, 0])[[0, 3, 7, 1, 4, 6, 2, 5]]  # grouped: a strided grid
+    ids_gather = torch.tensor([0, 1, 2, 1, 0, 2])  # equal counts, no grid: the gather workspace
+    with torch.inference_mode():
+        ops.multi_lora_linear(x, w, b, a, bb, s, ids)
+        ops.multi_lora_linear(x[:6], w, b, a, bb, s, ids_gather)
+    full = torch.full((3,), 4, dtype=torch.int32)
+    check(ops.multi_lora_linear(x, w, b, a, bb, s, ids), x, w, b, a, bb, s, ids, full)
+    check(ops.multi_lora_linear(x[:6], w, b, a, bb, s, ids_gather), x[:6], w, b, a, bb, s, ids_gather, full)
+    xg = x.clone().requires_grad_(True)
+    ops.multi_lora_linear(xg, w, b, a, bb, s, ids).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
 def _grid_spy(monkeypatch):

@@ -119,3 +119,20 @@ def test_adapter_batch_is_invisible_to_other_threads():
             batched = run(model, inputs)
     assert not torch.equal(batched, plain)
     assert torch.equal(other, plain)
+
+
+def test_adapter_stacks_made_under_inference_mode_serve_a_later_forward_with_grad():
+    # The stacked adapters are cached per layer: built by a forward under torch.inference_mode, they must
+    # still be savable for backward by a later mixed-batch forward whose input requires grad.
+    model = lora_triton.inject_lora(tiny_mlp(), lora_triton.LoraConfig(target_modules=TARGETS, r=2), "a")
+    lora_triton.inject_lora(model, lora_triton.LoraConfig(target_modules=TARGETS, r=4), "b")
+    randomize_lora(model)
+    x = model_input("mlp")["x"]
+    with adapter_batch(model, ["a", "b"]):
+        with torch.inference_mode():
+            want = model(x)
+        xg = x.clone().requires_grad_(True)
+        y = model(xg)
+        y.sum().backward()
+    assert torch.equal(y.detach(), want)
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()

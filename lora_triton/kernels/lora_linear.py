@@ -51,15 +51,7 @@ def _tuned(name: str):
 
 
 def _launch(name: str, kernel, family: str, grid, *args, **kwargs):
-    if at.interpreting():
-        kernel[grid](*args, **kwargs, **at.interp_meta(family))
-    elif not at.autotune_enabled():
-        named = dict(zip(kernel.arg_names, args), **kwargs)
-        cfg = at.select_config(family, named[_TENSOR_ARG[name]].element_size(), named["R_PAD"],
-                               named["M_BUCKET"], bool(named.get("HAS_DROPOUT", False)))
-        kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        _tuned(name)[grid](*args, **kwargs)
+    at.launch(kernel, family, _TENSOR_ARG[name], lambda: _tuned(name), grid, *args, **kwargs)
 
 
 def _r_pad(r: int) -> int:

@@ -39,7 +39,7 @@ def _fwd(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax:
     if lora_A is None:
         return _impl(x.device).nf4_linear_fwd(x, w, bias, None, None, 0.0), x.new_empty((x.shape[0], 0))
     a = lora_A.to(x.dtype)
-    with serial_cpu(x.device, x.numel()):  # a rank-r GEMM: few threads (a loaded CPU's barriers)
+    with serial_cpu(x.device, x.numel()):  # a rank-r GEMM: one thread under load (a loaded CPU's barriers)
         if dropout_p > 0.0:
             keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device)
             u = ((x * keep) @ a.t()).mul_(1.0 / (1.0 - dropout_p))  # the 1/(1-p) scale on [M, r], not [M, K]
@@ -71,7 +71,7 @@ def _bwd(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, ne
         dx = impl.nf4_linear_dgrad(dy, w, None, None) if need_dx else empty()
         return dx, empty(torch.float32), empty(torch.float32)
     a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    with serial_cpu(x.device, max(x.numel(), dy.numel())):  # the rank-r GEMMs on few threads
+    with serial_cpu(x.device, max(x.numel(), dy.numel())):  # the rank-r GEMMs: one thread under load
         d_b = (u.t() @ dy).mul_(scaling).t().contiguous()  # U^T dy: the NN-layout GEMM, then [N, r]
         d_us = (dy @ b) * scaling
         keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, device=x.device) if dropout_p > 0.0 else None

@@ -95,10 +95,10 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
     # Otherwise one output row per (token, slot) pair, written once; k > 1 slots summed afterwards.
     acc = y if direct else torch.zeros((t * k, n), dtype=cdt, device=x.device)
     xc = x.to(cdt)
-    rows = max(1, min(max_count, _CHUNK_ELEMS // max(1, len(active) * max(x.shape[1], n, r_max))))
+    rows = max(1, min(max_count, _CHUNK_ELEMS // max(1, span * max(x.shape[1], n, r_max))))
     for c0 in range(0, max_count, rows):  # chunks of rows, not adapters
         # Sorted by count, the adapters still holding rows at c0 form a prefix.
-        m = len(active) if by_id or not c0 else int((act_counts > c0).sum())
+        m = span if by_id or not c0 else int((act_counts > c0).sum())
         offs = c0 + torch.arange(rows, device=x.device)
         ok = offs[None, :] < act_counts[:m, None]  # [m, rows]
         pos = torch.where(ok, act_starts[:m, None] + offs[None, :], 0)
@@ -209,8 +209,17 @@ def full_ranks(num: int, r_max: int, device) -> torch.Tensor:
     if hit is None:
         if len(_FULL_RANKS) >= 64:
             _FULL_RANKS.clear()
-        hit = _FULL_RANKS[key] = torch.full((num,), r_max, dtype=torch.int32, device=device)
+        hit = _FULL_RANKS[key] = _kept(torch.full, (num,), r_max, dtype=torch.int32, device=device)
     return hit
+
+
+def _kept(make, *args, **kwargs) -> torch.Tensor:
+    """``make(*args, **kwargs)`` for a tensor kept across calls: made outside inference mode, so a later
+    call without it may still write it in place or save it for backward (an inference tensor may not)."""
+    if not torch.is_inference_mode_enabled():
+        return make(*args, **kwargs)
+    with torch.inference_mode(False):
+        return make(*args, **kwargs)
 
 
 def _rank_limited(a_act, b_act, act_ranks, r_max: int):
@@ -273,7 +282,7 @@ def _scratch(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
     bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
     buf = bufs.get((slot, like.dtype))
     if buf is None or buf.numel() < numel:
-        buf = bufs[(slot, like.dtype)] = torch.empty(numel, dtype=like.dtype)
+        buf = bufs[(slot, like.dtype)] = _kept(torch.empty, numel, dtype=like.dtype)
     return buf[:numel]
 
 

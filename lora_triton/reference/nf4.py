@@ -224,8 +224,9 @@ class _Scratch(threading.local):
         key = torch.device(device)
         held = self.buffers.get(key)
         if held is None or held[0].numel() < n_bytes:
-            held = (torch.empty(n_bytes, dtype=torch.int32, device=key),
-                    torch.empty(n_bytes, dtype=torch.int64, device=key))
+            with torch.inference_mode(False):  # kept: a later call outside inference mode writes them in place
+                held = (torch.empty(n_bytes, dtype=torch.int32, device=key),
+                        torch.empty(n_bytes, dtype=torch.int64, device=key))
             self.buffers[key] = held
         return held[0][:n_bytes], held[1][:n_bytes]
 
@@ -247,7 +248,7 @@ def dequantize_range(packed, absmax, code, blocksize: int, start: int, stop: int
     n = stop - start
     b = flat[start // 2:(stop + 1) // 2]
     table = pair_table(code) if table is None else table
-    with serial_cpu(b.device, n):  # memory-bound passes: few threads (their barriers stall on a loaded CPU)
+    with serial_cpu(b.device, n):  # memory-bound passes: one thread under load (barriers stall on a loaded CPU)
         if scratch and b.numel() <= CHUNK_ELEMENTS // 2:
             index, pairs = _SCRATCH.get(b.numel(), b.device)
             torch.index_select(table, 0, index.copy_(b), out=pairs)
@@ -326,7 +327,7 @@ def nf4_linear_fwd(x, weight: NF4Weight, bias, u, lora_B, scaling: float):
 
 
 def _add_lora(y, u, lora_B, scaling):
-    with serial_cpu(y.device, y.numel()):  # a rank-r GEMM: few threads
+    with serial_cpu(y.device, y.numel()):  # a rank-r GEMM: one thread under load
         return y.addmm_(u, lora_B.t(), alpha=scaling)
 
 

@@ -43,15 +43,16 @@ def layer_stack(layer: LoraLinear, dtype: torch.dtype):
     names = list(layer.lora_A)
     dev = layer.base_weight().device
     r_max = max((layer.r[n] for n in names), default=0)
-    a = torch.zeros((len(names), r_max, layer.in_features), dtype=dtype, device=dev)
-    b = torch.zeros((len(names), layer.out_features, r_max), dtype=dtype, device=dev)
-    with torch.no_grad():
+    # Kept across calls: made outside inference mode, so a later forward with grad may save them for backward.
+    with torch.inference_mode(False), torch.no_grad():
+        a = torch.zeros((len(names), r_max, layer.in_features), dtype=dtype, device=dev)
+        b = torch.zeros((len(names), layer.out_features, r_max), dtype=dtype, device=dev)
         for i, name in enumerate(names):  # once per adapter change, not per forward
             r = layer.r[name]
             a[i, :r] = layer.lora_A[name].weight.to(dtype)
             b[i, :, :r] = layer.lora_B[name].weight.to(dtype)
-    scal = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=dev)
-    ranks = torch.tensor([layer.r[n] for n in names], dtype=torch.int32, device=dev)
+        scal = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=dev)
+        ranks = torch.tensor([layer.r[n] for n in names], dtype=torch.int32, device=dev)
     stack = (names, a, b, scal, ranks)
     _STACKS[layer] = (key, stack)
     return stack
@@ -102,6 +103,7 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
         seq = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64, device=layer.base_weight().device)
         hooks.append(_make_hook(seq))
     # Embedding / Conv LoRA, LoHa and LoKr layers (nn/kinds.py): the reference path, one pass per name.
+    groups = _row_groups(names)
     for path, m in model.named_modules():
         if isinstance(m, AdapterLayer) and m.adapter_names():
             merged = used.intersection(m.merged_adapters)
@@ -109,12 +111,12 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]):
                 raise ValueError(f"{path}: adapters {sorted(merged)} are merged into the base weights; "
                                  "unmerge them before serving a mixed batch")
             layers.append((path, m))
-            hooks.append(_adapter_layer_hook(names))
+            hooks.append(_adapter_layer_hook(groups))
     # modules_to_save copies (e.g. per-task heads) run once per distinct name on its rows.
     for m in model.modules():
         if isinstance(m, ModulesToSaveWrapper):
             layers.append(("", m))
-            hooks.append(_saved_module_hook(names))
+            hooks.append(_saved_module_hook(groups))
     previous = [layer.mixed_batch for _, layer in layers]
     try:
         for (_, layer), hook in zip(layers, hooks):
@@ -144,17 +146,32 @@ def _rows_per_name(names: list[str], b: int) -> dict:
     return {name: [i for i, n in enumerate(per_row) if n == name] for name in dict.fromkeys(per_row)}
 
 
-def _adapter_layer_hook(names: list[str]):
+def _row_groups(names: list[str]):
+    """(batch size, device) -> [(name, row index tensor)] for these names, built once per batch size and
+    device and shared by every per-name hook of one ``adapter_batch`` (not rebuilt per layer call). Made
+    outside inference mode, like the stacks: a later forward with grad saves them for backward."""
+    cache: dict = {}
+
+    def groups(b: int, device) -> list:
+        hit = cache.get((b, device))
+        if hit is None:
+            with torch.inference_mode(False):
+                hit = cache[(b, device)] = [(name, torch.tensor(rows, device=device))
+                                            for name, rows in _rows_per_name(names, b).items()]
+        return hit
+    return groups
+
+
+def _adapter_layer_hook(groups):
     """An AdapterLayer's mixed batch: the base on every row, each adapter's term added on its rows only
     (batch dimension first, as the modules_to_save hook assumes)."""
     def hook(layer: AdapterLayer, x, *args, **kwargs):
         out = layer.base_layer(x, *args, **kwargs)
         if layer.disable_adapters:
             return out
-        for name, rows in _rows_per_name(names, x.shape[0]).items():
+        for name, idx in groups(x.shape[0], x.device):
             if name == BASE or not layer.has_adapter(name):
                 continue
-            idx = torch.tensor(rows, device=x.device)
             delta = layer.adapter_forward(name, x.index_select(0, idx))
             if delta is not None:
                 out = out.index_add(0, idx, delta.to(out.dtype))
@@ -162,13 +179,12 @@ def _adapter_layer_hook(names: list[str]):
     return hook
 
 
-def _saved_module_hook(names: list[str]):
+def _saved_module_hook(groups):
     """Rows of each name through that adapter's copy of the module (the original for base rows)."""
     def hook(wrapper: ModulesToSaveWrapper, x, *args, **kwargs):
         b = x.shape[0]
         out = None
-        for name, rows in _rows_per_name(names, b).items():
-            rows = torch.tensor(rows, device=x.device)
+        for name, rows in groups(b, x.device):
             module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
             part = module(x.index_select(0, rows), *args, **kwargs)
             if out is None:
