@@ -281,3 +281,13 @@ def test_folded_start_equals_general_rounds(seed):
         assert torch.equal(gen.run(counters, keys, flip16=flip, below_2_32=True), general)
     for ours, want in zip(general.unbind(-1), _oracle_words(seed, counters)):
         assert torch.equal((ours.to(torch.int64) & 0xFFFFFFFF) ^ 0x80008000, want)
+
+
+def test_cached_generator_made_in_inference_mode_serves_later_calls():
+    """The per-thread generator first made under inference mode still runs outside it (its buffers are
+    written in place on every call, which an inference tensor refuses)."""
+    philox._cached.__dict__.clear()
+    with torch.inference_mode():
+        inside = dropout_keep_mask(11, 9, 40, 0.2)
+    outside = dropout_keep_mask(11, 9, 40, 0.2)
+    assert torch.equal(inside, outside) and torch.equal(outside, _oracle_mask(11, 9, 40, 0.2))

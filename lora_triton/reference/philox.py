@@ -194,7 +194,8 @@ def generator(n: int, device) -> _Philox:
         return _Philox(n, device)
     gen = getattr(_cached, "gen", None)
     if gen is None or gen.n < n:
-        gen = _cached.gen = _Philox(n, device)
+        with torch.inference_mode(False):  # kept: a later call outside inference mode writes it in place
+            gen = _cached.gen = _Philox(n, device)
     return gen
 
 
