@@ -238,14 +238,6 @@ class DoraHooks:
             w = variant.merge_weight(self, n, w) if variant is not None else w + self.delta_weight(n)
         return w, self._merged_bias(names, sign=1)
 
-    def _merged_bias(self, names, sign: int):
-        biases = [b for b in (self.delta_bias(n) for n in names) if b is not None]
-        if not biases:
-            return None
-        if getattr(self.base_layer, "bias", None) is None:
-            raise ValueError("cannot merge an adapter bias into a base layer that has no bias")
-        return self.merge_value(self.base_layer.bias) + sign * sum(biases)
-
     def unmerge(self) -> None:
         if not any(n in self.lora_variant for n in self.merged_adapters):
             return super().unmerge()
