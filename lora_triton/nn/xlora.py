@@ -77,6 +77,7 @@ class _ExpertStack:
         self.column_expert = torch.cat([torch.full((r,), i) for i, r in enumerate(ranks)])
 
     def _version(self):
+        """(id, version) of every expert's A and B: the key both caches are rebuilt on."""
         layer = self.layer
         return tuple((id(p), p._version) for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
 
@@ -98,15 +99,13 @@ class _ExpertStack:
 
     def get(self):
         layer = self.layer
-        params = [p for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
-        key = tuple((id(p), p._version) for p in params)
+        key = self._version()
         if key != self._key:
+            first = layer.lora_A[self.names[0]].weight
             with torch.no_grad():
                 r_max = max(layer.r[n] for n in self.names)
-                a = torch.zeros(len(self.names), r_max, layer.in_features, dtype=params[0].dtype,
-                                device=params[0].device)
-                b = torch.zeros(len(self.names), layer.out_features, r_max, dtype=params[0].dtype,
-                                device=params[0].device)
+                a = torch.zeros(len(self.names), r_max, layer.in_features, dtype=first.dtype, device=first.device)
+                b = torch.zeros(len(self.names), layer.out_features, r_max, dtype=first.dtype, device=first.device)
                 for i, n in enumerate(self.names):
                     a[i, : layer.r[n]] = layer.lora_A[n].weight
                     b[i, :, : layer.r[n]] = layer.lora_B[n].weight
