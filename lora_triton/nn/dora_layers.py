@@ -209,6 +209,11 @@ class DoraHooks:
             tensors[MAGNITUDE] = self.lora_magnitude_vector[name].weight
         return tensors
 
+    def adapter_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's term alone (mixed batches): DoRA's from its variant, else the layer's ``lora_delta``."""
+        variant = self.lora_variant.get(name)
+        return self.lora_delta(name, x) if variant is None else variant.delta(self, name, x)
+
     def add_adapter_output(self, name, x, result):
         variant = self.lora_variant.get(name)
         if variant is None:
