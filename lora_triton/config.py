@@ -54,6 +54,9 @@ class PeftConfigFields:
     revision: Optional[str] = None
     inference_mode: bool = False
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
     def validate_bookkeeping(self) -> None:
         if not isinstance(self.inference_mode, bool):
             raise ValueError(f"inference_mode must be a bool (true/false), got {show(self.inference_mode)}")
@@ -65,9 +68,6 @@ class PeftConfigFields:
 class AdapterConfigFile(PeftConfigFields):
     """adapter_config.json for every adapter config class but X-LoRA's: its text (``to_peft_dict`` as sorted
     JSON) and an atomic save."""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def to_peft_dict(self) -> dict:
         """The dict PEFT writes (subclasses add PEFT's own fields): a target_modules list as a sorted set."""

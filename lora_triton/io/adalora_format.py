@@ -17,10 +17,9 @@ from torch import nn
 
 from ..nn.adalora import adalora_layers, adalora_state
 from ..nn.inject import adapter_configs
-from ..nn.modules_to_save import ModulesToSaveWrapper
 from .adapter_files import write_pair
 from .config_json import CONFIG_NAME, read_config_json
-from .peft_format import PREFIX, _bias_params, load_adapter, saved_base_model_name
+from .peft_format import PREFIX, adapter_state_dict, load_adapter, saved_base_model_name
 
 
 def is_adalora_dir(directory: str) -> bool:
@@ -33,23 +32,6 @@ def is_adalora_dir(directory: str) -> bool:
         return False
 
 
-def _live_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """PEFT key -> the model's own tensor, for one AdaLoRA adapter: lora_{A,E,B}, its modules_to_save copies
-    and the biases its ``bias`` setting saves (the keys ``io.peft_format`` writes for LoRA)."""
-    out = {}
-    for path, layer in adalora_layers(model):
-        if layer.has_adapter(name):
-            for suffix, tensor in layer.adapter_tensors(name).items():
-                out[f"{PREFIX}{path}.{suffix}"] = tensor
-    for path, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
-            for k, v in module.modules_to_save[name].state_dict(keep_vars=True).items():
-                out[f"{PREFIX}{path}.{k}"] = v
-    for k, v in _bias_params(model, adapter_configs(model)[name], name).items():
-        out[f"{PREFIX}{k}"] = v
-    return out
-
-
 def adalora_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
     """The adapter's PEFT-keyed tensors, lora_{A,E,B} sliced to the kept ranks of its rank_pattern."""
     state = adalora_state(model)
@@ -57,16 +39,17 @@ def adalora_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> 
     if name not in state.names():
         raise KeyError(f"unknown AdaLoRA adapter {name!r}; the model holds {state.names()}")
     pattern = adapter_configs(model)[name].rank_pattern or {}
-    out = {k: v.detach() for k, v in _live_tensors(model, name).items()}
+    # PEFT's keys, as for LoRA: lora_{A,E,B} (the layers' adapter_tensors), modules_to_save copies, biases
+    out = adapter_state_dict(model, name)
     for path, layer in adalora_layers(model):
         keep = pattern.get(f"{path}.lora_E")
         if name not in layer.lora_A or keep is None or len(keep) != layer.r[name]:
             continue  # already resized to the kept ranks (or no pattern yet)
-        idx = torch.tensor(keep, dtype=torch.bool, device=layer.lora_A[name].device)
+        idx = torch.tensor(keep, dtype=torch.bool)
         for key in ("lora_A", "lora_E"):
             out[f"{PREFIX}{path}.{key}"] = out[f"{PREFIX}{path}.{key}"][idx]
         out[f"{PREFIX}{path}.lora_B"] = out[f"{PREFIX}{path}.lora_B"][:, idx]
-    return {k: v.to("cpu").contiguous() for k, v in out.items()}
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def save_adalora(model: nn.Module, directory: str, adapter_name: Optional[str] = None) -> None:

@@ -159,13 +159,17 @@ class AdapterLayer(nn.Module):
     def _merged_values(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The base weight and bias with these adapters folded in, in fp32 (nothing is written)."""
         merged_w = self.merge_value(self.base_layer.weight) + sum(self.delta_weight(n) for n in names)
+        return merged_w, self._merged_bias(names, sign=1)
+
+    def _merged_bias(self, names: list[str], sign: int) -> Optional[torch.Tensor]:
+        """The base bias (merge precision) with these adapters' bias deltas added (sign 1) or taken out
+        (sign -1); None when none of them has a bias delta."""
         biases = [b for b in (self.delta_bias(n) for n in names) if b is not None]
-        merged_b = None
-        if biases:
-            if getattr(self.base_layer, "bias", None) is None:
-                raise ValueError("cannot merge an adapter bias into a base layer that has no bias")
-            merged_b = self.merge_value(self.base_layer.bias) + sum(biases)
-        return merged_w, merged_b
+        if not biases:
+            return None
+        if getattr(self.base_layer, "bias", None) is None:
+            raise ValueError("cannot merge an adapter bias into a base layer that has no bias")
+        return self.merge_value(self.base_layer.bias) + sign * sum(biases)
 
     def merged_as_stored(self, names: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """What a merge would write: the merged values rounded once to the base's dtypes (safe_merge checks
@@ -199,10 +203,9 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():
             weight = self.base_layer.weight
             weight.copy_((self.merge_value(weight) - sum(self.delta_weight(n) for n in names)).to(weight.dtype))
-            biases = [b for b in (self.delta_bias(n) for n in names) if b is not None]
-            if biases:
-                bias = self.base_layer.bias
-                bias.copy_((self.merge_value(bias) - sum(biases)).to(bias.dtype))
+            bias = self._merged_bias(names, sign=-1)
+            if bias is not None:
+                self.base_layer.bias.copy_(bias.to(self.base_layer.bias.dtype))
         self.merged_adapters = []
 
     def extra_repr(self) -> str:

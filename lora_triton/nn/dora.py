@@ -1,9 +1,11 @@
 """DoRA as a LoRA variant (``nn/variants.py``): the magnitude vector, the cached row norm, merge.
 
 The magnitude m of adapter ``name`` is ``layer.lora_magnitude_vector[name].weight`` [out] (PEFT's
-in-memory name; on disk ``...lora_magnitude_vector``), initialised to ||W + s B A||_row in fp32.
+in-memory name; on disk ``...lora_magnitude_vector``), initialised to ||W + s B A||_row in fp32
+(Embedding, Conv and 4-bit bases: the subclasses in ``nn/dora_layers.py``, PEFT's shapes).
 The norm n = ||W + s B A||_row comes from ``ops.dora.dora_weight_norm`` (factored, never [out, in])
-and is cached: ||W||^2 per frozen weight, keyed on the weight's identity and version counter
+and is cached: ||W||^2 per frozen weight, keyed on the identity of the tensor owning its storage
+(a transposed / flattened view is rebuilt every call) and its version counter
 (bumped by merge, load, any in-place write), and n keyed on A's and B's identity and version
 counters and the scaling, so gradient accumulation pays the norm once per optimizer step.
 Under ``torch.compile`` nothing is cached (the norm is traced as an op).

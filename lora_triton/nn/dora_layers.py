@@ -209,6 +209,11 @@ class DoraHooks:
             tensors[MAGNITUDE] = self.lora_magnitude_vector[name].weight
         return tensors
 
+    def adapter_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's term alone (mixed batches): DoRA's from its variant, else the layer's ``lora_delta``."""
+        variant = self.lora_variant.get(name)
+        return self.lora_delta(name, x) if variant is None else variant.delta(self, name, x)
+
     def add_adapter_output(self, name, x, result):
         variant = self.lora_variant.get(name)
         if variant is None:
@@ -237,14 +242,6 @@ class DoraHooks:
             variant = self.lora_variant.get(n)
             w = variant.merge_weight(self, n, w) if variant is not None else w + self.delta_weight(n)
         return w, self._merged_bias(names, sign=1)
-
-    def _merged_bias(self, names, sign: int):
-        biases = [b for b in (self.delta_bias(n) for n in names) if b is not None]
-        if not biases:
-            return None
-        if getattr(self.base_layer, "bias", None) is None:
-            raise ValueError("cannot merge an adapter bias into a base layer that has no bias")
-        return self.merge_value(self.base_layer.bias) + sign * sum(biases)
 
     def unmerge(self) -> None:
         if not any(n in self.lora_variant for n in self.merged_adapters):

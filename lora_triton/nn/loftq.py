@@ -59,6 +59,8 @@ def int8_rowwise_dequantized(weight: torch.Tensor) -> torch.Tensor:
     stats = a.abs().amax(dim=1).float()
     q = torch.round(a * (127.0 / stats.unsqueeze(-1))).to(torch.int8)
     return q * stats.view(-1, 1) * 7.874015718698502e-3
+
+
 def _low_rank(res: torch.Tensor, r: int):
     """(L [out, r], R [r, in]) with L R the best rank-r approximation of res."""
     u, s, vh = torch.linalg.svd(res, full_matrices=False)

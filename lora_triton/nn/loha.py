@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.loha import cp_kernel, dense_delta, loha_conv, loha_linear, loha_tucker_conv
+from ..ops.loha import dense_delta, loha_conv, loha_linear, loha_tucker_conv, tucker_delta
 from .adapter_layer import AdapterLayer
 
 LOHA_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -104,15 +104,12 @@ class LoHaLayer(AdapterLayer):
             return loha_linear(x, *factors, s, row_scale, self.form)
         return loha_conv(x, base, *factors, s, row_scale, self.form)
 
-    def _cp_delta(self, t: dict) -> torch.Tensor:
-        w1 = cp_kernel(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
-        w2 = cp_kernel(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
-        return (w1 * w2).reshape(self.base_layer.weight.shape)
-
     def delta_weight(self, name: str) -> torch.Tensor:
         t = {k: self.merge_value(v) for k, v in self.adapter_tensors(name).items()}
         if "hada_t1" in t:
-            return self._cp_delta(t) * self.scaling[name]
+            delta = tucker_delta(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"], t["hada_t2"], t["hada_w2_a"],
+                                 t["hada_w2_b"])
+            return delta.reshape(self.base_layer.weight.shape) * self.scaling[name]
         delta = dense_delta(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"])
         return delta.reshape(self.base_layer.weight.shape) * self.scaling[name]
 

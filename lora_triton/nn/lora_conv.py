@@ -78,9 +78,8 @@ class LoraConv(DoraHooks, AdapterLayer):  # DoraHooks: use_dora (nn/dora_layers.
             out["lora_B.bias"] = self.lora_B[name].bias
         return self.dora_tensors(name, out)
 
-    def adapter_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name in self.lora_variant:  # DoRA (mixed batches)
-            return self.lora_variant[name].delta(self, name, x)
+    def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """s (B(A(D(x))) + lora_B.bias), the plain LoRA term (``DoraHooks.adapter_forward`` routes DoRA)."""
         a, b = self.lora_A[name], self.lora_B[name]
         p = self.lora_dropout_p[name] if self.training else 0.0
         h = F.dropout(x, p, training=True) if p > 0.0 else x

@@ -76,11 +76,6 @@ class LoraEmbedding(DoraHooks, AdapterLayer):  # DoraHooks: use_dora (nn/dora_la
             raise ValueError(f"embed_scale of the base embedding must be a scalar, got shape {tuple(scale.shape)}")
         return scale
 
-    def adapter_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name in self.lora_variant:  # DoRA (mixed batches)
-            return self.lora_variant[name].delta(self, name, x)
-        return self.lora_delta(name, x)
-
     def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """s A^T[ids] B^T [* embed_scale], the plain LoRA term (DoRA rescales it: nn/dora_layers.py)."""
         base = self.base_layer

@@ -14,6 +14,7 @@ runs match PEFT's draws.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -128,7 +129,7 @@ class ConvView(LayerView):
         self.groups = base.groups
         self.kernel = tuple(base.kernel_size)
         self.out_dim = base.out_channels
-        self.in_dim = base.in_channels * int(torch.tensor(self.kernel).prod())
+        self.in_dim = base.in_channels * math.prod(self.kernel)
 
     def is_dora(self, name: str) -> bool:
         return name in getattr(self.layer, "lora_variant", {})

@@ -23,7 +23,8 @@ _KEPT = "_quantized_base"
 
 
 def qlora_forward(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor:
-    """The first active adapter rides in the fused 4-bit GEMM; further ones add LoRA-only terms."""
+    """The first active adapter rides in the fused 4-bit GEMM; further ones add LoRA-only terms. A DoRA
+    adapter, first or not, goes to its variant (``Nf4DoraVariant.forward_nf4``, nn/dora_layers.py)."""
     base: NF4Linear = layer.base_layer
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))

@@ -40,12 +40,12 @@ def _input_embedding(model: nn.Module):
     return path, emb
 
 
-def tied_head_paths(model: nn.Module) -> list[str]:
+def tied_head_paths(model: nn.Module, embedding=None) -> list[str]:
     """Paths of the Linear modules whose weight is the input embedding's (none when the model's config sets
-    tie_word_embeddings=False, as PEFT)."""
+    tie_word_embeddings=False, as PEFT). ``embedding``: ``_input_embedding(model)`` when the caller has it."""
     if getattr(getattr(model, "config", None), "tie_word_embeddings", None) is False:
         return []
-    emb_path, emb = _input_embedding(model)
+    emb_path, emb = embedding or _input_embedding(model)
     if emb is None:
         return []
     weight = _unwrapped(emb).weight
@@ -96,10 +96,10 @@ def tied_targets(model: nn.Module, config) -> list[str]:
         return []
     from .targets import is_target
 
-    emb_path = _input_embedding(model)[0]
-    if emb_path is None or not is_target(config, emb_path):
+    embedding = _input_embedding(model)
+    if embedding[0] is None or not is_target(config, embedding[0]):
         return []
-    return tied_head_paths(model)
+    return tied_head_paths(model, embedding)
 
 
 def tie_adapters(model: nn.Module, config, adapter_name: str) -> None:

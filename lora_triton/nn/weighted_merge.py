@@ -188,8 +188,9 @@ def _grouped_svd_factors(delta, rank: int, groups: int, clamp, full_matrices, dr
 
 
 def _cat_factors(view, held: list[str], weights: list[float], dtype, rank: int):
-    a = torch.cat([view.factors(n, dtype)[0] * (w * view.layer.scaling[n]) for n, w in zip(held, weights)])
-    b = torch.cat([view.factors(n, dtype)[1] for n in held], dim=1)
+    factors = [view.factors(n, dtype) for n in held]  # (a grouped conv's B is built block-diagonal: once)
+    a = torch.cat([a * (w * view.layer.scaling[n]) for (a, _), n, w in zip(factors, held, weights)])
+    b = torch.cat([b for _, b in factors], dim=1)
     if view.groups > 1:  # rank = the sum of the sources' ranks here, so no padding breaks the groups
         order = view.group_order([view.rank(n) for n in held])
         return a[order], b[:, order]

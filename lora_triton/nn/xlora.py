@@ -77,6 +77,7 @@ class _ExpertStack:
         self.column_expert = torch.cat([torch.full((r,), i) for i, r in enumerate(ranks)])
 
     def _version(self):
+        """(id, version) of every expert's A and B: the key both caches are rebuilt on."""
         layer = self.layer
         return tuple((id(p), p._version) for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
 
@@ -98,15 +99,13 @@ class _ExpertStack:
 
     def get(self):
         layer = self.layer
-        params = [p for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
-        key = tuple((id(p), p._version) for p in params)
+        key = self._version()
         if key != self._key:
+            first = layer.lora_A[self.names[0]].weight
             with torch.no_grad():
                 r_max = max(layer.r[n] for n in self.names)
-                a = torch.zeros(len(self.names), r_max, layer.in_features, dtype=params[0].dtype,
-                                device=params[0].device)
-                b = torch.zeros(len(self.names), layer.out_features, r_max, dtype=params[0].dtype,
-                                device=params[0].device)
+                a = torch.zeros(len(self.names), r_max, layer.in_features, dtype=first.dtype, device=first.device)
+                b = torch.zeros(len(self.names), layer.out_features, r_max, dtype=first.dtype, device=first.device)
                 for i, n in enumerate(self.names):
                     a[i, : layer.r[n]] = layer.lora_A[n].weight
                     b[i, :, : layer.r[n]] = layer.lora_B[n].weight
@@ -215,24 +214,28 @@ class XLoraModel(nn.Module):
             return self._layer_forward(index, layer, x)
         return forward
 
+    def _global_weight(self) -> float:
+        """g, the factor on every expert term (and expert bias): 1 for a layer called outside a model call."""
+        return 1.0 if self._scalings is None else self.config.global_scaling_weight
+
     def _routing(self, index: int, t: int, lead: tuple, device):
         """(expert ids [T, k], weights [T, k]) in config order, PEFT's top-k and softmax-top-k rules."""
         n = len(self.config.adapters)
         if self._scalings is None:  # layer called outside a model call: every expert at weight 1 (as PEFT)
             ones = torch.ones(t, n, device=device)
-            return torch.arange(n, device=device).expand(t, n), ones, 1.0
+            return torch.arange(n, device=device).expand(t, n), ones, self._global_weight()
         c = self._scalings[..., index, :]
         if tuple(c.shape[:-1]) != tuple(lead) and c.shape[:-1].numel() != t:
             raise ValueError(f"X-LoRA routing weights are for {tuple(c.shape[:-1])} tokens, the layer got {lead}")
         c = c.reshape(t, n)
         k = self.config.top_k_lora
         if k is None:
-            return torch.arange(n, device=device).expand(t, n), c, self.config.global_scaling_weight
+            return torch.arange(n, device=device).expand(t, n), c, self._global_weight()
         vals, ids = torch.topk(c, k=k, dim=-1)
         if self.config.enable_softmax_topk:
             nonzero = vals != 0
             vals = torch.softmax(vals.masked_fill(~nonzero, float("-inf")), dim=-1).masked_fill(~nonzero, 0.0)
-        return ids, vals, self.config.global_scaling_weight
+        return ids, vals, self._global_weight()
 
     def _layer_forward(self, index: int, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         if layer.disable_adapters or layer.merged_adapters:
@@ -242,7 +245,7 @@ class XLoraModel(nn.Module):
         if x.dtype != weight.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the base layer's weight dtype {weight.dtype}")
         if stack.biased:  # PEFT adds each expert's s * g * lora_B.bias whatever the routing weight
-            g = self.config.global_scaling_weight if self._scalings is not None else 1.0
+            g = self._global_weight()
             extra = g * sum(layer.scaling[n] * layer.lora_B[n].bias for n in stack.biased).to(x.dtype)
             bias = extra if bias is None else bias + extra
         if self._in_scaling_pass and float(self.config.scaling_pass_value) == 0.0:

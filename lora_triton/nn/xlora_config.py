@@ -73,9 +73,6 @@ class XLoraConfig(PeftConfigFields):
     def expert_names(self) -> list[str]:
         return list(self.adapters)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         # No sort_keys: the order of `adapters` is the order of the classifier's outputs.

@@ -137,6 +137,12 @@ def cp_kernel(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
     return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
 
 
+def tucker_delta(t1: Tensor, w1a: Tensor, w1b: Tensor, t2: Tensor, w2a: Tensor, w2b: Tensor) -> Tensor:
+    """W1 * W2 of LoHa's effective-conv form, dense [out, in / groups, *k] (unscaled): the two Tucker kernels'
+    Hadamard product (merging, and ``loha_tucker_conv`` where the dense form is cheaper)."""
+    return cp_kernel(t1, w1a, w1b) * cp_kernel(t2, w2a, w2b)
+
+
 def tucker_core(t1: Tensor, t2: Tensor) -> Tensor:
     """The core [r1 r2, r1 r2, *k] of the Hadamard product of two Tucker kernels: T[(i, i2), (j, j2)] =
     t1[i, j] * t2[i2, j2], position by position."""
@@ -177,7 +183,7 @@ def loha_tucker_conv(x: Tensor, base: torch.nn.Module, t1: Tensor, w1a: Tensor, 
         u = _mix_channels(q.repeat(g, 1).to(x.dtype), x, g)  # [N, G r1 r2, *spatial]
         return _conv_then_mix(u, base, tucker_core(t1, t2).reshape(rank, rank, *base.kernel_size), p, scaling,
                               row_scale)
-    delta = (cp_kernel(t1, w1a, w1b) * cp_kernel(t2, w2a, w2b)).reshape(base.weight.shape) * scaling
+    delta = tucker_delta(t1, w1a, w1b, t2, w2a, w2b).reshape(base.weight.shape) * scaling
     if row_scale is not None:
         delta = delta * row_scale.to(delta.dtype).reshape(-1, *([1] * (delta.dim() - 1)))
     return base._conv_forward(x, delta.to(x.dtype), None)

@@ -79,15 +79,20 @@ def _chain_cost(ops: list[tuple[str, tuple[int, int]]], rows: int, cols: int) ->
     return cost
 
 
+def _interleave(lefts: list, rights: list, left_pos) -> list[tuple[str, object]]:
+    """The chain as ("L" / "R", op) pairs: the left ops at positions ``left_pos``, the right ops in the rest,
+    each side in its own order."""
+    li, ri = iter(lefts), iter(rights)
+    return [("L", next(li)) if k in left_pos else ("R", next(ri)) for k in range(len(lefts) + len(rights))]
+
+
 def chain_order(lefts: list[tuple[int, int]], rights: list[tuple[int, int]], rows: int, cols: int) -> list[int]:
     """Positions (in the chain) of the left ops, in order, that give the fewest multiply-adds per row of x.
     Each op is given by its matrix shape [out, in]; left ops keep their order, right ops theirs."""
     n = len(lefts) + len(rights)
     best = None
     for pos in itertools.combinations(range(n), len(lefts)):
-        li, ri = iter(lefts), iter(rights)
-        ops = [("L", next(li)) if k in pos else ("R", next(ri)) for k in range(n)]
-        cost = _chain_cost(ops, rows, cols)
+        cost = _chain_cost(_interleave(lefts, rights, pos), rows, cols)
         if best is None or cost < best[0]:
             best = (cost, list(pos))
     return best[1]
@@ -194,9 +199,8 @@ def lokr_linear(x: Tensor, w1: Factor, w2: Factor, scaling: float, row_scale: Op
     x2 = x.reshape(-1, c * d).contiguous()
     lefts, rights = _split(w1), _split(w2)
     left_pos = chain_order([tuple(w.shape) for w in lefts], [tuple(w.shape) for w in rights], c, d)
-    li, ri = iter(lefts), iter(rights)
-    chain = [("L", next(li)) if k in left_pos else ("R", next(ri)) for k in range(len(lefts) + len(rights))]
-    smallest = 0  # the scaling goes on the smallest matrix, where it costs least
+    chain = _interleave(lefts, rights, left_pos)
+    smallest = 0  # the scaling goes on the smallest matrix, where it costs least (a loop: dynamo breaks on min(key=))
     for k in range(1, len(chain)):
         if chain[k][1].numel() < chain[smallest][1].numel():
             smallest = k
