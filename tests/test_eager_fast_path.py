@@ -169,9 +169,13 @@ def test_compile_still_captures_the_custom_ops():
     _assert_bits([got], [expected])
 
 
-def test_model_step_equals_custom_op_path(monkeypatch):
-    # A whole injected model, grouped q/k/v and gate/up included, with dropout: same loss and gradients.
+@pytest.mark.parametrize("grouping", ["on", "auto"])
+def test_model_step_equals_custom_op_path(grouping, monkeypatch):
+    # A whole injected model, grouped q/k/v and gate/up (on) or not (auto: the CPU reference), with dropout:
+    # same loss and gradients.
     from models import model_input, randomize_lora, run, tiny_llama
+
+    monkeypatch.setenv("LORA_TRITON_GROUP", grouping)
 
     model = tiny_llama()
     lt.inject_lora(model, lt.LoraConfig(r=4, lora_dropout=0.2, lora_bias=True,
