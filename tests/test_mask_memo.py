@@ -76,6 +76,22 @@ def test_prefill_batches_projection_masks_with_each_seeds_bits(dtype):
     assert mask_memo.held_bytes() == 0
 
 
+@pytest.mark.parametrize("cols", [64, 77])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batch_with_one_threshold_has_each_seeds_bits(cols, dtype):
+    """A batch whose masks share p (a forecast step's usual case: the threshold stays a number, the round keys
+    are built as tensors) gives every seed its own stream's bits, seeds past 2**32 and up to 2**63 - 1."""
+    seeds = [2**63 - 1, 2**40 + 3, 0, 11, 2**32]
+    thr = philox.dropout_threshold(0.05)
+    mask_memo._draw_batch(seeds, 9, cols, [thr] * len(seeds), dtype)
+    assert len(mask_memo._memo) == len(seeds)
+    for s in seeds:
+        (_, _, got), = list(mask_memo.mask_chunks(s, 9, cols, 0.05, "cpu", dtype, take=True))
+        assert got.shape == (9, cols)
+        assert torch.equal(got, next(philox.keep_mask_chunks(s, 9, cols, 0.05, "cpu", dtype))[2])
+    assert mask_memo.held_bytes() == 0
+
+
 def test_grouped_op_same_bits_with_and_without_memo(monkeypatch):
     from lora_triton.ops.grouped import lora_linear_grouped
 
