@@ -83,10 +83,11 @@ def kernel_supports(x: torch.Tensor, rank: int) -> bool:
     return x.dtype in KERNEL_DTYPES and 1 <= rank <= KERNEL_MAX_RANK and x.shape[-1] > 0
 
 
-def make_seed(seed, device: torch.device) -> torch.Tensor:
-    """An int64 tensor [1] on ``device``; None draws one from torch's generator (no host sync)."""
+def make_seed(seed, device: torch.device, eager: bool | None = None) -> torch.Tensor:
+    """An int64 tensor [1] on ``device``; None draws one from torch's generator (no host sync; ``eager``:
+    the caller's ``eager.fast_path`` verdict, passed on to ``draw_seeds``)."""
     if seed is None:
-        return draw_seeds(1, device)  # ops/seeds.py: the same draw eager, compiled and per rank
+        return draw_seeds(1, device, eager)  # ops/seeds.py: the same draw eager, compiled and per rank
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise ValueError(f"seed tensor must hold one int64, got dtype {seed.dtype} shape {tuple(seed.shape)}")

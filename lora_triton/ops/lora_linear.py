@@ -45,9 +45,10 @@ def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return _impl(x, lora_A).lora_linear_fwd(x, weight, bias, a, b, scaling, dropout_p, seed)
 
 
-def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
-    """(dx or None, dA fp32, dB fp32): what both the custom op and the eager path run."""
-    return _impl(x, lora_A).lora_linear_bwd(
+def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, impl=None):
+    """(dx or None, dA fp32, dB fp32): what both the custom op and the eager path run (``impl``: the
+    implementation module the forward chose, None to choose here)."""
+    return (_impl(x, lora_A) if impl is None else impl).lora_linear_bwd(
         dy, x, weight, _as(lora_A, x.dtype), _as(lora_B, x.dtype), u, scaling, dropout_p, seed, need_dx)
 
 
@@ -120,9 +121,12 @@ class _EagerLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        y, u = _fwd_impl(_rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        x2 = _rows(x)
+        impl = _impl(x2, lora_A)
+        y, u = impl.lora_linear_fwd(x2, weight, bias, _as(lora_A, x.dtype), _as(lora_B, x.dtype), scaling,
+                                    dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        ctx.scaling, ctx.dropout_p, ctx.impl = scaling, dropout_p, impl  # backward runs what forward chose
         return _unrows(y, x.shape[:-1])
 
     @staticmethod
@@ -130,7 +134,8 @@ class _EagerLoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         saved = ctx.saved_tensors
         x = saved[0]
-        grads = _grads(ctx, _rows(dy), _bwd_impl, (_rows(x), *saved[1:]))
+        impl = ctx.impl
+        grads = _grads(ctx, _rows(dy), lambda *a: _bwd_impl(*a, impl=impl), (_rows(x), *saved[1:]))
         dx = grads[0]
         return (None if dx is None else dx.view(x.shape), *grads[1:])
 
@@ -153,8 +158,9 @@ def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lor
     """
     check_lora_operands(x, weight, bias, lora_A, lora_B, dropout_p)
     scaling, dropout_p = check_scaling(scaling), float(dropout_p)
-    seed_t = make_seed(seed, x.device) if dropout_p > 0.0 else None
-    eager = fast_path(x, weight, bias, lora_A, lora_B, seed_t)
+    # A seed tensor keeps its type through make_seed, so the verdict on the given one holds for seed_t.
+    eager = fast_path(x, weight, bias, lora_A, lora_B, seed if isinstance(seed, Tensor) else None)
+    seed_t = make_seed(seed, x.device, eager) if dropout_p > 0.0 else None
     if eager and _needs_grad(x, weight, bias, lora_A, lora_B):
         return _EagerLoraLinear.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
     x2 = _rows(x)

@@ -196,6 +196,27 @@ def held_bytes() -> int:
     return _bytes
 
 
+def small_mask(seed, rows: int, cols: int, p: float, device, dtype: torch.dtype, forward: bool) -> torch.Tensor | None:
+    """The whole [rows, cols] mask of a small CPU mask (one chunk, ``_fits``), else None (the caller loops
+    over ``mask_chunks``). Forward keeps it for its backward (a kept one, drawn by a batch, is taken without
+    popping); backward pops it. ``mask_chunks(keep=forward, take=not forward)``'s single chunk, without the
+    iterator: a small layer's call pays per Python frame. Read-only for the caller."""
+    key = _key(seed, rows, cols, p, dtype, 0, device)
+    if key is None:
+        return None
+    fc = mask_forecast.state()
+    if forward:
+        fc.on_mask(key[0], (rows, cols, key[4], dtype))
+    else:
+        fc.backward_seen()
+    keep = _take(key, pop=not forward)
+    if keep is None:
+        (_, _, keep), = philox.keep_mask_chunks(seed, rows, cols, p, device, dtype)  # small: one chunk
+        if forward:
+            _put(key, keep)  # the chunk's buffer is this call's own: nothing reuses it
+    return keep
+
+
 def mask_chunks(seed, rows: int, cols: int, p: float, device=None, dtype: torch.dtype = torch.bool,
                 row_offset: int = 0, keep: bool = False, take: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``philox.keep_mask_chunks``, with small CPU masks kept (``keep``: forward) or taken (``take``:
