@@ -44,7 +44,10 @@ def check_lora_operands(x, weight, bias, lora_A, lora_B, dropout_p: float) -> No
     if not x.is_floating_point() or not lora_A.is_floating_point() or not lora_B.is_floating_point():
         raise TypeError(f"x, lora_A, lora_B must be floating point, got {x.dtype}, {lora_A.dtype}, {lora_B.dtype}")
     check_dropout_p(dropout_p)
-    check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
+    d = x.device  # the usual all-on-one-device case without building the listing
+    if (lora_A.device != d or lora_B.device != d or (weight is not None and weight.device != d)
+            or (bias is not None and bias.device != d)):
+        check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
 
 
 def _real(name: str, value) -> float:
