@@ -403,3 +403,18 @@ def test_auto_policy_runs_plain_forwards_on_the_cpu_reference_with_the_same_bits
     monkeypatch.setenv("LORA_TRITON_GROUP", "sometimes")
     with pytest.raises(ValueError, match="LORA_TRITON_GROUP must be one of"):
         model(ids)
+
+
+def test_grouping_pays_by_policy_and_backend(monkeypatch):
+    from lora_triton.nn.grouping import grouping_pays
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("LORA_TRITON_GROUP", raising=False)  # auto
+    for backend, pays in (("reference", False), ("auto", False), ("triton", True)):
+        monkeypatch.setenv("LORA_TRITON_BACKEND", backend)
+        assert grouping_pays(cpu) is pays, backend
+    monkeypatch.setenv("LORA_TRITON_GROUP", "off")
+    assert not grouping_pays(cpu)
+    monkeypatch.setenv("LORA_TRITON_GROUP", " ON ")
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "reference")
+    assert grouping_pays(cpu)

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.backend import choose_backend
+from ..ops.backend import choose_backend, requested_backend
 from ..ops.grouped import lora_linear_grouped
 from .lora_bias import with_lora_bias
 from .lora_linear import LoraLinear
@@ -49,16 +49,24 @@ _POLICIES = ("auto", "on", "off")
 
 def grouping_policy() -> str:
     """``LORA_TRITON_GROUP`` (auto, on, off; default auto); another value is an error naming the valid ones."""
-    value = os.environ.get("LORA_TRITON_GROUP", "auto").strip().lower() or "auto"
+    raw = os.environ.get("LORA_TRITON_GROUP")
+    if raw is None:  # every grouped member's call asks: the unset case without string handling
+        return "auto"
+    value = raw.strip().lower() or "auto"
     if value not in _POLICIES:
         raise ValueError(f"LORA_TRITON_GROUP must be one of {_POLICIES}, got {value!r}")
     return value
 
 
 def grouping_pays(device: torch.device) -> bool:
-    """Whether sibling grouping runs for inputs on ``device`` (module docstring: by measurement)."""
+    """Whether sibling grouping runs for inputs on ``device`` (module docstring: by measurement). On CPU the
+    Triton backend runs only when asked for by name (``choose_backend``), so that is one environment read."""
     policy = grouping_policy()
-    return policy == "on" or (policy == "auto" and choose_backend(device) == "triton")
+    if policy != "auto":
+        return policy == "on"
+    if device.type == "cpu":
+        return requested_backend() == "triton"
+    return choose_backend(device) == "triton"
 
 
 class SiblingGroup:
@@ -91,8 +99,8 @@ class SiblingGroup:
     def forward(self, layer: LoraLinear, x: torch.Tensor, args, kwargs):
         # Inference tensors have no version counter: an in-place change between the siblings'
         # calls could not be detected, so they take the plain forward.
-        if (not self.enabled or args or kwargs or torch.compiler.is_compiling() or x.is_inference()
-                or not grouping_pays(x.device)):
+        if (not grouping_pays(x.device) or not self.enabled or args or kwargs or torch.compiler.is_compiling()
+                or x.is_inference()):
             return LoraLinear.forward(layer, x, *args, **kwargs)
         state = _state(layer, x)
         if state is None:
