@@ -109,10 +109,13 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default  # the overload itself: no packet dispatch per call
+
+
 def _unrows(y: Tensor, lead) -> Tensor:
     # Not a view of y (nothing else holds y): FSDP2 warns on modules returning views, and an in-place op
     # on a view would skip its pre-backward hook.
-    return y if len(lead) == 1 else torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))
+    return y if len(lead) == 1 else _UNSAFE_VIEW(y, (*lead, y.shape[-1]))
 
 
 class _EagerLoraLinear(torch.autograd.Function):
@@ -130,14 +133,22 @@ class _EagerLoraLinear(torch.autograd.Function):
         return _unrows(y, x.shape[:-1])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        saved = ctx.saved_tensors
-        x = saved[0]
-        impl = ctx.impl
-        grads = _grads(ctx, _rows(dy), lambda *a: _bwd_impl(*a, impl=impl), (_rows(x), *saved[1:]))
-        dx = grads[0]
-        return (None if dx is None else dx.view(x.shape), *grads[1:])
+        if torch.is_grad_enabled():  # create_graph=True: once_differentiable's error on a second backward
+            return _eager_backward_once(ctx, dy)
+        return _eager_backward(ctx, dy)  # what once_differentiable runs when grad mode is off, minus its no_grad
+
+
+def _eager_backward(ctx, dy):
+    saved = ctx.saved_tensors
+    x = saved[0]
+    impl = ctx.impl
+    grads = _grads(ctx, _rows(dy), lambda *a: _bwd_impl(*a, impl=impl), (_rows(x), *saved[1:]))
+    dx = grads[0]
+    return (None if dx is None else dx.view(x.shape), *grads[1:])
+
+
+_eager_backward_once = torch.autograd.function.once_differentiable(_eager_backward)
 
 
 def _needs_grad(*tensors) -> bool:
