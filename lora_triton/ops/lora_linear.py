@@ -84,14 +84,18 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
-def _grads(ctx, dy, bwd, saved=None):
+def _grads(ctx, dy, bwd, saved=None, impl=None):
     """The 8 input gradients from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers).
     ``saved``: the saved tensors with x as [M, K] (the eager path saves x as given; saved tensors are
-    unpacked once, as non-reentrant checkpointing requires)."""
+    unpacked once, as non-reentrant checkpointing requires); ``impl``: the implementation ``_bwd_impl``
+    runs (the eager path's, chosen by its forward)."""
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors if saved is None else saved
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dy = dy.contiguous()
-    dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
+    if impl is None:
+        dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
+    else:
+        dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x, impl)
     d_w = (dy.t() @ x).to(weight.dtype) if need_w else None
     d_bias = dy.sum(0) if need_b else None
     return (dx if need_x else None), d_w, d_bias, _as(d_a, lora_A.dtype), _as(d_b, lora_B.dtype), None, None, None
@@ -142,8 +146,7 @@ class _EagerLoraLinear(torch.autograd.Function):
 def _eager_backward(ctx, dy):
     saved = ctx.saved_tensors
     x = saved[0]
-    impl = ctx.impl
-    grads = _grads(ctx, _rows(dy), lambda *a: _bwd_impl(*a, impl=impl), (_rows(x), *saved[1:]))
+    grads = _grads(ctx, _rows(dy), _bwd_impl, (_rows(x), *saved[1:]), ctx.impl)
     dx = grads[0]
     return (None if dx is None else dx.view(x.shape), *grads[1:])
 

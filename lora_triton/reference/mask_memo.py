@@ -167,7 +167,7 @@ def seeds_drawn(seeds: torch.Tensor, peek) -> None:
     forecast expects this step to ask for (``mask_forecast``), batched per shape, within ``MAX_BYTES // 2``."""
     if MAX_BYTES == 0:
         return
-    plan = mask_forecast.state().on_draw([int(v) for v in seeds.tolist()], peek)
+    plan = mask_forecast.state().on_draw(seeds.tolist(), peek)  # int64: Python ints already
     by_shape: dict[tuple, list[tuple[int, int]]] = {}
     budget = MAX_BYTES // 2
     for seed, (rows, cols, thr, dtype) in plan:
