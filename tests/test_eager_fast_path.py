@@ -169,9 +169,13 @@ def test_compile_still_captures_the_custom_ops():
     _assert_bits([got], [expected])
 
 
-def test_model_step_equals_custom_op_path(monkeypatch):
-    # A whole injected model, grouped q/k/v and gate/up included, with dropout: same loss and gradients.
+@pytest.mark.parametrize("grouping", ["on", "auto"])
+def test_model_step_equals_custom_op_path(grouping, monkeypatch):
+    # A whole injected model, grouped q/k/v and gate/up (on) or not (auto: the CPU reference), with dropout:
+    # same loss and gradients.
     from models import model_input, randomize_lora, run, tiny_llama
+
+    monkeypatch.setenv("LORA_TRITON_GROUP", grouping)
 
     model = tiny_llama()
     lt.inject_lora(model, lt.LoraConfig(r=4, lora_dropout=0.2, lora_bias=True,
@@ -190,3 +194,18 @@ def test_model_step_equals_custom_op_path(monkeypatch):
     fast = step()
     monkeypatch.setenv("LORA_TRITON_EAGER", "0")
     _assert_bits(fast, step())
+
+
+def test_eager_backward_keeps_once_differentiable_under_create_graph():
+    """The eager backward skips once_differentiable's no_grad block when grad mode is off (a plain backward);
+    with create_graph=True it still runs through it: first gradients equal, a second backward is refused."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=g, requires_grad=True)
+    w, a, b = torch.randn(4, 5, generator=g), torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g)
+    a.requires_grad_()
+    v = torch.randn(3, 4, generator=g, requires_grad=True)  # a differentiable upstream gradient
+    plain = torch.autograd.grad(lora_linear(x, w, None, a, b, 1.5), [x, a], v)
+    twice = torch.autograd.grad(lora_linear(x, w, None, a, b, 1.5), [x, a], v, create_graph=True)
+    assert all(torch.equal(u, v) for u, v in zip(plain, twice))
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        twice[0].sum().backward()

@@ -21,6 +21,12 @@ ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@pytest.fixture(autouse=True)
+def _grouping_on(monkeypatch):
+    """These tests exercise the grouping itself: on every backend (auto skips it on the CPU reference)."""
+    monkeypatch.setenv("LORA_TRITON_GROUP", "on")
+
+
 def _case(m, k, ns, rs, dtype, seed=0, no_w=(), no_b=()):
     g = torch.Generator().manual_seed(seed + 100 * m + k)
     rnd = lambda *s: torch.randn(*s, generator=g)
@@ -371,3 +377,44 @@ def test_grouping_only_shares_provably_equal_inputs(monkeypatch):
         y = torch.randn(3, 16)
         torch.testing.assert_close(attn.q_proj(y), plain(attn.q_proj, y))
     assert group.grouped_calls == calls
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_auto_policy_runs_plain_forwards_on_the_cpu_reference_with_the_same_bits(p, monkeypatch):
+    """LORA_TRITON_GROUP=auto (the default): no grouped call on the CPU reference (it does not pay there), and
+    the outputs and gradients are those of the ungrouped model, bit for bit (same seeds, same masks)."""
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "reference")
+    model = _lora_llama(p).train()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(4)
+    want_out, want = _loss_and_grads(model, ids)
+    groups = group_siblings(model)
+    monkeypatch.setenv("LORA_TRITON_GROUP", "auto")
+    torch.manual_seed(4)
+    got_out, got = _loss_and_grads(model, ids)
+    assert sum(g.grouped_calls for g in groups) == 0
+    assert torch.equal(got_out, want_out) and all(torch.equal(got[n], want[n]) for n in want)
+    monkeypatch.setenv("LORA_TRITON_GROUP", "on")
+    torch.manual_seed(4)
+    on_out, on = _loss_and_grads(model, ids)
+    assert sum(g.grouped_calls for g in groups) == 4
+    if p > 0:  # the group draws its members' seeds in one draw: the same values, so the same masks
+        torch.testing.assert_close(on_out, want_out, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("LORA_TRITON_GROUP", "sometimes")
+    with pytest.raises(ValueError, match="LORA_TRITON_GROUP must be one of"):
+        model(ids)
+
+
+def test_grouping_pays_by_policy_and_backend(monkeypatch):
+    from lora_triton.nn.grouping import grouping_pays
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("LORA_TRITON_GROUP", raising=False)  # auto
+    for backend, pays in (("reference", False), ("auto", False), ("triton", True)):
+        monkeypatch.setenv("LORA_TRITON_BACKEND", backend)
+        assert grouping_pays(cpu) is pays, backend
+    monkeypatch.setenv("LORA_TRITON_GROUP", "off")
+    assert not grouping_pays(cpu)
+    monkeypatch.setenv("LORA_TRITON_GROUP", " ON ")
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "reference")
+    assert grouping_pays(cpu)

@@ -37,6 +37,32 @@ def test_forward_keeps_backward_takes_same_bits(monkeypatch, m, k):
     assert torch.equal(y, y2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("m,k", [(64, 256), (3, 13)])
+def test_small_mask_path_equals_the_chunk_loop_bit_for_bit(monkeypatch, dtype, m, k):
+    """reference/lora_linear's whole-mask path for small CPU masks (``mask_memo.small_mask``) against the
+    chunk iterator it bypasses: same outputs and gradients, every bit (fp16 takes the accumulating loop)."""
+    from lora_triton.reference import lora_linear as ref
+
+    def run():
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(m, k, generator=g).to(dtype).requires_grad_()
+        w = torch.randn(9, k, generator=g).to(dtype)
+        a = torch.randn(4, k, generator=g).requires_grad_()
+        b = torch.randn(9, 4, generator=g).requires_grad_()
+        y = lora_linear(x, w, None, a, b, 1.5, 0.3, seed=2**40 + 9)
+        return [y.detach(), *torch.autograd.grad(y, [x, a, b], torch.randn(m, 9, generator=g).to(dtype))]
+
+    calls = []
+    real = ref.small_mask
+    monkeypatch.setattr(ref, "small_mask", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = run()
+    assert len(calls) == 2 and mask_memo.held_bytes() == 0
+    monkeypatch.setattr(ref, "small_mask", lambda *a, **kw: None)  # the chunk loop (with its own memo use)
+    want = run()
+    assert all(torch.equal(u, v) for u, v in zip(got, want))
+
+
 def test_large_masks_are_regenerated_not_kept():
     rows = philox.small_mask_counters() // 4 + 1  # K = 32: 4 counters per row, one row past a small mask
     _, _, kept = _step(rows, 32, 8, 2, 0.1, seed=5)
@@ -73,6 +99,22 @@ def test_prefill_batches_projection_masks_with_each_seeds_bits(dtype):
             continue
         (_, _, got), = list(mask_memo.mask_chunks(s, 37, 77, p, "cpu", dtype, take=True))
         assert torch.equal(got, next(philox.keep_mask_chunks(s, 37, 77, p, "cpu", dtype))[2])
+    assert mask_memo.held_bytes() == 0
+
+
+@pytest.mark.parametrize("cols", [64, 77])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_batch_with_one_threshold_has_each_seeds_bits(cols, dtype):
+    """A batch whose masks share p (a forecast step's usual case: the threshold stays a number, the round keys
+    are built as tensors) gives every seed its own stream's bits, seeds past 2**32 and up to 2**63 - 1."""
+    seeds = [2**63 - 1, 2**40 + 3, 0, 11, 2**32]
+    thr = philox.dropout_threshold(0.05)
+    mask_memo._draw_batch(seeds, 9, cols, [thr] * len(seeds), dtype)
+    assert len(mask_memo._memo) == len(seeds)
+    for s in seeds:
+        (_, _, got), = list(mask_memo.mask_chunks(s, 9, cols, 0.05, "cpu", dtype, take=True))
+        assert got.shape == (9, cols)
+        assert torch.equal(got, next(philox.keep_mask_chunks(s, 9, cols, 0.05, "cpu", dtype))[2])
     assert mask_memo.held_bytes() == 0
 
 

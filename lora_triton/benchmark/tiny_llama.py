@@ -11,7 +11,8 @@ provider; PEFT's model is a deep copy wrapped by ``get_peft_model``. ``--custom-
 provider ``lora_triton_custom_op``: the same model with ``LORA_TRITON_EAGER=0``, every call through
 the torch.library custom ops (what the eager fast path of ``ops/eager.py`` saves). ``--cpu-time``
 times the calling thread's CPU time (``time.thread_time``: descheduling does not count) instead of
-wall time; it measures the whole step only with ``--threads 1``. ``--layer`` times one linear layer
+wall time; it measures the whole step only with ``--threads 1``. Besides each provider's median over PEFT's, it
+prints the per-round ratios to PEFT (median and quartiles; ``paired_ratios``). ``--layer`` times one linear layer
 instead (x [tokens, hidden] -> [tokens, hidden], fwd + bwd to x and the adapter): the per-call cost.
 """
 
@@ -120,6 +121,14 @@ def step_fn(model, ids, eager: str | None = None):
     return step
 
 
+def paired_ratios(times: list[float], peft: list[float]) -> tuple[float, float, float]:
+    """(median, p25, p75) of time / PEFT's time in the same interleaved round: load that comes and goes hits
+    both samples of a round alike, so these spread less than the ratio of the two medians."""
+    r = sorted(a / b for a, b in zip(times, peft))
+    at = lambda f: r[round(f * (len(r) - 1))]
+    return at(0.5), at(0.25), at(0.75)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_triton.benchmark.tiny_llama", description=__doc__)
     ap.add_argument("--hidden", type=int, default=256)
@@ -159,6 +168,7 @@ def main(argv=None) -> int:
     else:
         samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3, n_sets=1)
     stats = {k: summarize(v) for k, v in samples.items()}
+    paired = {k: paired_ratios(v, samples["peft"]) for k, v in samples.items()} if "peft" in samples else {}
     end = os.getloadavg()
     what = f"one layer {args.hidden} -> {args.hidden}" if args.layer else f"tiny Llama step: hidden {args.hidden}, " \
         f"{args.layers} layers"
@@ -168,10 +178,13 @@ def main(argv=None) -> int:
           f"load {load[0]:.2f} -> {end[0]:.2f}")
     for k, s in stats.items():
         rel = f"  x peft {s.median_s / stats['peft'].median_s:.3f}" if "peft" in stats else ""
+        if k in paired and k != "peft":
+            rel += " (per round: median {:.3f}, p25..p75 {:.3f}..{:.3f})".format(*paired[k])
         print(f"  {k:22s} median {s.median_s * 1e3:8.3f} ms  p20..p80 {s.p20_s * 1e3:.3f}..{s.p80_s * 1e3:.3f}{rel}")
     if args.json:
         doc = {"args": vars(args), "load_average": list(load), "load_average_end": list(end),
-               "threads": torch.get_num_threads(), "stats": {k: s.to_dict() for k, s in stats.items()}}
+               "threads": torch.get_num_threads(), "stats": {k: s.to_dict() for k, s in stats.items()},
+               "paired_x_peft": {k: dict(zip(("median", "p25", "p75"), v)) for k, v in paired.items()}}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
     return 0

@@ -44,7 +44,10 @@ def check_lora_operands(x, weight, bias, lora_A, lora_B, dropout_p: float) -> No
     if not x.is_floating_point() or not lora_A.is_floating_point() or not lora_B.is_floating_point():
         raise TypeError(f"x, lora_A, lora_B must be floating point, got {x.dtype}, {lora_A.dtype}, {lora_B.dtype}")
     check_dropout_p(dropout_p)
-    check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
+    d = x.device  # the usual all-on-one-device case without building the listing
+    if (lora_A.device != d or lora_B.device != d or (weight is not None and weight.device != d)
+            or (bias is not None and bias.device != d)):
+        check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
 
 
 def _real(name: str, value) -> float:
@@ -83,10 +86,11 @@ def kernel_supports(x: torch.Tensor, rank: int) -> bool:
     return x.dtype in KERNEL_DTYPES and 1 <= rank <= KERNEL_MAX_RANK and x.shape[-1] > 0
 
 
-def make_seed(seed, device: torch.device) -> torch.Tensor:
-    """An int64 tensor [1] on ``device``; None draws one from torch's generator (no host sync)."""
+def make_seed(seed, device: torch.device, eager: bool | None = None) -> torch.Tensor:
+    """An int64 tensor [1] on ``device``; None draws one from torch's generator (no host sync; ``eager``:
+    the caller's ``eager.fast_path`` verdict, passed on to ``draw_seeds``)."""
     if seed is None:
-        return draw_seeds(1, device)  # ops/seeds.py: the same draw eager, compiled and per rank
+        return draw_seeds(1, device, eager)  # ops/seeds.py: the same draw eager, compiled and per rank
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise ValueError(f"seed tensor must hold one int64, got dtype {seed.dtype} shape {tuple(seed.shape)}")

@@ -45,9 +45,10 @@ def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return _impl(x, lora_A).lora_linear_fwd(x, weight, bias, a, b, scaling, dropout_p, seed)
 
 
-def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
-    """(dx or None, dA fp32, dB fp32): what both the custom op and the eager path run."""
-    return _impl(x, lora_A).lora_linear_bwd(
+def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, impl=None):
+    """(dx or None, dA fp32, dB fp32): what both the custom op and the eager path run (``impl``: the
+    implementation module the forward chose, None to choose here)."""
+    return (_impl(x, lora_A) if impl is None else impl).lora_linear_bwd(
         dy, x, weight, _as(lora_A, x.dtype), _as(lora_B, x.dtype), u, scaling, dropout_p, seed, need_dx)
 
 
@@ -83,14 +84,18 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
-def _grads(ctx, dy, bwd, saved=None):
+def _grads(ctx, dy, bwd, saved=None, impl=None):
     """The 8 input gradients from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers).
     ``saved``: the saved tensors with x as [M, K] (the eager path saves x as given; saved tensors are
-    unpacked once, as non-reentrant checkpointing requires)."""
+    unpacked once, as non-reentrant checkpointing requires); ``impl``: the implementation ``_bwd_impl``
+    runs (the eager path's, chosen by its forward)."""
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors if saved is None else saved
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dy = dy.contiguous()
-    dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
+    if impl is None:
+        dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
+    else:
+        dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x, impl)
     d_w = (dy.t() @ x).to(weight.dtype) if need_w else None
     d_bias = dy.sum(0) if need_b else None
     return (dx if need_x else None), d_w, d_bias, _as(d_a, lora_A.dtype), _as(d_b, lora_B.dtype), None, None, None
@@ -108,10 +113,13 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default  # the overload itself: no packet dispatch per call
+
+
 def _unrows(y: Tensor, lead) -> Tensor:
     # Not a view of y (nothing else holds y): FSDP2 warns on modules returning views, and an in-place op
     # on a view would skip its pre-backward hook.
-    return y if len(lead) == 1 else torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))
+    return y if len(lead) == 1 else _UNSAFE_VIEW(y, (*lead, y.shape[-1]))
 
 
 class _EagerLoraLinear(torch.autograd.Function):
@@ -120,19 +128,30 @@ class _EagerLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        y, u = _fwd_impl(_rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        x2 = _rows(x)
+        impl = _impl(x2, lora_A)
+        y, u = impl.lora_linear_fwd(x2, weight, bias, _as(lora_A, x.dtype), _as(lora_B, x.dtype), scaling,
+                                    dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        ctx.scaling, ctx.dropout_p, ctx.impl = scaling, dropout_p, impl  # backward runs what forward chose
         return _unrows(y, x.shape[:-1])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        saved = ctx.saved_tensors
-        x = saved[0]
-        grads = _grads(ctx, _rows(dy), _bwd_impl, (_rows(x), *saved[1:]))
-        dx = grads[0]
-        return (None if dx is None else dx.view(x.shape), *grads[1:])
+        if torch.is_grad_enabled():  # create_graph=True: once_differentiable's error on a second backward
+            return _eager_backward_once(ctx, dy)
+        return _eager_backward(ctx, dy)  # what once_differentiable runs when grad mode is off, minus its no_grad
+
+
+def _eager_backward(ctx, dy):
+    saved = ctx.saved_tensors
+    x = saved[0]
+    grads = _grads(ctx, _rows(dy), _bwd_impl, (_rows(x), *saved[1:]), ctx.impl)
+    dx = grads[0]
+    return (None if dx is None else dx.view(x.shape), *grads[1:])
+
+
+_eager_backward_once = torch.autograd.function.once_differentiable(_eager_backward)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -153,8 +172,9 @@ def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lor
     """
     check_lora_operands(x, weight, bias, lora_A, lora_B, dropout_p)
     scaling, dropout_p = check_scaling(scaling), float(dropout_p)
-    seed_t = make_seed(seed, x.device) if dropout_p > 0.0 else None
-    eager = fast_path(x, weight, bias, lora_A, lora_B, seed_t)
+    # A seed tensor keeps its type through make_seed, so the verdict on the given one holds for seed_t.
+    eager = fast_path(x, weight, bias, lora_A, lora_B, seed if isinstance(seed, Tensor) else None)
+    seed_t = make_seed(seed, x.device, eager) if dropout_p > 0.0 else None
     if eager and _needs_grad(x, weight, bias, lora_A, lora_B):
         return _EagerLoraLinear.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
     x2 = _rows(x)

@@ -12,7 +12,7 @@ Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not, and transf
 (``preserve_rng_state=True``, the default), so the recomputation draws the same seeds and regenerates
 the same masks.
 
-Eager CPU draws on the reference backend also tell ``reference/mask_memo.py`` which seeds were drawn, so
+Eager CPU draws also tell ``reference/mask_memo.py`` which seeds were drawn, so
 a training step's small masks can be drawn ahead in one batch (``reference/mask_forecast.py``); that
 peeks at a copy of the generator and never changes which seeds are drawn.
 
@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from ..reference import mask_memo
-from .backend import choose_backend
 from .eager import fast_path
 
 SEED_LIMIT = 2**62
@@ -78,16 +77,23 @@ def _(counter, n):
     return counter.new_empty((n,))
 
 
-def draw_seeds(n: int, device: torch.device) -> Tensor:
+def draw_seeds(n: int, device: torch.device, eager: bool | None = None) -> Tensor:
     """``n`` fresh dropout seeds (int64 tensor [n] on ``device``), by the rule in the module docstring.
 
-    A plain eager call runs the op's body directly (``ops/eager.py``): the same draw from the same
-    generator, without the custom op's dispatch."""
-    counter = _counter(torch.device(device))
-    if not fast_path(counter):
-        return _draw_seeds(counter, int(n))
-    seeds = _draw(counter, int(n))
-    if counter.device.type == "cpu" and choose_backend(counter.device) == "reference":
+    A plain eager call runs the op's body directly (``ops/eager.py``; ``eager``: the caller's own
+    ``fast_path`` verdict, None to check here): the same draw from the same generator, without the custom
+    op's dispatch. It leaves the counter alone: the counter only keeps compilers from merging or reordering
+    draws, and eager runs them in program order. Eager CPU draws are reported to ``mask_memo`` whatever the
+    backend (a few list appends): its forecast plans only the masks the reference path asked for."""
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if eager is None:
+        counter = _COUNTERS.get(device)
+        eager = fast_path(_counter(device) if counter is None else counter)
+    if not eager:
+        return _draw_seeds(_counter(device), int(n))
+    seeds = _ranked(torch.randint(0, SEED_LIMIT, (int(n),), dtype=torch.int64, device=device))
+    if device.type == "cpu":
         mask_memo.seeds_drawn(seeds, peek_seeds)  # small masks of the step drawn ahead, batched
     return seeds
 

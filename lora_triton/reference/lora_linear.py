@@ -15,7 +15,7 @@ import itertools
 
 import torch
 
-from .mask_memo import mask_chunks
+from .mask_memo import mask_chunks, small_mask
 from .philox import few_threads, serial_cpu
 
 
@@ -41,6 +41,9 @@ def shrink_dropout(x, lora_A, dropout_p: float, seed):
     """U = D(x) A^T [M, r]: x masked one row chunk at a time into a reused buffer, then one GEMM per chunk
     (a mask that comes in one chunk, as small layers' do, takes the plain ops: fewer calls, same bits)."""
     a_t = lora_A.t()
+    keep = small_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device, x.dtype, forward=True)
+    if keep is not None:  # a small CPU mask (kept for this call's backward): the one-chunk ops below
+        return torch.mm(x * keep, a_t).mul_(1.0 / (1.0 - dropout_p))
     with serial_cpu(x.device, x.numel()):
         first, chunks = _split_first(_mask_chunks(x, seed, dropout_p, forward=True))
         if first is not None and first[1] - first[0] == x.shape[0]:
@@ -103,10 +106,17 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     # scale goes on the rank-r operand, so each [M, K] chunk takes a single masking pass.
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     same = x.dtype == acc
+    keep = small_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device, x.dtype, forward=False)
+    if keep is not None and same:  # a small CPU mask (the forward's, or regenerated): no chunk loop
+        d_u, d_b = _rank_grads(dy, u, lora_B, scaling)
+        return _bwd_one_chunk(dy, x, weight, lora_A, d_u.mul_(1.0 / (1.0 - dropout_p)), d_b, keep, need_dx)
     with serial_cpu(x.device, max(x.numel(), dy.numel())):
         d_u, d_b = _rank_grads(dy, u, lora_B, scaling)
         d_us = d_u.mul_(1.0 / (1.0 - dropout_p))
-        first, chunks = _split_first(_mask_chunks(x, seed, dropout_p, forward=False))
+        if keep is not None:  # fp16 / bf16: the taken mask is the single chunk of the accumulating loop
+            first, chunks = None, iter(((0, x.shape[0], keep),))
+        else:
+            first, chunks = _split_first(_mask_chunks(x, seed, dropout_p, forward=False))
         if same and first is not None and first[1] - first[0] == x.shape[0]:
             return _bwd_one_chunk(dy, x, weight, lora_A, d_us, d_b, first[2], need_dx)
         dx = None

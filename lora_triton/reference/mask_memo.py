@@ -58,14 +58,19 @@ def _nbytes(keep: torch.Tensor) -> int:
 
 
 def _put(key: tuple, keep: torch.Tensor) -> None:
+    _put_many([(key, keep)])
+
+
+def _put_many(items: list[tuple[tuple, torch.Tensor]]) -> None:
+    """Keeps each (key, mask), replacing an older mask of the key; evicts the oldest past ``MAX_BYTES``."""
     global _bytes
-    size = _nbytes(keep)
     with _lock:
-        old = _memo.pop(key, None)
-        if old is not None:
-            _bytes -= _nbytes(old)
-        _memo[key] = keep
-        _bytes += size
+        for key, keep in items:
+            old = _memo.pop(key, None)
+            if old is not None:
+                _bytes -= _nbytes(old)
+            _memo[key] = keep
+            _bytes += _nbytes(keep)
         while _bytes > MAX_BYTES and _memo:
             _bytes -= _nbytes(_memo.popitem(last=False)[1])
 
@@ -81,24 +86,55 @@ def _take(key: tuple, pop: bool = True) -> torch.Tensor | None:
     return keep
 
 
+# Round i's key words are (lo + i * KEY_A, hi + i * KEY_B) mod 2**32 (``philox.round_keys``): as [10, 1]
+# int64 columns, a batch's keys are a few tensor ops (exact in int64) instead of 10 x 2 x G Python ints.
+_KEY_STEPS = (torch.arange(10, dtype=torch.int64).view(10, 1) * philox._KEY_A,
+              torch.arange(10, dtype=torch.int64).view(10, 1) * philox._KEY_B)
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}  # (G, n) -> arange(n) per seed: read-only, reused
+
+
+def _batch_round_keys(seed_ints: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The 10 rounds' (k0, k1) of G seeds as [G, 1] int64 tensors: ``philox.round_keys`` per seed, stacked."""
+    s = torch.tensor(seed_ints, dtype=torch.int64)
+    m = philox._MASK32
+    k0 = torch.add(_KEY_STEPS[0], s & m).bitwise_and_(m)  # [10, G]
+    k1 = torch.add(_KEY_STEPS[1], s.bitwise_right_shift(32).bitwise_and_(m)).bitwise_and_(m)
+    g = len(seed_ints)
+    return list(zip(k0.view(10, g, 1).unbind(0), k1.view(10, g, 1).unbind(0)))
+
+
+def _batch_counters(g: int, n: int) -> torch.Tensor:
+    """int64 [G, n], row g = 0 .. n-1 (mask row i, group j: i * groups + j); cached (``run`` only reads it)."""
+    counters = _COUNTERS.get((g, n))
+    if counters is None:
+        if len(_COUNTERS) >= 16:
+            _COUNTERS.clear()
+        with torch.inference_mode(False):  # usable by a later call outside inference mode
+            counters = _COUNTERS[(g, n)] = torch.arange(n, dtype=torch.int64).expand(g, n).contiguous()
+    return counters
+
+
 def _draw_batch(seed_ints: list[int], rows: int, cols: int, thrs: list[int], dtype: torch.dtype) -> None:
     """Draws and keeps the [rows, cols] masks of G seeds (thresholds ``thrs``) in one batched Philox call
     (G * rows * ceil(cols / 8) counters, at most one chunk): round keys and thresholds become [G, 1]
-    tensors, and every mask has exactly the bits of its own seed's stream."""
+    tensors (one threshold shared by all stays a number), and every mask has exactly the bits of its own
+    seed's stream."""
     g, groups = len(seed_ints), -(-cols // 8)
-    per_seed = [philox.round_keys(s) for s in seed_ints]  # [G][10][2] Python ints
-    # One [10, 2, G, 1] tensor, split into the 10 rounds' (k0, k1) [G, 1] without a slice op per key.
-    table = torch.tensor([[[[ks[i][w]] for ks in per_seed] for w in (0, 1)] for i in range(len(per_seed[0]))],
-                         dtype=torch.int64)
-    keys = list(zip(table[:, 0].unbind(0), table[:, 1].unbind(0)))
     n = rows * groups
-    counters = torch.arange(n, dtype=torch.int64).expand(g, n).contiguous()  # row i, group j: i * G + j
-    words = philox.generator(g * n, "cpu").run(counters, keys, flip16=True, below_2_32=n <= 1 << 32)
+    words = philox.generator(g * n, "cpu").run(_batch_counters(g, n), _batch_round_keys(seed_ints), flip16=True,
+                                               below_2_32=n <= 1 << 32)
     out, levels = philox.keep_buffers((g, rows, groups, 4, 2), dtype)
-    thr16 = torch.tensor([t - 32768 for t in thrs], dtype=out.dtype if levels is None else levels.dtype)
-    philox.keep_flags(words, out, levels, thr16.view(g, 1, 1, 1, 1))  # as in keep_mask_chunks, per seed
-    for j, thr in enumerate(thrs):
-        _put(_memo_key(seed_ints[j], rows, cols, thr, dtype), out[j].view(rows, groups * 8)[:, :cols])
+    if all(t == thrs[0] for t in thrs):
+        thr16 = thrs[0] - 32768  # exact as a number: the same flags as a tensor of it
+    else:
+        thr16 = torch.tensor([t - 32768 for t in thrs], dtype=out.dtype if levels is None else levels.dtype)
+        thr16 = thr16.view(g, 1, 1, 1, 1)
+    philox.keep_flags(words, out, levels, thr16)  # as in keep_mask_chunks, per seed
+    masks = out.view(g, rows, groups * 8)
+    if groups * 8 != cols:
+        masks = masks[:, :, :cols]
+    _put_many([(_memo_key(seed_ints[j], rows, cols, thr, dtype), keep) for j, (thr, keep) in
+               enumerate(zip(thrs, masks.unbind(0)))])
 
 
 def _fits(rows: int, cols: int) -> bool:
@@ -131,7 +167,7 @@ def seeds_drawn(seeds: torch.Tensor, peek) -> None:
     forecast expects this step to ask for (``mask_forecast``), batched per shape, within ``MAX_BYTES // 2``."""
     if MAX_BYTES == 0:
         return
-    plan = mask_forecast.state().on_draw([int(v) for v in seeds.tolist()], peek)
+    plan = mask_forecast.state().on_draw(seeds.tolist(), peek)  # int64: Python ints already
     by_shape: dict[tuple, list[tuple[int, int]]] = {}
     budget = MAX_BYTES // 2
     for seed, (rows, cols, thr, dtype) in plan:
@@ -158,6 +194,27 @@ def clear() -> None:
 
 def held_bytes() -> int:
     return _bytes
+
+
+def small_mask(seed, rows: int, cols: int, p: float, device, dtype: torch.dtype, forward: bool) -> torch.Tensor | None:
+    """The whole [rows, cols] mask of a small CPU mask (one chunk, ``_fits``), else None (the caller loops
+    over ``mask_chunks``). Forward keeps it for its backward (a kept one, drawn by a batch, is taken without
+    popping); backward pops it. ``mask_chunks(keep=forward, take=not forward)``'s single chunk, without the
+    iterator: a small layer's call pays per Python frame. Read-only for the caller."""
+    key = _key(seed, rows, cols, p, dtype, 0, device)
+    if key is None:
+        return None
+    fc = mask_forecast.state()
+    if forward:
+        fc.on_mask(key[0], (rows, cols, key[4], dtype))
+    else:
+        fc.backward_seen()
+    keep = _take(key, pop=not forward)
+    if keep is None:
+        (_, _, keep), = philox.keep_mask_chunks(seed, rows, cols, p, device, dtype)  # small: one chunk
+        if forward:
+            _put(key, keep)  # the chunk's buffer is this call's own: nothing reuses it
+    return keep
 
 
 def mask_chunks(seed, rows: int, cols: int, p: float, device=None, dtype: torch.dtype = torch.bool,
