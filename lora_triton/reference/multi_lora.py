@@ -38,24 +38,40 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     t = x.shape[0]
     num, r_max, _ = lora_A.shape
     n = lora_B.shape[1]
+    plan = token_plan(adapter_ids, num) if r_max else None
+    # The LoRA term is small ops (gathers, two bmm's over [L, c, K]): few threads, as in the training
+    # reference, so a loaded machine's descheduled worker does not stall each op's barrier.
+    threads = few_threads(x.device, max(lora_A.numel(), lora_B.numel(), x.numel(), t * n))
+    if weight is not None and _whole_grid(plan, x, t, adapter_ids.shape[1], n, r_max):
+        # Every row on the grid (the decode batch): the deltas are written straight into y and the base GEMM
+        # accumulates onto them (beta=1), one pass over y instead of a delta buffer and an add after the GEMM.
+        y = torch.empty((t, n), dtype=x.dtype, device=x.device)
+        with threads:
+            _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights, plan, overwrite=True)
+        y.addmm_(x, weight.t())
+        return y if bias is None else y.add_(bias)
     if weight is None:
         y = x.new_zeros((t, n)) if bias is None else bias.expand(t, n).clone()
     else:
         y = torch.nn.functional.linear(x, weight, bias)
-    # The LoRA term is small ops (gathers, two bmm's over [L, c, K]): few threads, as in the training
-    # reference, so a loaded machine's descheduled worker does not stall each op's barrier.
-    with few_threads(x.device, max(lora_A.numel(), lora_B.numel(), x.numel(), y.numel())):
-        return _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights)
+    if plan is None:
+        return y
+    with threads:
+        return _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights, plan)
 
 
-def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights):
+def _whole_grid(plan, x, t: int, k: int, n: int, r_max: int) -> bool:
+    """Whether ``_add_lora`` takes ``_grid_block`` for this plan and its grid covers every row of y (so an
+    uninitialized y is fully written): one slot per token, each with an adapter, x in the compute dtype."""
+    return (plan is not None and plan.grid is not None and k == 1 and plan.sel.numel() == t
+            and x.dtype in (torch.float32, torch.float64) and t * max(x.shape[1], n, r_max) <= _CHUNK_ELEMS)
+
+
+def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights, plan, overwrite=False):
     t, n = y.shape
     num, r_max, _ = lora_A.shape
     k = adapter_ids.shape[1]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    plan = token_plan(adapter_ids, num)
-    if plan is None or r_max == 0:
-        return y
     sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts, grid, lo = plan
     span = len(active)
     # Each op below is a few microseconds warm but 5-20 with the caches cold after the base GEMM (a
@@ -87,7 +103,7 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
         coef = act_scal[:, None] if adapter_weights is None else (
             act_scal[:, None] * adapter_weights.reshape(-1).to(cdt)[sel].view(span, max_count))
         if grid is not None and direct and x.dtype == cdt:
-            return _grid_block(x, y, grid, span, max_count, coef, a_act, b_act)
+            return _grid_block(x, y, grid, span, max_count, coef, a_act, b_act, overwrite)
         return _equal_counts(x.to(cdt), y, sel.view(span, max_count), coef, a_act, b_act, t, k, direct)
     coef = scal[ad]
     if adapter_weights is not None:
@@ -231,10 +247,11 @@ def _rank_limited(a_act, b_act, act_ranks, r_max: int):
     return a_act, b_act
 
 
-def _grid_block(x, y, grid, num: int, count: int, coef, a_act, b_act):
+def _grid_block(x, y, grid, num: int, count: int, coef, a_act, b_act, overwrite: bool = False):
     """The equal-count block when its rows form a ``Plan.grid``: x's rows read and y's rows updated through
-    strided [L, c, .] views (no gathered copy of x, no index_add_); the deltas go into y by baddbmm_ when
-    its rows are one contiguous block, else through a reused scratch buffer and one add."""
+    strided [L, c, .] views (no gathered copy of x, no index_add_). ``overwrite``: the deltas are written
+    into y's rows (the base GEMM adds onto them next); else added, by baddbmm_ when the rows are one
+    contiguous block, otherwise through a reused scratch buffer and one add."""
     first, step_a, step_j = grid
     kdim, n = x.shape[1], y.shape[1]
     (xr, xc), (yr, yc) = x.stride(), y.stride()
@@ -242,11 +259,18 @@ def _grid_block(x, y, grid, num: int, count: int, coef, a_act, b_act):
     u = torch.bmm(xv, a_act.transpose(1, 2))  # [L, c, R]
     u.mul_(coef[:, :, None])
     yv = y.as_strided((num, count, n), (step_a * yr, step_j * yr, yc), y.storage_offset() + first * yr)
-    if yv.is_contiguous():  # grouped rows: the GEMM adds into y itself (as cheap as the bare bmm, measured)
+    if overwrite and (yv.is_contiguous() or torch.get_num_threads() == 1):
+        # Into y's rows; strided rows make bmm run one GEMM per adapter (ldc = the row step): on one thread
+        # that beats a delta buffer and a copy (0.40 vs 0.51 ms at T=64, 0.75 vs 0.98 at T=256, K=N=4096,
+        # 16 adapters r=16), but each GEMM is its own parallel region, which on two shared cores waits for
+        # a descheduled worker (p80 over 100 ms, measured): with more threads, the buffer and one copy.
+        torch.bmm(u, b_act.transpose(1, 2), out=yv)
+    elif overwrite:
+        yv.copy_(torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n)))
+    elif yv.is_contiguous():  # grouped rows: the GEMM adds into y itself (as cheap as the bare bmm, measured)
         yv.baddbmm_(u, b_act.transpose(1, 2))
-        return y
-    # Strided rows: baddbmm_ would copy y's rows out and back; a delta in scratch and one add cost less.
-    yv.add_(torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n)))
+    else:  # strided rows: baddbmm_ would copy y's rows out and back; a delta in scratch and one add cost less
+        yv.add_(torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n)))
     return y
 
 
