@@ -147,7 +147,7 @@ def multi_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
         if not adapter_weights.is_floating_point():
             raise TypeError(f"adapter_weights must be floating point, got {adapter_weights.dtype}")
     dev = x.device
-    if any(t is not None and t.device != dev for t in (weight, bias, lora_A, lora_B, adapter_ids, adapter_weights)):
+    if not _same_device(x, (weight, bias, lora_A, lora_B, adapter_ids, adapter_weights)):
         check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
                            "adapter_ids": adapter_ids, "adapter_weights": adapter_weights})
     scal = _as_tensor(scalings, torch.float32, x.device, "scalings")
@@ -188,7 +188,16 @@ def multi_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     return y if len(lead) == 1 else y.reshape(*lead, n)
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+def _same_device(x: Tensor, others) -> bool:
+    """Whether every tensor of ``others`` (None skipped) is on x's device; on CPU by the is_cpu flags, which
+    build no torch.device objects (each costs a few us with caches cold)."""
+    if x.is_cpu:
+        return all([t is None or t.is_cpu for t in others])
+    dev = x.device
+    return all([t is None or t.device == dev for t in others])
+
+
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))
 
 
 def _plain_eager(args) -> bool:
@@ -197,9 +206,11 @@ def _plain_eager(args) -> bool:
     functorch transforms and calls that need dx / dW all go through the op. The dispatch is ~10 Python
     frames plus an aliasing check: 130-175 us per call with caches cold after the base GEMM (measured,
     T=64, K=N=4096, 2026-12-01), against ~1 ms for the whole LoRA term."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
     tensors = [a for a in args if a is not None]
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._has_torch_function(tensors):
+    if torch._C._has_torch_function(tensors) or not _PLAIN.issuperset(map(type, tensors)):
         return False
-    if any(type(a) not in _PLAIN for a in tensors) or torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
+    if torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
         return False
-    return not (torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args[:3]))
+    return not torch.is_grad_enabled() or not any([a is not None and a.requires_grad for a in args[:3]])

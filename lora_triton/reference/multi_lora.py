@@ -167,7 +167,7 @@ def token_plan(adapter_ids, num: int) -> Plan | None:
     and is replaced in one assignment, so concurrent callers at worst recompute.
     """
     global _LAST_PLAN
-    cpu = adapter_ids.device.type == "cpu"
+    cpu = adapter_ids.is_cpu
     hit = _LAST_PLAN if cpu else None
     if hit is not None and hit[1] == num and hit[0].shape == adapter_ids.shape and torch.equal(hit[0], adapter_ids):
         return hit[2]
