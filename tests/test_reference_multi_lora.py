@@ -68,6 +68,7 @@ def test_uneven_counts_add_into_y(monkeypatch):
     calls = _spy(monkeypatch)
     monkeypatch.setattr(ref, "_CHUNK_ELEMS", 3 * 64)  # a few rows per chunk
     x, w, b, a, bb, s, _, ranks = make(23, ranks=(2, 8, 3), seed=5)
+    a[0, 2:], bb[0, :, 2:], a[2, 3:] = float("nan"), float("inf"), float("nan")  # beyond rank: never read
     ids = torch.tensor([0] * 11 + [1] * 6 + [2] * 3 + [-1] * 3)[torch.randperm(23)]
     y = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks)
     check(y, x, w, b, a, bb, s, ids, ranks)
