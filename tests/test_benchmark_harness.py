@@ -173,6 +173,21 @@ def test_cli_list_and_defaults(capsys):
                                                "train/llama-8b.up_proj/fwd+bwd/r16/p0.1/T2048"]
 
 
+
+def test_only_exact_name_first_then_substrings_and_no_match_is_an_error(capsys):
+    from lora_triton.benchmark.cases import select_cases
+    from lora_triton.benchmark.kinds_bench import default_cases
+
+    kinds = default_cases((1024,), None)
+    names = [c.name for c in select_cases(kinds, "loha-conv2d")]
+    assert names == ["loha-conv2d"]  # the exact name, not also "loha-conv2d-effective"
+    assert [c.name for c in select_cases(kinds, "conv2d")] == ["lora-conv2d", "loha-conv2d", "loha-conv2d-effective"]
+    assert select_cases(kinds, None) == kinds
+    with pytest.raises(SystemExit, match="'nope' matches no case; the cases are: loha-linear-1024"):
+        select_cases(kinds, "loha,nope")
+    with pytest.raises(SystemExit, match="matches no case"):
+        cli.main(["--list", "--suite", "train", "--only", "no_such_projection"])
+
 def test_quick_suite_end_to_end(tmp_path, capsys):
     out_json, out_png = tmp_path / "q.json", tmp_path / "q.png"
     rc = cli.main(["--suite", "quick", "--shapes", "tiny", "--repeats", "3", "--small-ceilings",

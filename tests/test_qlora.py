@@ -286,3 +286,19 @@ def test_inference_then_training_keeps_the_packed_bytes():
     assert torch.equal(layer.base_layer.weight, packed) and x.grad is not None
     with torch.no_grad():
         assert torch.equal(layer.eval()(x), before)
+
+
+def test_linear_features_of_every_supported_base():
+    from transformers.pytorch_utils import Conv1D
+
+    from lora_triton.nn import kinds
+    from lora_triton.nn.lora_linear import linear_features
+
+    lin, conv1d = nn.Linear(12, 20), Conv1D(20, 12)  # Conv1D(nf=out, nx=in): weight [in, out]
+    nf4 = NF4Linear.from_weight(torch.randn(20, 12))  # packed bytes [120, 1]: not the layer's shape
+    cfg = lora_triton.LoraConfig(r=3, target_modules=["x"])
+    for base in (lin, conv1d, nf4):
+        assert linear_features(base) == (12, 20)
+        assert kinds.LORA_LINEAR.shapes(base, cfg, "x") == {"lora_A.weight": (3, 12), "lora_B.weight": (20, 3)}
+        layer = lora_triton.LoraLinear(base, r=3)
+        assert (layer.in_features, layer.out_features) == (12, 20)

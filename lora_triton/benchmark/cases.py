@@ -182,3 +182,22 @@ def _dedupe(cases: list[Case]) -> list[Case]:
             seen.add(c.name)
             out.append(c)
     return out
+
+
+def select_cases(cases: list, only: str | None) -> list:
+    """``--only`` for every benchmark command: comma-separated entries; an entry that is some case's exact name
+    selects that case, any other entry every case whose name contains it (so "loha-conv2d" does not also pull
+    in "loha-conv2d-effective", while "4096" picks every 4096-wide case). An entry that selects nothing is an
+    error naming the cases there are: a typo must not run an empty benchmark."""
+    if not only:
+        return list(cases)
+    names = [c.name for c in cases]
+    chosen: set[str] = set()
+    for entry in (e.strip() for e in only.split(",")):
+        if not entry:
+            continue
+        hits = [entry] if entry in names else [n for n in names if entry in n]
+        if not hits:
+            raise SystemExit(f"--only {entry!r} matches no case; the cases are: {', '.join(names)}")
+        chosen.update(hits)
+    return [c for c in cases if c.name in chosen]

@@ -11,7 +11,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from .cases import SUITES, suite_cases
+from .cases import SUITES, select_cases, suite_cases
 from .shapes import MODELS, parse_models
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_non_negative, default=None, help="untimed warm-up rounds (suite default)")
     p.add_argument("--max-cases", type=_positive, default=None, help="run only the first N cases")
     p.add_argument("--only", default=None,
-                   help="comma-separated substrings: run only the cases whose name holds one (see --list)")
+                   help="comma-separated case names or substrings of names (see --list); "
+                        "one that matches nothing is an error")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; cases not started by then are recorded as skipped")
     p.add_argument("--no-ceilings", action="store_true", help="skip the matmul/copy ceiling measurement")
@@ -71,9 +72,7 @@ def resolve_cases(args: argparse.Namespace):
     cases = suite_cases(args.suite, parse_models(args.shapes), cuda=args.device == "cuda")
     if args.dtype:
         cases = [replace(c, dtype=args.dtype) for c in cases]
-    if args.only:
-        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-        cases = [c for c in cases if any(w in c.name for w in wanted)]
+    cases = select_cases(cases, args.only)
     return cases[: args.max_cases] if args.max_cases else cases
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cases import select_cases
 from .report import write_json
 from .stats import summarize
 from .timing import measure_interleaved, saved_tensor_bytes
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="1024-wide Linears only, 3 warmup rounds, 10 repeats (a short device check)")
     p.add_argument("--repeats", type=int, default=None, help="default 5 (cpu), 30 (cuda), 10 with --quick")
     p.add_argument("--warmup", type=int, default=None, help="default 1 (cpu), 3 (cuda)")
-    p.add_argument("--only", default=None, help="comma-separated case names")
+    p.add_argument("--only", default=None, help="comma-separated case names or substrings of names; "
+                   "one that matches nothing is an error")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (1 on a loaded machine: spinning thread pools distort small ops)")
     p.add_argument("--json", dest="json_path", default=None)
@@ -191,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     widths = args.widths or ("1024" if args.quick else "1024,4096")
     cases = default_cases(tuple(int(w) for w in widths.split(",")), CUDA_TOKENS if cuda else None)
-    if args.only:
-        keep = set(args.only.split(","))
-        cases = [c for c in cases if c.name in keep]
+    cases = select_cases(cases, args.only)
     load_start = list(os.getloadavg())
     results = []
     for case in cases:

@@ -30,7 +30,7 @@ from ..ops.lora_linear import lora_linear
 from . import kinds
 from .adapter_layer import AdapterLayer
 from .inject import _check_name, _set_child, active_adapters, adapter_configs, add_modules_to_save, set_adapter
-from .lora_linear import is_conv1d, is_supported_base
+from .lora_linear import is_conv1d, is_supported_base, linear_features
 from .targets import candidate_modules, find_targets, resolve_targets
 from .transaction import transactional
 
@@ -93,7 +93,7 @@ class SVDLinear(AdapterLayer):
             raise TypeError(f"SVDLinear wraps nn.Linear or transformers' Conv1D, got {type(base_layer).__name__}")
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        self.in_features, self.out_features = _features(base_layer)
+        self.in_features, self.out_features = linear_features(base_layer)
         self.lora_A, self.lora_E, self.lora_B = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -393,11 +393,6 @@ def adalora_callback(model: nn.Module):
 
 
 # -- the ADALORA adapter kind (nn/kinds.py): load_adapter / save_adapter / inject_lora dispatch on it ----
-def _features(base: nn.Module) -> tuple[int, int]:
-    w = base.weight
-    return (w.shape[0], w.shape[1]) if is_conv1d(base) else (w.shape[1], w.shape[0])
-
-
 def _kept(config: AdaLoraConfig, path: str) -> Optional[list[bool]]:
     """The layer's mask in ``config.rank_pattern`` (a saved adapter's config): its layer is built at the kept
     ranks, which is what the saved, sliced tensors hold (PEFT resizes on load the same way)."""
@@ -418,7 +413,7 @@ def _wrap_svd(base: nn.Module, name: str, config: AdaLoraConfig, path: str) -> S
 
 
 def _svd_shapes(base: nn.Module, config: AdaLoraConfig, path: str) -> dict[str, tuple[int, int]]:
-    in_f, out_f = _features(base)
+    in_f, out_f = linear_features(base)
     keep = _kept(config, path)
     r = config.init_r if keep is None else sum(keep)
     return {"lora_A": (r, in_f), "lora_E": (r, 1), "lora_B": (out_f, r)}

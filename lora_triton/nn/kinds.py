@@ -30,7 +30,7 @@ from .loha import LOHA_BASES, LoHaLayer
 from .lokr import LOKR_BASES, LoKrLayer
 from .lora_conv import CONV_TYPES, LoraConv
 from .lora_embedding import LoraEmbedding
-from .lora_linear import LoraLinear, is_supported_base
+from .lora_linear import LoraLinear, is_supported_base, linear_features
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,8 @@ def _linear_args(c: LoraConfig, path: str) -> tuple:
 
 
 def _linear_shapes(base, c: LoraConfig, path: str) -> dict:
-    w, r = base.weight, c.rank_for(path)
-    in_f, out_f = (w.shape[0], w.shape[1]) if not isinstance(base, nn.Linear) else (w.shape[1], w.shape[0])
+    r = c.rank_for(path)
+    in_f, out_f = linear_features(base)
     shapes = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r)}
     if c.lora_bias:
         shapes["lora_B.bias"] = (out_f,)

@@ -30,6 +30,15 @@ def is_supported_base(layer: nn.Module) -> bool:
     return isinstance(layer, (nn.Linear, NF4Linear)) or is_conv1d(layer)
 
 
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base: Linear's weight is [out, in], Conv1D's [in, out],
+    NF4Linear's packed bytes have no such shape (it says its features)."""
+    if isinstance(layer, NF4Linear):
+        return layer.in_features, layer.out_features
+    w = layer.weight
+    return (w.shape[0], w.shape[1]) if is_conv1d(layer) else (w.shape[1], w.shape[0])
+
+
 def merge_is_finite(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     return bool(weight.isfinite().all()) and (bias is None or bool(bias.isfinite().all()))
 
@@ -64,11 +73,7 @@ class LoraLinear(nn.Module):
                             "call it before adding adapters")
         self.base_layer = base_layer
         self.fan_in_fan_out = is_conv1d(base_layer)
-        w = base_layer.weight
-        in_out = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        if isinstance(base_layer, NF4Linear):  # packed bytes: the shape is not the layer's
-            in_out = (base_layer.in_features, base_layer.out_features)
-        self.in_features, self.out_features = in_out
+        self.in_features, self.out_features = linear_features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA magnitudes (nn/dora.py), PEFT's name
