@@ -14,7 +14,9 @@ padding harmless.
 When every active adapter holds the same number of rows (one sequence per adapter, the usual
 decode batch) the sorted rows are one [adapters, count, K] block with no padding or masks; when
 those rows lie on an affine grid (sequence i on adapter i % L, or a batch grouped by adapter) the block
-is a strided view of x and y, with no gathered copy of x and no scatter into y. At low skew the
+is a strided view of x and y, with no gathered copy of x and no scatter into y; when that grid holds
+every row (a decode step) the deltas are written into y first and the base GEMM accumulates onto
+them (``addmm_``, beta=1), so y is not read again after the GEMM. At low skew the
 block spans the ids from the first to the last adapter in use, a view of the stacks (a pool with more
 slots than a batch uses reads only those).
 With one slot per token and x in the compute dtype (fp32, fp64) the LoRA term goes into y with
