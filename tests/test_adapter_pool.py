@@ -84,6 +84,8 @@ def test_matches_peft_and_eviction_reload_is_identical(setup):
             assert torch.equal(got, first[key]), "a reloaded adapter must give identical outputs"
         first[key] = got
     assert pool.adapters()["a"]["resident"] and pool.adapters()["b"]["resident"]
+    # lora_B stacks are rank-major on CPU (serving._hook.zeros_lora_B), [slots, out, r] as views
+    assert all(b.shape[2] == 16 and b.transpose(1, 2).is_contiguous() for _, b, _, _ in pool._buffers.values())
 
 
 def test_triton_interpreter_pool_matches_reference(setup, monkeypatch):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lora_triton.ops import multi_lora as ops
 from lora_triton.reference import multi_lora as ref
+from tests import test_multi_lora
 from tests.test_multi_lora import check, make
 
 
@@ -67,6 +68,7 @@ def test_uneven_counts_add_into_y(monkeypatch):
     calls = _spy(monkeypatch)
     monkeypatch.setattr(ref, "_CHUNK_ELEMS", 3 * 64)  # a few rows per chunk
     x, w, b, a, bb, s, _, ranks = make(23, ranks=(2, 8, 3), seed=5)
+    a[0, 2:], bb[0, :, 2:], a[2, 3:] = float("nan"), float("inf"), float("nan")  # beyond rank: never read
     ids = torch.tensor([0] * 11 + [1] * 6 + [2] * 3 + [-1] * 3)[torch.randperm(23)]
     y = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks)
     check(y, x, w, b, a, bb, s, ids, ranks)
@@ -192,3 +194,39 @@ def test_block_over_the_ids_in_use_reads_a_view_of_the_stacks(monkeypatch):
     assert calls == [(0, 1, 3)]
     ids = torch.tensor([2, 4, 4, 2, -1, 3])  # uneven: the padded chunks over the same range
     check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("ids, dtype, with_bias", [
+    ([0, 1, 2] * 4, torch.float32, True),  # sequence i on adapter i % L: strided rows
+    ([0, 1, 2] * 4, torch.float64, False),
+    ([0, 0, 1, 1, 2, 2], torch.float32, False),  # grouped: one contiguous block of rows
+    ([2, 0, 1], torch.float32, True),  # one row per adapter, adapter order reversed in part: no grid
+    ([-1, 0, 1, 2, -1, 0, 1, 2], torch.float32, True),  # a grid, but rows without an adapter: added after
+])
+def test_whole_grid_deltas_first_then_the_base_gemm(monkeypatch, threads, ids, dtype, with_bias):
+    """Every row on the grid: the deltas are written into an uninitialized y (poisoned with NaN here) and the
+    base GEMM accumulates onto them; on one thread straight into strided rows, else through a buffer. Rows
+    off the grid or a batch with a row lacking an adapter take the add-after path (``check``: fp64 truth,
+    base rows bit for bit)."""
+    monkeypatch.setitem(test_multi_lora.TOL, torch.float64, 1e-12)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    modes = []
+    real_grid = ref._grid_block
+    monkeypatch.setattr(ref, "_grid_block", lambda *a, **kw: modes.append(a[-1]) or real_grid(*a, **kw))
+    monkeypatch.setattr(ref, "_LAST_PLAN", None)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w, b, a, bb, s, _, ranks = make(len(ids), ranks=(2, 8, 5), dtype=dtype, seed=29)
+        b = b if with_bias else None
+        a[0, 2:], bb[0, :, 2:] = float("nan"), float("nan")  # beyond rank 2: never read
+        ids = torch.tensor(ids)
+        check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
+        grid = ref._sort_tokens(ids.view(-1, 1), 3).grid is not None
+        assert modes == ([bool((ids >= 0).all())] if grid else [])
+        ids[1] = -1  # a base row: F.linear first, the deltas added after
+        check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
+    finally:
+        torch.set_num_threads(old)

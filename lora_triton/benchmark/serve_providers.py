@@ -28,7 +28,7 @@ class ServeOperands:
     xs: list  # [batch, seq_len, K] input sets
     weight: torch.Tensor
     lora_A: torch.Tensor  # [L, r_max, K], zero beyond each adapter's rank
-    lora_B: torch.Tensor  # [L, N, r_max]
+    lora_B: torch.Tensor  # [L, N, r_max], in the serving layer's memory layout
     scalings: torch.Tensor  # [L] fp32
     ranks: torch.Tensor  # [L] int32
     seq_ids: torch.Tensor  # [batch]
@@ -46,7 +46,11 @@ def make_serve_operands(case: Case, device: torch.device, n_sets: int) -> ServeO
     ranks = torch.tensor(case.adapter_ranks, dtype=torch.int32)
     keep = torch.arange(r_max)[None, :] < ranks[:, None]  # [L, r_max]
     lora_A = rand(num, r_max, k, std=k**-0.5) * keep[:, :, None].to(device, dtype)
-    lora_B = rand(num, n, r_max, std=0.02) * keep[:, None, :].to(device, dtype)
+    from lora_triton.serving._hook import zeros_lora_B
+
+    # Stored as the serving pool and adapter_batch store it (rank-major on CPU); same values either way.
+    lora_B = zeros_lora_B(num, n, r_max, dtype, device).copy_(rand(num, n, r_max, std=0.02) * keep[:, None, :].to(
+        device, dtype))
     scalings = torch.tensor([2.0 * 16 / r for r in case.adapter_ranks], dtype=torch.float32, device=device)
     seq_ids = torch.arange(case.batch, device=device) % num
     return ServeOperands(

@@ -30,12 +30,29 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def env(name: str, default: str) -> str:
+    """``os.environ.get(name, default)`` read from os.environ's backing dict (one lookup) where it has one.
+    Every op call asks for the backend; with caches cold after a large GEMM (each decode step) the Mapping
+    machinery of os.environ.get cost 20-30 us per variable against ~7 us here (measured, 2026-12-01)."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:
+        return os.environ.get(name, default)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.environ.encodekey(name)
+    raw = data.get(key)
+    return default if raw is None else os.environ.decodevalue(raw)
+
+
+_ENV_KEYS: dict[str, object] = {}
+
+
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def requested_backend() -> str:
-    return _parse_backend(os.environ.get("LORA_TRITON_BACKEND", "auto"))
+    return _parse_backend(env("LORA_TRITON_BACKEND", "auto"))
 
 
 @functools.lru_cache(maxsize=16)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..reference import multi_lora as _reference
 from ..reference.multi_lora import full_ranks
 from .backend import implementation
 from .checks import _shape, check_same_device
@@ -146,7 +147,7 @@ def multi_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
         if not adapter_weights.is_floating_point():
             raise TypeError(f"adapter_weights must be floating point, got {adapter_weights.dtype}")
     dev = x.device
-    if any(t is not None and t.device != dev for t in (weight, bias, lora_A, lora_B, adapter_ids, adapter_weights)):
+    if not _same_device(x, (weight, bias, lora_A, lora_B, adapter_ids, adapter_weights)):
         check_same_device({"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
                            "adapter_ids": adapter_ids, "adapter_weights": adapter_weights})
     scal = _as_tensor(scalings, torch.float32, x.device, "scalings")
@@ -164,26 +165,39 @@ def multi_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
             isinstance(v, Tensor) and v.requires_grad for v in (lora_A, lora_B, scal, adapter_weights)):
         raise RuntimeError("multi_lora_linear is an inference op: lora_A, lora_B, scalings and adapter_weights "
                            "get no gradient; detach them or run under torch.no_grad() (train with lora_linear)")
-    ids = adapter_ids.reshape(t, k)
+    # No-op reshapes and casts are skipped, not dispatched: with caches cold after the base GEMM (every
+    # decode step) each op costs 5-20 us.
+    ids = adapter_ids if adapter_ids.shape == (t, k) else adapter_ids.reshape(t, k)
     if ids.dtype != torch.int64:
         ids = ids.to(torch.int64)
+    impl = _impl(dev)
     if validate:
         check_adapter_ids(adapter_ids, num, rk if ranks is not None else None, r_max, scal)
-    else:
+    elif impl is not _reference:
         # Unchecked values still never index out of bounds and mean the same on both backends: ids
         # outside [0, L) and slots of rank <= 0 are "no adapter" (exactly nothing added, whatever the
         # scaling); ranks act clamped to [0, r_max]. Both backends read them so; this one device op
-        # (no sync) only keeps ids above L from indexing past the kernels' plan.
+        # (no sync) only keeps ids above L from indexing past the kernels' plan (the reference's sort
+        # drops them itself).
         ids = ids.clamp(max=num)
     if rk.dtype != torch.int32:  # clamped before the cast: 2**32 + 4 must not become rank 4
         rk = rk.clamp(0, r_max).to(torch.int32)
     w = None if adapter_weights is None else adapter_weights.reshape(t, k).to(torch.float32)
-    args = (x.reshape(t, kdim), weight, bias, lora_A, lora_B, scal, ids, rk, w)
-    y = _impl(x.device).multi_lora_linear(*args) if _plain_eager(args) else _op(*args)
-    return y.reshape(*lead, n)
+    args = (x if x.dim() == 2 else x.reshape(t, kdim), weight, bias, lora_A, lora_B, scal, ids, rk, w)
+    y = impl.multi_lora_linear(*args) if _plain_eager(args) else _op(*args)
+    return y if len(lead) == 1 else y.reshape(*lead, n)
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+def _same_device(x: Tensor, others) -> bool:
+    """Whether every tensor of ``others`` (None skipped) is on x's device; on CPU by the is_cpu flags, which
+    build no torch.device objects (each costs a few us with caches cold)."""
+    if x.is_cpu:
+        return all([t is None or t.is_cpu for t in others])
+    dev = x.device
+    return all([t is None or t.device == dev for t in others])
+
+
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))
 
 
 def _plain_eager(args) -> bool:
@@ -192,9 +206,11 @@ def _plain_eager(args) -> bool:
     functorch transforms and calls that need dx / dW all go through the op. The dispatch is ~10 Python
     frames plus an aliasing check: 130-175 us per call with caches cold after the base GEMM (measured,
     T=64, K=N=4096, 2026-12-01), against ~1 ms for the whole LoRA term."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
     tensors = [a for a in args if a is not None]
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._has_torch_function(tensors):
+    if torch._C._has_torch_function(tensors) or not _PLAIN.issuperset(map(type, tensors)):
         return False
-    if any(type(a) not in _PLAIN for a in tensors) or torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
+    if torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
         return False
-    return not (torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args[:3]))
+    return not torch.is_grad_enabled() or not any([a is not None and a.requires_grad for a in args[:3]])

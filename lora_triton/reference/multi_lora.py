@@ -9,11 +9,14 @@ adapter, the active adapters ordered by token count (largest first), and their r
 as a padded [adapters, rows, K] block that goes through two bmm's. Rows are taken in chunks
 whose adapter set shrinks as the small adapters run out, so a skewed batch (one adapter with
 thousands of tokens, many with one) pads at most one chunk per adapter. Ranks are applied by
-zeroing A/B rows beyond r_a (not by slicing), which also makes garbage in the padding harmless.
+zeroing the columns of u = x A^T and of B beyond r_a (not by slicing), which also makes garbage in the
+padding harmless.
 When every active adapter holds the same number of rows (one sequence per adapter, the usual
 decode batch) the sorted rows are one [adapters, count, K] block with no padding or masks; when
 those rows lie on an affine grid (sequence i on adapter i % L, or a batch grouped by adapter) the block
-is a strided view of x and y, with no gathered copy of x and no scatter into y. At low skew the
+is a strided view of x and y, with no gathered copy of x and no scatter into y; when that grid holds
+every row (a decode step) the deltas are written into y first and the base GEMM accumulates onto
+them (``addmm_``, beta=1), so y is not read again after the GEMM. At low skew the
 block spans the ids from the first to the last adapter in use, a view of the stacks (a pool with more
 slots than a batch uses reads only those).
 With one slot per token and x in the compute dtype (fp32, fp64) the LoRA term goes into y with
@@ -38,24 +41,40 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     t = x.shape[0]
     num, r_max, _ = lora_A.shape
     n = lora_B.shape[1]
+    plan = token_plan(adapter_ids, num) if r_max else None
+    # The LoRA term is small ops (gathers, two bmm's over [L, c, K]): few threads, as in the training
+    # reference, so a loaded machine's descheduled worker does not stall each op's barrier.
+    threads = few_threads(x.device, max(lora_A.numel(), lora_B.numel(), x.numel(), t * n))
+    if weight is not None and _whole_grid(plan, x, t, adapter_ids.shape[1], n, r_max):
+        # Every row on the grid (the decode batch): the deltas are written straight into y and the base GEMM
+        # accumulates onto them (beta=1), one pass over y instead of a delta buffer and an add after the GEMM.
+        y = torch.empty((t, n), dtype=x.dtype, device=x.device)
+        with threads:
+            _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights, plan, overwrite=True)
+        y.addmm_(x, weight.t())
+        return y if bias is None else y.add_(bias)
     if weight is None:
         y = x.new_zeros((t, n)) if bias is None else bias.expand(t, n).clone()
     else:
         y = torch.nn.functional.linear(x, weight, bias)
-    # The LoRA term is small ops (gathers, two bmm's over [L, c, K]): few threads, as in the training
-    # reference, so a loaded machine's descheduled worker does not stall each op's barrier.
-    with few_threads(x.device, max(lora_A.numel(), lora_B.numel(), x.numel(), y.numel())):
-        return _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights)
+    if plan is None:
+        return y
+    with threads:
+        return _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights, plan)
 
 
-def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights):
+def _whole_grid(plan, x, t: int, k: int, n: int, r_max: int) -> bool:
+    """Whether ``_add_lora`` takes ``_grid_block`` for this plan and its grid covers every row of y (so an
+    uninitialized y is fully written): one slot per token, each with an adapter, x in the compute dtype."""
+    return (plan is not None and plan.grid is not None and k == 1 and plan.sel.numel() == t
+            and x.dtype in (torch.float32, torch.float64) and t * max(x.shape[1], n, r_max) <= _CHUNK_ELEMS)
+
+
+def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights, plan, overwrite=False):
     t, n = y.shape
     num, r_max, _ = lora_A.shape
     k = adapter_ids.shape[1]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    plan = token_plan(adapter_ids, num)
-    if plan is None or r_max == 0:
-        return y
     sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts, grid, lo = plan
     span = len(active)
     # Each op below is a few microseconds warm but 5-20 with the caches cold after the base GEMM (a
@@ -79,16 +98,17 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
         a_act, b_act = lora_A[active].to(cdt), lora_B[active].to(cdt)  # [m, R, K], [m, N, R]
         act_ranks = ranks[active]
     direct = k == 1 and y.dtype == cdt  # each row gets one delta: add it straight into y
+    drop = None
     if not full:
-        a_act, b_act = _rank_limited(a_act, b_act, act_ranks, r_max)
+        b_act, drop = _rank_limited(b_act, act_ranks, r_max)
     equal = by_id and sel.numel() == max_count * span
     if equal and sel.numel() * max(x.shape[1], n, r_max) <= _CHUNK_ELEMS:  # no padding, no masks, one block
         # Row (a, j) of the block is adapter a's: its coefficient is scal[a] unless slots are weighted.
         coef = act_scal[:, None] if adapter_weights is None else (
             act_scal[:, None] * adapter_weights.reshape(-1).to(cdt)[sel].view(span, max_count))
         if grid is not None and direct and x.dtype == cdt:
-            return _grid_block(x, y, grid, span, max_count, coef, a_act, b_act)
-        return _equal_counts(x.to(cdt), y, sel.view(span, max_count), coef, a_act, b_act, t, k, direct)
+            return _grid_block(x, y, grid, span, max_count, coef, a_act, b_act, overwrite, drop=drop)
+        return _equal_counts(x.to(cdt), y, sel.view(span, max_count), coef, a_act, b_act, t, k, direct, drop=drop)
     coef = scal[ad]
     if adapter_weights is not None:
         coef = coef * adapter_weights.reshape(-1).to(cdt)[sel]
@@ -105,6 +125,8 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
         slot = sel[pos]
         u = torch.bmm(xc[slot // k], a_act[:m].transpose(1, 2))  # [m, rows, R]
         u = u * torch.where(ok, coef[pos], 0)[:, :, None]
+        if drop is not None:
+            u.masked_fill_(drop[:m], 0)
         delta = torch.bmm(u, b_act[:m].transpose(1, 2))  # [m, rows, N]
         if bool(ok.all()):  # no padding rows (even counts): skip the masked copy of delta
             slot, delta = slot.reshape(-1), delta.reshape(-1, n)
@@ -151,7 +173,7 @@ def token_plan(adapter_ids, num: int) -> Plan | None:
     and is replaced in one assignment, so concurrent callers at worst recompute.
     """
     global _LAST_PLAN
-    cpu = adapter_ids.device.type == "cpu"
+    cpu = adapter_ids.is_cpu
     hit = _LAST_PLAN if cpu else None
     if hit is not None and hit[1] == num and hit[0].shape == adapter_ids.shape and torch.equal(hit[0], adapter_ids):
         return hit[2]
@@ -222,35 +244,49 @@ def _kept(make, *args, **kwargs) -> torch.Tensor:
         return make(*args, **kwargs)
 
 
-def _rank_limited(a_act, b_act, act_ranks, r_max: int):
-    """A/B with rows (columns) beyond each adapter's rank zeroed; the stacks as they are when all are full."""
-    if bool((act_ranks < r_max).any()):
-        keep = torch.arange(r_max, device=a_act.device)[None, :] < act_ranks[:, None]  # [m, R]
-        a_act = torch.where(keep[:, :, None], a_act, 0)  # where, not *: padding may hold NaN
-        b_act = torch.where(keep[:, None, :], b_act, 0)
-    return a_act, b_act
+def _rank_limited(b_act, act_ranks, r_max: int):
+    """(B with columns beyond each adapter's rank zeroed, the [m, 1, R] mask of those columns or None) when a
+    rank is below r_max; else (B, None). A's rows beyond rank are not copied: the columns of u = x A^T they
+    make are zeroed instead (``masked_fill_``, so NaN there is dropped), a [m, c, R] block rather than a
+    pass over A (16 adapters r_max=32, K=4096, one thread: a where over A took 1-4 ms)."""
+    if not bool((act_ranks < r_max).any()):
+        return b_act, None
+    drop = torch.arange(r_max, device=b_act.device)[None, :] >= act_ranks[:, None]  # [m, R]
+    # where with a tensor zero, not a Python 0: the scalar form ran 3.9 ms against 1.0 on 8 MiB (measured);
+    # where, not *, as padding may hold NaN
+    return torch.where(drop[:, None, :], b_act.new_zeros(()), b_act), drop[:, None, :]
 
 
-def _grid_block(x, y, grid, num: int, count: int, coef, a_act, b_act):
+def _grid_block(x, y, grid, num: int, count: int, coef, a_act, b_act, overwrite: bool = False, *, drop=None):
     """The equal-count block when its rows form a ``Plan.grid``: x's rows read and y's rows updated through
-    strided [L, c, .] views (no gathered copy of x, no index_add_); the deltas go into y by baddbmm_ when
-    its rows are one contiguous block, else through a reused scratch buffer and one add."""
+    strided [L, c, .] views (no gathered copy of x, no index_add_). ``overwrite``: the deltas are written
+    into y's rows (the base GEMM adds onto them next); else added, by baddbmm_ when the rows are one
+    contiguous block, otherwise through a reused scratch buffer and one add."""
     first, step_a, step_j = grid
     kdim, n = x.shape[1], y.shape[1]
     (xr, xc), (yr, yc) = x.stride(), y.stride()
     xv = x.as_strided((num, count, kdim), (step_a * xr, step_j * xr, xc), x.storage_offset() + first * xr)
     u = torch.bmm(xv, a_act.transpose(1, 2))  # [L, c, R]
     u.mul_(coef[:, :, None])
+    if drop is not None:
+        u.masked_fill_(drop, 0)
     yv = y.as_strided((num, count, n), (step_a * yr, step_j * yr, yc), y.storage_offset() + first * yr)
-    if yv.is_contiguous():  # grouped rows: the GEMM adds into y itself (as cheap as the bare bmm, measured)
+    if overwrite and (yv.is_contiguous() or torch.get_num_threads() == 1):
+        # Into y's rows; strided rows make bmm run one GEMM per adapter (ldc = the row step): on one thread
+        # that beats a delta buffer and a copy (0.40 vs 0.51 ms at T=64, 0.75 vs 0.98 at T=256, K=N=4096,
+        # 16 adapters r=16), but each GEMM is its own parallel region, which on two shared cores waits for
+        # a descheduled worker (p80 over 100 ms, measured): with more threads, the buffer and one copy.
+        torch.bmm(u, b_act.transpose(1, 2), out=yv)
+    elif overwrite:
+        yv.copy_(torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n)))
+    elif yv.is_contiguous():  # grouped rows: the GEMM adds into y itself (as cheap as the bare bmm, measured)
         yv.baddbmm_(u, b_act.transpose(1, 2))
-        return y
-    # Strided rows: baddbmm_ would copy y's rows out and back; a delta in scratch and one add cost less.
-    yv.add_(torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n)))
+    else:  # strided rows: baddbmm_ would copy y's rows out and back; a delta in scratch and one add cost less
+        yv.add_(torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n)))
     return y
 
 
-def _equal_counts(xc, y, slots, coef, a_act, b_act, t: int, k: int, direct: bool):
+def _equal_counts(xc, y, slots, coef, a_act, b_act, t: int, k: int, direct: bool, *, drop=None):
     """slots [L, c] (sorted by adapter), coef [L, c] or [L, 1]: two bmm's over the [L, c, K] block of their
     rows."""
     num, count = slots.shape
@@ -259,6 +295,8 @@ def _equal_counts(xc, y, slots, coef, a_act, b_act, t: int, k: int, direct: bool
     xg = torch.index_select(xc, 0, rows, out=_scratch(0, rows.numel() * kdim, xc).view(-1, kdim))
     u = torch.bmm(xg.view(num, count, kdim), a_act.transpose(1, 2))  # [L, c, R]
     u.mul_(coef[:, :, None])
+    if drop is not None:
+        u.masked_fill_(drop, 0)
     delta = torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n))
     delta = delta.view(-1, n)  # [L * c, N]
     if direct:

@@ -20,7 +20,7 @@ from torch import nn
 from ..nn.adapter_layer import AdapterLayer
 from ..nn.lora_linear import LoraLinear
 from ..nn.modules_to_save import ModulesToSaveWrapper
-from ._hook import BASE, run_layer
+from ._hook import BASE, run_layer, zeros_lora_B
 from .dora_batch import dora_mixed_forward
 
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, stack tuple)
@@ -46,7 +46,7 @@ def layer_stack(layer: LoraLinear, dtype: torch.dtype):
     # Kept across calls: made outside inference mode, so a later forward with grad may save them for backward.
     with torch.inference_mode(False), torch.no_grad():
         a = torch.zeros((len(names), r_max, layer.in_features), dtype=dtype, device=dev)
-        b = torch.zeros((len(names), layer.out_features, r_max), dtype=dtype, device=dev)
+        b = zeros_lora_B(len(names), layer.out_features, r_max, dtype, dev)
         for i, name in enumerate(names):  # once per adapter change, not per forward
             r = layer.r[name]
             a[i, :r] = layer.lora_A[name].weight.to(dtype)

@@ -31,7 +31,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..nn.lora_linear import LoraLinear, is_supported_base
 from ..nn.targets import find_targets, resolve_targets
-from ._hook import BASE, run_layer
+from ._hook import BASE, run_layer, zeros_lora_B
 from .dora_batch import dora_scale_row, scaled_mixed_forward
 
 PREFIX = "base_model.model."
@@ -101,7 +101,7 @@ class AdapterPool:
             dev = torch.device(device) if device is not None else w.device
             self._buffers[path] = (
                 torch.zeros((num_slots, max_rank, layer.in_features), dtype=w.dtype, device=dev),
-                torch.zeros((num_slots, layer.out_features, max_rank), dtype=w.dtype, device=dev),
+                zeros_lora_B(num_slots, layer.out_features, max_rank, w.dtype, dev),
                 torch.zeros(num_slots, dtype=torch.float32, device=dev),
                 torch.zeros(num_slots, dtype=torch.int32, device=dev))
         self.device = next(iter(self._buffers.values()))[0].device

@@ -1,0 +1,38 @@
+"""ops.backend.env: the backend choice's env reads follow os.environ exactly (set, changed, unset)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lora_triton.ops import backend
+
+
+@pytest.mark.parametrize("value", ["reference", "", " Triton ", "caf\u00e9"])
+def test_env_follows_os_environ(monkeypatch, value):
+    name = "LORA_TRITON_TEST_ENV_VAR"
+    monkeypatch.delenv(name, raising=False)
+    assert backend.env(name, "dflt") == "dflt"
+    monkeypatch.setenv(name, value)
+    assert backend.env(name, "dflt") == os.environ.get(name) == value
+    monkeypatch.setenv(name, value + "2")
+    assert backend.env(name, "dflt") == value + "2"
+    monkeypatch.delenv(name)
+    assert backend.env(name, "dflt") == "dflt"
+
+
+def test_backend_choice_follows_each_change(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "reference")
+    assert backend.choose_backend(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="LORA_TRITON_BACKEND"):
+        backend.choose_backend(torch.device("cpu"))
+    monkeypatch.setenv("LORA_TRITON_BACKEND", "auto")
+    assert backend.choose_backend(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.interpreter_enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not backend.interpreter_enabled()
