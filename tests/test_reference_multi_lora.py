@@ -230,3 +230,16 @@ def test_whole_grid_deltas_first_then_the_base_gemm(monkeypatch, threads, ids, d
         check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2] * 4, [0, 0, 1, 1, 2, 2]])
+def test_whole_grid_rank_zero_rows_equal_f_linear(ids):
+    """A slot of rank 0 adds exactly nothing (an evicted pool slot, a layer an adapter does not target): on the
+    deltas-first path too its rows equal F.linear with the bias bit for bit. K = 1024 spans several of the
+    GEMM's K blocks, where adding the bias after the GEMM rounds differently."""
+    x, w, b, a, bb, s, _, ranks = make(len(ids), k_in=1024, n=64, ranks=(2, 0, 5), seed=31)
+    ids = torch.tensor(ids)
+    y = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks)
+    check(y, x, w, b, a, bb, s, ids, ranks)
+    zero = ids == 1
+    assert torch.equal(y[zero], F.linear(x, w, b)[zero]), "rank-0 rows must equal F.linear bit for bit"
