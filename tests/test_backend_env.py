@@ -36,3 +36,10 @@ def test_backend_choice_follows_each_change(monkeypatch):
     assert backend.interpreter_enabled()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not backend.interpreter_enabled()
+
+
+def test_env_without_a_backing_dict_falls_back_to_get(monkeypatch):
+    """An os.environ replaced by a plain mapping (no ``_data``): env is its ``get``."""
+    monkeypatch.setattr(os, "environ", {"LORA_TRITON_TEST_ENV_VAR": "set"})
+    assert backend.env("LORA_TRITON_TEST_ENV_VAR", "dflt") == "set"
+    assert backend.env("LORA_TRITON_TEST_ENV_UNSET", "dflt") == "dflt"

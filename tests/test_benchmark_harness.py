@@ -173,7 +173,6 @@ def test_cli_list_and_defaults(capsys):
                                                "train/llama-8b.up_proj/fwd+bwd/r16/p0.1/T2048"]
 
 
-
 def test_only_exact_name_first_then_substrings_and_no_match_is_an_error(capsys):
     from lora_triton.benchmark.cases import select_cases
     from lora_triton.benchmark.kinds_bench import default_cases
@@ -187,6 +186,9 @@ def test_only_exact_name_first_then_substrings_and_no_match_is_an_error(capsys):
         select_cases(kinds, "loha,nope")
     with pytest.raises(SystemExit, match="matches no case"):
         cli.main(["--list", "--suite", "train", "--only", "no_such_projection"])
+    with pytest.raises(SystemExit, match="' , ' names no case"):
+        select_cases(kinds, " , ")
+
 
 def test_quick_suite_end_to_end(tmp_path, capsys):
     out_json, out_png = tmp_path / "q.json", tmp_path / "q.png"

@@ -197,14 +197,14 @@ def test_block_over_the_ids_in_use_reads_a_view_of_the_stacks(monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("ids, dtype, with_bias", [
-    ([0, 1, 2] * 4, torch.float32, True),  # sequence i on adapter i % L: strided rows
-    ([0, 1, 2] * 4, torch.float64, False),
-    ([0, 0, 1, 1, 2, 2], torch.float32, False),  # grouped: one contiguous block of rows
-    ([2, 0, 1], torch.float32, True),  # one row per adapter, adapter order reversed in part: no grid
-    ([-1, 0, 1, 2, -1, 0, 1, 2], torch.float32, True),  # a grid, but rows without an adapter: added after
+@pytest.mark.parametrize("ids, dtype, with_bias, want", [  # want: _grid_block's overwrite flag per call
+    ([0, 1, 2] * 4, torch.float32, True, [True]),  # sequence i on adapter i % L: strided rows
+    ([0, 1, 2] * 4, torch.float64, False, [True]),
+    ([0, 0, 1, 1, 2, 2], torch.float32, False, [True]),  # grouped: one contiguous block of rows
+    ([2, 0, 1], torch.float32, True, []),  # one row per adapter, adapter order reversed in part: no grid
+    ([-1, 0, 1, 2, -1, 0, 1, 2], torch.float32, True, [False]),  # a grid, but rows without an adapter: added after
 ])
-def test_whole_grid_deltas_first_then_the_base_gemm(monkeypatch, threads, ids, dtype, with_bias):
+def test_whole_grid_deltas_first_then_the_base_gemm(monkeypatch, threads, ids, dtype, with_bias, want):
     """Every row on the grid: the deltas are written into an uninitialized y (poisoned with NaN here) and the
     base GEMM accumulates onto them; on one thread straight into strided rows, else through a buffer. Rows
     off the grid or a batch with a row lacking an adapter take the add-after path (``check``: fp64 truth,
@@ -226,7 +226,21 @@ def test_whole_grid_deltas_first_then_the_base_gemm(monkeypatch, threads, ids, d
         check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
         grid = ref._sort_tokens(ids.view(-1, 1), 3).grid is not None
         assert modes == ([bool((ids >= 0).all())] if grid else [])
+        assert modes == want  # stated, not derived: a grid detection that found none would pass the line above
         ids[1] = -1  # a base row: F.linear first, the deltas added after
         check(ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks), x, w, b, a, bb, s, ids, ranks)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2] * 4, [0, 0, 1, 1, 2, 2]])
+def test_whole_grid_rank_zero_rows_equal_f_linear(ids):
+    """A slot of rank 0 adds exactly nothing (an evicted pool slot, a layer an adapter does not target): on the
+    deltas-first path too its rows equal F.linear with the bias bit for bit. K = 1024 spans several of the
+    GEMM's K blocks, where adding the bias after the GEMM rounds differently."""
+    x, w, b, a, bb, s, _, ranks = make(len(ids), k_in=1024, n=64, ranks=(2, 0, 5), seed=31)
+    ids = torch.tensor(ids)
+    y = ops.multi_lora_linear(x, w, b, a, bb, s, ids, ranks)
+    check(y, x, w, b, a, bb, s, ids, ranks)
+    zero = ids == 1
+    assert torch.equal(y[zero], F.linear(x, w, b)[zero]), "rank-0 rows must equal F.linear bit for bit"

@@ -200,4 +200,6 @@ def select_cases(cases: list, only: str | None) -> list:
         if not hits:
             raise SystemExit(f"--only {entry!r} matches no case; the cases are: {', '.join(names)}")
         chosen.update(hits)
+    if not chosen:  # only empty entries ("," or " "): as much a typo as a name that matches nothing
+        raise SystemExit(f"--only {only!r} names no case; the cases are: {', '.join(names)}")
     return [c for c in cases if c.name in chosen]

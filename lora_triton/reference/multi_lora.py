@@ -48,11 +48,14 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ra
     if weight is not None and _whole_grid(plan, x, t, adapter_ids.shape[1], n, r_max):
         # Every row on the grid (the decode batch): the deltas are written straight into y and the base GEMM
         # accumulates onto them (beta=1), one pass over y instead of a delta buffer and an add after the GEMM.
+        # The bias goes in before the GEMM, as F.linear's addmm puts it: a row whose delta is exactly 0 (rank 0)
+        # then equals F.linear bit for bit (added after, it rounds differently once K spans several blocks).
         y = torch.empty((t, n), dtype=x.dtype, device=x.device)
         with threads:
             _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weights, plan, overwrite=True)
-        y.addmm_(x, weight.t())
-        return y if bias is None else y.add_(bias)
+        if bias is not None:
+            y.add_(bias)
+        return y.addmm_(x, weight.t())
     if weight is None:
         y = x.new_zeros((t, n)) if bias is None else bias.expand(t, n).clone()
     else:
