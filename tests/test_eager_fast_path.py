@@ -209,3 +209,17 @@ def test_eager_backward_keeps_once_differentiable_under_create_graph():
     assert all(torch.equal(u, v) for u, v in zip(plain, twice))
     with pytest.raises(RuntimeError, match="once_differentiable"):
         twice[0].sum().backward()
+
+
+@pytest.mark.parametrize("raw, expected", [("", True), ("1", True), (" On ", True), ("yes", True), ("0", False),
+                                           ("false", False), ("OFF", False), ("no", False)])
+def test_eager_env_values(monkeypatch, raw, expected):
+    monkeypatch.setenv("LORA_TRITON_EAGER", raw)
+    assert eager.enabled() is expected
+
+
+def test_eager_env_bad_value_names_the_valid_ones(monkeypatch):
+    monkeypatch.setenv("LORA_TRITON_EAGER", "sometimes")
+    with pytest.raises(ValueError, match="LORA_TRITON_EAGER must be one of 1, true, on, yes, 0, false, off, no; "
+                                         "got 'sometimes'"):
+        eager.enabled()

@@ -17,17 +17,31 @@ parameters). ``LORA_TRITON_EAGER=0`` sends every call through the custom ops.
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
+
+from .backend import env
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _ENV = "LORA_TRITON_EAGER"
 
 
 def enabled() -> bool:
-    """``LORA_TRITON_EAGER`` (default 1); 0 / false / off routes every call through the custom ops."""
-    return os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    """``LORA_TRITON_EAGER`` (default 1): 1 / true / on / yes (or empty) allow the fast path, 0 / false / off /
+    no route every call through the custom ops; another value is an error naming these."""
+    return _parse(env(_ENV, "1"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(raw: str) -> bool:
+    # Cached on the raw string: every eager op call asks (a bad value is not cached: it raises each time).
+    value = raw.strip().lower()
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{_ENV} must be one of 1, true, on, yes, 0, false, off, no; got {raw!r}")
 
 
 def fast_path(x: torch.Tensor, *tensors) -> bool:

@@ -26,6 +26,7 @@ from ..reference import multi_lora as _reference
 from ..reference.multi_lora import full_ranks
 from .backend import implementation
 from .checks import _shape, check_same_device
+from .eager import enabled as eager_enabled
 
 
 def _impl(device: torch.device):
@@ -202,11 +203,12 @@ _PLAIN = frozenset((Tensor, torch.nn.Parameter))
 
 def _plain_eager(args) -> bool:
     """Whether the call may run the implementation without the custom op's dispatch: eager, no autograd,
-    plain tensors, no torch-function or dispatch mode. torch.compile, export, make_fx, fake tensors,
-    functorch transforms and calls that need dx / dW all go through the op. The dispatch is ~10 Python
+    plain tensors, no torch-function or dispatch mode, ``LORA_TRITON_EAGER`` not 0 (``ops/eager.py``).
+    torch.compile, export, make_fx, fake tensors, functorch transforms and calls that need dx / dW all go
+    through the op. The dispatch is ~10 Python
     frames plus an aliasing check: 130-175 us per call with caches cold after the base GEMM (measured,
     T=64, K=N=4096, 2026-12-01), against ~1 ms for the whole LoRA term."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or not eager_enabled():
         return False
     tensors = [a for a in args if a is not None]
     if torch._C._has_torch_function(tensors) or not _PLAIN.issuperset(map(type, tensors)):
