@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from ..env_vars import env
+
 BACKENDS = ("auto", "triton", "reference")
 # How the Triton backend runs a training linear: "fused" (our GEMMs with the LoRA term inside),
 # "composed" (base GEMM on cuBLAS via torch.addmm, the LoRA term through our side kernels), or
@@ -30,21 +32,6 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def env(name: str, default: str) -> str:
-    """``os.environ.get(name, default)`` read from os.environ's backing dict (one lookup) where it has one.
-    Every op call asks for the backend; with caches cold after a large GEMM (each decode step) the Mapping
-    machinery of os.environ.get cost 20-30 us per variable against ~7 us here (measured, 2026-12-01)."""
-    data = getattr(os.environ, "_data", None)
-    if data is None:
-        return os.environ.get(name, default)
-    key = _ENV_KEYS.get(name)
-    if key is None:
-        key = _ENV_KEYS[name] = os.environ.encodekey(name)
-    raw = data.get(key)
-    return default if raw is None else os.environ.decodevalue(raw)
-
-
-_ENV_KEYS: dict[str, object] = {}
 
 
 def interpreter_enabled() -> bool:

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..env_vars import env
+
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
 _ROUND_B = 0xCD9E8D57
@@ -275,7 +277,7 @@ def _oversubscribed() -> bool:
     Measured on 2 cores (docs/benchmarks.md): on a quiet machine the thread toggles cost time (2048 wide,
     p=0.1: 1.30x the frozen layer parallel vs 1.28-1.41x toggled, 1024 p=0 1.12-1.14x vs 1.15-1.16x); under
     load 2-13 a barrier waits for a descheduled worker and one thread is 3-20x faster for these blocks."""
-    policy = os.environ.get("LORA_TRITON_CPU_THREADS", "auto").strip().lower() or "auto"
+    policy = env("LORA_TRITON_CPU_THREADS", "auto").strip().lower() or "auto"
     if policy not in _POLICIES:
         raise ValueError(f"LORA_TRITON_CPU_THREADS must be one of {', '.join(_POLICIES)}, got {policy!r}")
     if policy != "auto":
