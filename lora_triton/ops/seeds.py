@@ -61,9 +61,14 @@ def _counter(device: torch.device) -> Tensor:
     return counter
 
 
+def _fresh(n: int, device: torch.device) -> Tensor:
+    """The draw itself: ``n`` seeds from torch's generator on ``device``, on this rank's stream."""
+    return _ranked(torch.randint(0, SEED_LIMIT, (n,), dtype=torch.int64, device=device))
+
+
 def _draw(counter: Tensor, n: int) -> Tensor:
     counter.add_(1)
-    return _ranked(torch.randint(0, SEED_LIMIT, (n,), dtype=torch.int64, device=counter.device))
+    return _fresh(n, counter.device)
 
 
 @torch.library.custom_op("lora_triton::draw_seeds", mutates_args=("counter",),
@@ -88,11 +93,10 @@ def draw_seeds(n: int, device: torch.device, eager: bool | None = None) -> Tenso
     if not isinstance(device, torch.device):
         device = torch.device(device)
     if eager is None:
-        counter = _COUNTERS.get(device)
-        eager = fast_path(_counter(device) if counter is None else counter)
+        eager = fast_path(_counter(device))
     if not eager:
         return _draw_seeds(_counter(device), int(n))
-    seeds = _ranked(torch.randint(0, SEED_LIMIT, (int(n),), dtype=torch.int64, device=device))
+    seeds = _fresh(int(n), device)
     if device.type == "cpu":
         mask_memo.seeds_drawn(seeds, peek_seeds)  # small masks of the step drawn ahead, batched
     return seeds
