@@ -52,8 +52,9 @@ _COUNTERS: dict[torch.device, Tensor] = {}
 
 
 def _counter(device: torch.device) -> Tensor:
-    """A per-device int64 tensor each draw increments: the draws mutate it, so no compiler pass may
-    merge two of them (common-subexpression elimination ignores the nondeterministic tag) or reorder them."""
+    """A per-device int64 tensor each custom-op draw increments: the draws mutate it, so no compiler pass may
+    merge two of them (common-subexpression elimination ignores the nondeterministic tag) or reorder them.
+    Eager draws (``draw_seeds``' fast path) leave it alone: they run in program order."""
     counter = _COUNTERS.get(device)
     if counter is None:
         with torch.inference_mode(False):  # an inference tensor could not be updated outside inference mode
