@@ -101,9 +101,10 @@ class SiblingGroup:
 
     def forward(self, layer: LoraLinear, x: torch.Tensor, args, kwargs):
         # Inference tensors have no version counter: an in-place change between the siblings'
-        # calls could not be detected, so they take the plain forward.
-        if (not grouping_pays(x.device) or not self.enabled or args or kwargs or torch.compiler.is_compiling()
-                or x.is_inference()):
+        # calls could not be detected, so they take the plain forward. The policy is read last: the
+        # cheap checks first, and nothing for a compiler to trace where the plain forward runs anyway.
+        if (not self.enabled or args or kwargs or torch.compiler.is_compiling() or x.is_inference()
+                or not grouping_pays(x.device)):
             return LoraLinear.forward(layer, x, *args, **kwargs)
         state = _state(layer, x)
         if state is None:
