@@ -91,3 +91,27 @@ def test_dtype_mismatch_is_refused_with_the_same_error():
     layer = _layer("linear")
     with pytest.raises(TypeError, match="does not match the base layer's weight dtype"):
         layer(torch.randn(3, 12, dtype=torch.float64))
+
+
+def test_dora_disabled_and_autocast_take_the_adapter_loop(monkeypatch):
+    x = torch.randn(3, 12, requires_grad=True)
+    torch.manual_seed(0)
+    dora = LoraLinear(torch.nn.Linear(12, 10), r=3, lora_alpha=6, lora_dropout=0.2, use_dora=True)
+    assert _both(dora, x, monkeypatch) == [False]  # a variant: its own forward
+    layer = _layer("linear")
+    layer.disable_adapters = True  # the base alone
+    assert _both(layer, x, monkeypatch) == [False]
+    layer.disable_adapters = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loop casts x, weight and bias
+        assert _both(layer, x, monkeypatch) == [False]
+
+
+def test_general_loop_refuses_the_dtype_mismatch_with_the_same_error(monkeypatch):
+    layer = _layer("linear")
+    x = torch.randn(3, 12, dtype=torch.float64)
+    with pytest.raises(TypeError) as fast:
+        layer(x)
+    monkeypatch.setattr(LoraLinear, "_one_adapter_forward", lambda self, x: None)
+    with pytest.raises(TypeError) as slow:
+        layer(x)
+    assert str(fast.value) == str(slow.value)

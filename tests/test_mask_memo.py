@@ -63,6 +63,23 @@ def test_small_mask_path_equals_the_chunk_loop_bit_for_bit(monkeypatch, dtype, m
     assert all(torch.equal(u, v) for u, v in zip(got, want))
 
 
+def test_small_mask_backward_keeps_the_serial_block_of_a_large_dy(monkeypatch):
+    """A small x mask with a wide dy (an lm-head-like N): the backward's rank-r GEMMs and masking run in
+    ``serial_cpu``'s one-thread block, as the chunk loop's did, not on every thread."""
+    from lora_triton.reference import lora_linear as ref
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs more than one intra-op thread to tell the block from the rest")
+    monkeypatch.setenv("LORA_TRITON_CPU_THREADS", "fewer")  # serial_cpu toggles whatever the load
+    seen = []
+    real = ref._rank_grads
+    monkeypatch.setattr(ref, "_rank_grads", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    m, k, n = 64, 32, 1 << 13  # x: 2K elements (a small mask); dy: 512K, past philox._TOGGLE_MIN
+    assert m * n >= philox._TOGGLE_MIN
+    _, _, kept = _step(m, k, n, 2, 0.1, seed=5)
+    assert kept > 0 and seen == [1]
+
+
 def test_large_masks_are_regenerated_not_kept():
     rows = philox.small_mask_counters() // 4 + 1  # K = 32: 4 counters per row, one row past a small mask
     _, _, kept = _step(rows, 32, 8, 2, 0.1, seed=5)

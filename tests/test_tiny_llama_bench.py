@@ -23,3 +23,11 @@ def test_tiny_run_writes_the_paired_ratios(tmp_path, capsys):
     assert set(doc["paired_x_peft"]) == {"lora_triton", "base", "peft"}
     assert doc["paired_x_peft"]["peft"] == {"median": 1.0, "p25": 1.0, "p75": 1.0}
     assert "per round: median" in capsys.readouterr().out
+
+
+def test_paired_ratios_use_the_summary_percentiles():
+    # An even count: the median is the mean of the middle two, as in summarize's median (not one of them).
+    from lora_triton.benchmark.stats import percentile
+
+    ours, peft = [1.0, 2.0, 3.0, 4.0], [1.0] * 4
+    assert paired_ratios(ours, peft) == (2.5, percentile(ours, 25.0), percentile(ours, 75.0)) == (2.5, 1.75, 3.25)

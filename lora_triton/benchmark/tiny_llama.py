@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .stats import summarize
+from .stats import percentile, summarize
 from .timing import measure_interleaved
 
 
@@ -123,10 +123,10 @@ def step_fn(model, ids, eager: str | None = None):
 
 def paired_ratios(times: list[float], peft: list[float]) -> tuple[float, float, float]:
     """(median, p25, p75) of time / PEFT's time in the same interleaved round: load that comes and goes hits
-    both samples of a round alike, so these spread less than the ratio of the two medians."""
-    r = sorted(a / b for a, b in zip(times, peft))
-    at = lambda f: r[round(f * (len(r) - 1))]
-    return at(0.5), at(0.25), at(0.75)
+    both samples of a round alike, so these spread less than the ratio of the two medians. Percentiles as
+    ``summarize``'s (``stats.percentile``, linear), so "median" means the same on both halves of a line."""
+    r = [a / b for a, b in zip(times, peft)]
+    return percentile(r, 50.0), percentile(r, 25.0), percentile(r, 75.0)
 
 
 def main(argv=None) -> int:

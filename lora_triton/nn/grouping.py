@@ -28,7 +28,7 @@ the group's bookkeeping. ``on`` groups on every backend (tests), ``off`` nowhere
 
 from __future__ import annotations
 
-import os
+import functools
 import types
 from collections.abc import Sequence
 from typing import Optional
@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.backend import choose_backend, requested_backend
+from ..ops.backend import choose_backend, env, requested_backend
 from ..ops.grouped import lora_linear_grouped
 from .lora_bias import with_lora_bias
 from .lora_linear import LoraLinear
@@ -48,12 +48,15 @@ _POLICIES = ("auto", "on", "off")
 
 
 def grouping_policy() -> str:
-    """``LORA_TRITON_GROUP`` (auto, on, off; default auto); another value is an error naming the valid ones."""
-    raw = os.environ.get("LORA_TRITON_GROUP")
-    if raw is None:  # every grouped member's call asks: the unset case without string handling
-        return "auto"
+    """``LORA_TRITON_GROUP`` (auto, on, off; default auto); another value is an error naming the valid ones.
+    Every grouped member's call asks: read as ``LORA_TRITON_BACKEND`` is (``backend.env``, parse cached)."""
+    return _parse_policy(env("LORA_TRITON_GROUP", "auto"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_policy(raw: str) -> str:
     value = raw.strip().lower() or "auto"
-    if value not in _POLICIES:
+    if value not in _POLICIES:  # not cached: raised again on every call
         raise ValueError(f"LORA_TRITON_GROUP must be one of {_POLICIES}, got {value!r}")
     return value
 
@@ -98,9 +101,10 @@ class SiblingGroup:
 
     def forward(self, layer: LoraLinear, x: torch.Tensor, args, kwargs):
         # Inference tensors have no version counter: an in-place change between the siblings'
-        # calls could not be detected, so they take the plain forward.
-        if (not grouping_pays(x.device) or not self.enabled or args or kwargs or torch.compiler.is_compiling()
-                or x.is_inference()):
+        # calls could not be detected, so they take the plain forward. The policy is read last: the
+        # cheap checks first, and nothing for a compiler to trace where the plain forward runs anyway.
+        if (not self.enabled or args or kwargs or torch.compiler.is_compiling() or x.is_inference()
+                or not grouping_pays(x.device)):
             return LoraLinear.forward(layer, x, *args, **kwargs)
         state = _state(layer, x)
         if state is None:

@@ -30,6 +30,11 @@ def _param(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     return getattr(module, name) if value is _UNSET else value
 
 
+def _dtype_mismatch(x: torch.Tensor, weight: torch.Tensor) -> TypeError:
+    """The error for an input whose dtype is not the base weight's (no autocast): one message, both forwards."""
+    return TypeError(f"input dtype {x.dtype} does not match the base layer's weight dtype {weight.dtype}")
+
+
 def is_conv1d(layer: nn.Module) -> bool:
     """transformers' GPT-2 Conv1D: a Linear whose weight is stored [in, out]."""
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and getattr(layer, "weight", None) is not None
@@ -176,7 +181,7 @@ class LoraLinear(nn.Module):
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         elif x.dtype != weight.dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the base layer's weight dtype {weight.dtype}")
+            raise _dtype_mismatch(x, weight)
         y = None
         for name in active:
             scale = self.scaling[name]
@@ -214,7 +219,7 @@ class LoraLinear(nn.Module):
         if self.fan_in_fan_out:
             weight = weight.t()
         if x.dtype != weight.dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the base layer's weight dtype {weight.dtype}")
+            raise _dtype_mismatch(x, weight)
         lora_b = modules["lora_B"]._modules[name]
         bias = _param(base, "bias")
         if _param(lora_b, "bias") is not None:

@@ -40,9 +40,11 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+def _fwd_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, impl=None):
+    """(y, U): what the custom op and the eager path run (``impl``: as in ``_bwd_impl``)."""
     a, b = _as(lora_A, x.dtype), _as(lora_B, x.dtype)
-    return _impl(x, lora_A).lora_linear_fwd(x, weight, bias, a, b, scaling, dropout_p, seed)
+    impl = _impl(x, lora_A) if impl is None else impl
+    return impl.lora_linear_fwd(x, weight, bias, a, b, scaling, dropout_p, seed)
 
 
 def _bwd_impl(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, impl=None):
@@ -130,8 +132,7 @@ class _EagerLoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         x2 = _rows(x)
         impl = _impl(x2, lora_A)
-        y, u = impl.lora_linear_fwd(x2, weight, bias, _as(lora_A, x.dtype), _as(lora_B, x.dtype), scaling,
-                                    dropout_p, seed)
+        y, u = _fwd_impl(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, impl)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
         ctx.scaling, ctx.dropout_p, ctx.impl = scaling, dropout_p, impl  # backward runs what forward chose
         return _unrows(y, x.shape[:-1])

@@ -52,8 +52,9 @@ _COUNTERS: dict[torch.device, Tensor] = {}
 
 
 def _counter(device: torch.device) -> Tensor:
-    """A per-device int64 tensor each draw increments: the draws mutate it, so no compiler pass may
-    merge two of them (common-subexpression elimination ignores the nondeterministic tag) or reorder them."""
+    """A per-device int64 tensor each custom-op draw increments: the draws mutate it, so no compiler pass may
+    merge two of them (common-subexpression elimination ignores the nondeterministic tag) or reorder them.
+    Eager draws (``draw_seeds``' fast path) leave it alone: they run in program order."""
     counter = _COUNTERS.get(device)
     if counter is None:
         with torch.inference_mode(False):  # an inference tensor could not be updated outside inference mode
@@ -61,9 +62,14 @@ def _counter(device: torch.device) -> Tensor:
     return counter
 
 
+def _fresh(n: int, device: torch.device) -> Tensor:
+    """The draw itself: ``n`` seeds from torch's generator on ``device``, on this rank's stream."""
+    return _ranked(torch.randint(0, SEED_LIMIT, (n,), dtype=torch.int64, device=device))
+
+
 def _draw(counter: Tensor, n: int) -> Tensor:
     counter.add_(1)
-    return _ranked(torch.randint(0, SEED_LIMIT, (n,), dtype=torch.int64, device=counter.device))
+    return _fresh(n, counter.device)
 
 
 @torch.library.custom_op("lora_triton::draw_seeds", mutates_args=("counter",),
@@ -88,11 +94,10 @@ def draw_seeds(n: int, device: torch.device, eager: bool | None = None) -> Tenso
     if not isinstance(device, torch.device):
         device = torch.device(device)
     if eager is None:
-        counter = _COUNTERS.get(device)
-        eager = fast_path(_counter(device) if counter is None else counter)
+        eager = fast_path(_counter(device))
     if not eager:
         return _draw_seeds(_counter(device), int(n))
-    seeds = _ranked(torch.randint(0, SEED_LIMIT, (int(n),), dtype=torch.int64, device=device))
+    seeds = _fresh(int(n), device)
     if device.type == "cpu":
         mask_memo.seeds_drawn(seeds, peek_seeds)  # small masks of the step drawn ahead, batched
     return seeds

@@ -42,12 +42,13 @@ def shrink_dropout(x, lora_A, dropout_p: float, seed):
     (a mask that comes in one chunk, as small layers' do, takes the plain ops: fewer calls, same bits)."""
     a_t = lora_A.t()
     keep = small_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device, x.dtype, forward=True)
-    if keep is not None:  # a small CPU mask (kept for this call's backward): the one-chunk ops below
-        return torch.mm(x * keep, a_t).mul_(1.0 / (1.0 - dropout_p))
     with serial_cpu(x.device, x.numel()):
-        first, chunks = _split_first(_mask_chunks(x, seed, dropout_p, forward=True))
-        if first is not None and first[1] - first[0] == x.shape[0]:
-            return torch.mm(x * first[2], a_t).mul_(1.0 / (1.0 - dropout_p))
+        if keep is None:  # not a small CPU mask (that one is kept for this call's backward): the chunks
+            first, chunks = _split_first(_mask_chunks(x, seed, dropout_p, forward=True))
+            if first is not None and first[1] - first[0] == x.shape[0]:
+                keep = first[2]
+        if keep is not None:  # the mask in one chunk
+            return torch.mm(x * keep, a_t).mul_(1.0 / (1.0 - dropout_p))
         # K = 0 yields no mask chunk, so nothing would write u: start from zeros there (U = 0 exactly).
         alloc = torch.zeros if first is None else torch.empty
         u = alloc((x.shape[0], lora_A.shape[0]), dtype=x.dtype, device=x.device)
@@ -107,17 +108,15 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     same = x.dtype == acc
     keep = small_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device, x.dtype, forward=False)
-    if keep is not None and same:  # a small CPU mask (the forward's, or regenerated): no chunk loop
-        d_u, d_b = _rank_grads(dy, u, lora_B, scaling)
-        return _bwd_one_chunk(dy, x, weight, lora_A, d_u.mul_(1.0 / (1.0 - dropout_p)), d_b, keep, need_dx)
     with serial_cpu(x.device, max(x.numel(), dy.numel())):
         d_u, d_b = _rank_grads(dy, u, lora_B, scaling)
         d_us = d_u.mul_(1.0 / (1.0 - dropout_p))
-        if keep is not None:  # fp16 / bf16: the taken mask is the single chunk of the accumulating loop
-            first, chunks = None, iter(((0, x.shape[0], keep),))
+        if keep is not None:  # a small CPU mask (the forward's, or regenerated): the mask's single chunk
+            first = (0, x.shape[0], keep)
+            chunks = iter((first,))
         else:
             first, chunks = _split_first(_mask_chunks(x, seed, dropout_p, forward=False))
-        if same and first is not None and first[1] - first[0] == x.shape[0]:
+        if same and first is not None and first[1] - first[0] == x.shape[0]:  # fp16 / bf16 accumulate below
             return _bwd_one_chunk(dy, x, weight, lora_A, d_us, d_b, first[2], need_dx)
         dx = None
         if need_dx:

@@ -196,25 +196,30 @@ def held_bytes() -> int:
     return _bytes
 
 
+def _held_mask(key: tuple, seed, rows: int, cols: int, p: float, device, dtype: torch.dtype, row_offset: int,
+               keep: bool, take: bool) -> torch.Tensor:
+    """The whole small mask under ``key``: the kept one (popped with ``take``: backward), else drawn (one
+    chunk, ``_fits``) and kept with ``keep`` (forward). Tells the forecast which mask or backward it saw."""
+    fc = mask_forecast.state()
+    if keep:
+        fc.on_mask(key[0], (rows, cols, key[4], dtype))
+    else:
+        fc.backward_seen()
+    hit = _take(key, pop=take)  # forward: a mask ``prefill`` or a forecast drew; backward: the forward's
+    if hit is None:
+        (_, _, hit), = philox.keep_mask_chunks(seed, rows, cols, p, device, dtype, row_offset)  # small: one chunk
+        if keep:
+            _put(key, hit)  # the single chunk's buffer is this call's own: nothing reuses it
+    return hit
+
+
 def small_mask(seed, rows: int, cols: int, p: float, device, dtype: torch.dtype, forward: bool) -> torch.Tensor | None:
     """The whole [rows, cols] mask of a small CPU mask (one chunk, ``_fits``), else None (the caller loops
     over ``mask_chunks``). Forward keeps it for its backward (a kept one, drawn by a batch, is taken without
     popping); backward pops it. ``mask_chunks(keep=forward, take=not forward)``'s single chunk, without the
     iterator: a small layer's call pays per Python frame. Read-only for the caller."""
     key = _key(seed, rows, cols, p, dtype, 0, device)
-    if key is None:
-        return None
-    fc = mask_forecast.state()
-    if forward:
-        fc.on_mask(key[0], (rows, cols, key[4], dtype))
-    else:
-        fc.backward_seen()
-    keep = _take(key, pop=not forward)
-    if keep is None:
-        (_, _, keep), = philox.keep_mask_chunks(seed, rows, cols, p, device, dtype)  # small: one chunk
-        if forward:
-            _put(key, keep)  # the chunk's buffer is this call's own: nothing reuses it
-    return keep
+    return None if key is None else _held_mask(key, seed, rows, cols, p, device, dtype, 0, forward, not forward)
 
 
 def mask_chunks(seed, rows: int, cols: int, p: float, device=None, dtype: torch.dtype = torch.bool,
@@ -223,15 +228,6 @@ def mask_chunks(seed, rows: int, cols: int, p: float, device=None, dtype: torch.
     backward) under their key. A kept or taken mask is read-only for the caller."""
     key = _key(seed, rows, cols, p, dtype, row_offset, device) if (keep or take) and rows and cols else None
     if key is not None:
-        if keep:
-            mask_forecast.state().on_mask(key[0], (rows, cols, key[4], dtype))
-        else:
-            mask_forecast.state().backward_seen()
-        hit = _take(key, pop=take)  # forward: a mask ``prefill`` or a forecast drew; backward: the forward's
-        if hit is not None:
-            yield 0, rows, hit
-            return
-    for r0, r1, chunk in philox.keep_mask_chunks(seed, rows, cols, p, device, dtype, row_offset):
-        if key is not None and keep:
-            _put(key, chunk)  # the single chunk's buffer is this call's own: nothing reuses it
-        yield r0, r1, chunk
+        yield 0, rows, _held_mask(key, seed, rows, cols, p, device, dtype, row_offset, keep, take)
+        return
+    yield from philox.keep_mask_chunks(seed, rows, cols, p, device, dtype, row_offset)
