@@ -43,6 +43,12 @@ def build(hidden: int, layers: int, r: int, dropout: float):
     for p in base.parameters():
         p.requires_grad_(False)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return _providers(base, targets, r, dropout)
+
+
+def _providers(base, targets: list[str], r: int, dropout: float) -> dict:
+    """The frozen ``base`` and deep copies of it with our LoRA and (when installed) PEFT's on ``targets``,
+    all in train mode (dropout on)."""
     import lora_triton as lt
 
     ours = copy.deepcopy(base)
@@ -83,21 +89,7 @@ def build_layer(hidden: int, r: int, dropout: float):
     base = torch.nn.Sequential()
     base.lin = torch.nn.Linear(hidden, hidden)
     base.lin.requires_grad_(False)
-    import lora_triton as lt
-
-    ours = copy.deepcopy(base)
-    lt.inject_lora(ours, lt.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["lin"]))
-    models = {"lora_triton": ours, "base": base}
-    try:
-        from peft import LoraConfig, get_peft_model
-
-        models["peft"] = get_peft_model(copy.deepcopy(base), LoraConfig(
-            r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["lin"]))
-    except ImportError:
-        pass
-    for m in models.values():
-        m.train()
-    return models
+    return _providers(base, ["lin"], r, dropout)
 
 
 def layer_step_fn(model, x, dy, eager: str | None = None):
