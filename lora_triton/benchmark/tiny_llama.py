@@ -155,10 +155,8 @@ def main(argv=None) -> int:
             fns["lora_triton_custom_op"] = step_fn(models["lora_triton"], ids, eager="0")
     for f in fns.values():
         f(0)
-    if args.cpu_time:
-        samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3, clock=time.thread_time)
-    else:
-        samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3, n_sets=1)
+    samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3,
+                                  clock=time.thread_time if args.cpu_time else time.perf_counter)
     stats = {k: summarize(v) for k, v in samples.items()}
     paired = {k: paired_ratios(v, samples["peft"]) for k, v in samples.items()} if "peft" in samples else {}
     end = os.getloadavg()
