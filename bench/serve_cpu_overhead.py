@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from lora_triton.benchmark import serve_providers as sp
 from lora_triton.benchmark.cases import serve_cases
 from lora_triton.benchmark.shapes import MODELS
+from lora_triton.benchmark.stats import percentile
 
 
 def _stats(values) -> dict:
-    v = sorted(values)
-    return {"median": statistics.median(v), "p20": v[round(0.2 * (len(v) - 1))], "p80": v[round(0.8 * (len(v) - 1))]}
+    """Median and p20..p80 as the harness's ``summarize`` takes them (``stats.percentile``, linear)."""
+    return {"median": statistics.median(values), "p20": percentile(values, 20.0), "p80": percentile(values, 80.0)}
 
 
 def measure(tokens: int, rounds: int, warmup: int = 3, clock=time.perf_counter) -> dict:
