@@ -26,6 +26,7 @@ from ..reference import multi_lora as _reference
 from ..reference.multi_lora import full_ranks
 from .backend import implementation
 from .checks import _shape, check_same_device
+from .eager import _PLAIN as _PLAIN_TYPES
 from .eager import enabled as eager_enabled
 
 
@@ -198,7 +199,7 @@ def _same_device(x: Tensor, others) -> bool:
     return all([t is None or t.device == dev for t in others])
 
 
-_PLAIN = frozenset((Tensor, torch.nn.Parameter))
+_PLAIN = frozenset(_PLAIN_TYPES)  # ops/eager.py's plain tensor types, as a set for one issuperset test
 
 
 def _plain_eager(args) -> bool:
