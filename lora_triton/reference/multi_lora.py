@@ -78,7 +78,7 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
     num, r_max, _ = lora_A.shape
     k = adapter_ids.shape[1]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts, grid, lo = plan
+    sel, ad, max_count, by_id, active, act_counts, act_starts, grid, lo = plan
     span = len(active)
     # Each op below is a few microseconds warm but 5-20 with the caches cold after the base GEMM (a
     # decode step's usual state), so no-op casts and full-range slices are skipped, not issued.
@@ -148,15 +148,13 @@ class Plan(NamedTuple):
     """The (token, slot) pairs with an adapter sorted by adapter, and the adapters' row layout."""
     sel: torch.Tensor  # slots j = token * k + c, sorted by adapter (stable)
     ad: torch.Tensor  # their adapters
-    counts: torch.Tensor  # [L] slots per adapter
-    starts: torch.Tensor  # [L] first position of each adapter in sel
     max_count: int
     by_id: bool  # rows laid out by adapter id (low skew) rather than by count
     # adapters in layout order: by_id, the id range from the first to the last adapter in use (a pool
     # with more slots than the batch uses reads only that range); else those in use, by count
     active: torch.Tensor
-    act_counts: torch.Tensor
-    act_starts: torch.Tensor
+    act_counts: torch.Tensor  # slots of each of them
+    act_starts: torch.Tensor  # the first position of each of them in sel
     # (first, adapter step, row step) when every adapter holds max_count slots at slot
     # first + a * adapter_step + j * row_step (a decode batch with sequence i on adapter i % L, or one
     # already grouped by adapter): the block is a strided view of x and y, no gather, no scatter.
@@ -205,7 +203,7 @@ def _sort_tokens(adapter_ids, num: int) -> Plan | None:
     else:
         active = used[torch.argsort(counts[used], descending=True, stable=True)]
     grid = _grid(sel, span, max_count) if by_id and sel.numel() == max_count * span else None
-    return Plan(sel, ad, counts, starts, max_count, by_id, active, counts[active], starts[active], grid, lo)
+    return Plan(sel, ad, max_count, by_id, active, counts[active], starts[active], grid, lo)
 
 
 def _grid(sel, num: int, count: int) -> tuple[int, int, int] | None:
