@@ -40,7 +40,10 @@ def _stats(values) -> dict:
 
 
 def measure(tokens: int, rounds: int, warmup: int = 3, clock=time.perf_counter) -> dict:
-    case = next(c for c in serve_cases(MODELS["llama-8b"], False) if c.tokens == tokens)
+    cases = serve_cases(MODELS["llama-8b"], False)
+    case = next((c for c in cases if c.tokens == tokens), None)
+    if case is None:  # not a bare StopIteration
+        raise SystemExit(f"--tokens {tokens}: the serve cases have {sorted({c.tokens for c in cases})} tokens")
     ops = sp.make_serve_operands(case, torch.device("cpu"), 1)
     fns = {"lora_triton": sp._build_ours(ops, case, ops.weight).fn, "peft": sp._build_peft(ops, case).fn,
            "base": sp._build_base(ops, case).fn}
