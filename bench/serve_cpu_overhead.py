@@ -31,15 +31,19 @@ import torch.nn.functional as F
 from lora_triton.benchmark import serve_providers as sp
 from lora_triton.benchmark.cases import serve_cases
 from lora_triton.benchmark.shapes import MODELS
+from lora_triton.benchmark.stats import percentile
 
 
 def _stats(values) -> dict:
-    v = sorted(values)
-    return {"median": statistics.median(v), "p20": v[round(0.2 * (len(v) - 1))], "p80": v[round(0.8 * (len(v) - 1))]}
+    """Median and p20..p80 as the harness's ``summarize`` takes them (``stats.percentile``, linear)."""
+    return {"median": statistics.median(values), "p20": percentile(values, 20.0), "p80": percentile(values, 80.0)}
 
 
 def measure(tokens: int, rounds: int, warmup: int = 3, clock=time.perf_counter) -> dict:
-    case = next(c for c in serve_cases(MODELS["llama-8b"], False) if c.tokens == tokens)
+    cases = serve_cases(MODELS["llama-8b"], False)
+    case = next((c for c in cases if c.tokens == tokens), None)
+    if case is None:  # not a bare StopIteration
+        raise SystemExit(f"--tokens {tokens}: the serve cases have {sorted({c.tokens for c in cases})} tokens")
     ops = sp.make_serve_operands(case, torch.device("cpu"), 1)
     fns = {"lora_triton": sp._build_ours(ops, case, ops.weight).fn, "peft": sp._build_peft(ops, case).fn,
            "base": sp._build_base(ops, case).fn}

@@ -128,12 +128,14 @@ def test_buffers_kept_from_an_inference_mode_call_serve_later_calls(monkeypatch)
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
-def _grid_spy(monkeypatch):
+def _grid_spy(monkeypatch, record=lambda args: args[2]):
+    """Calls of ``_grid_block`` (by default their grid; ``record`` picks from the positional arguments), with
+    the plan cache emptied."""
     calls = []
     real = ref._grid_block
 
     def spy(*args, **kwargs):
-        calls.append(args[2])  # the grid
+        calls.append(record(args))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ref, "_grid_block", spy)
@@ -212,10 +214,7 @@ def test_whole_grid_deltas_first_then_the_base_gemm(monkeypatch, threads, ids, d
     monkeypatch.setitem(test_multi_lora.TOL, torch.float64, 1e-12)
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
-    modes = []
-    real_grid = ref._grid_block
-    monkeypatch.setattr(ref, "_grid_block", lambda *a, **kw: modes.append(a[-1]) or real_grid(*a, **kw))
-    monkeypatch.setattr(ref, "_LAST_PLAN", None)
+    modes = _grid_spy(monkeypatch, lambda args: args[-1])  # the overwrite flag
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -31,3 +31,13 @@ def test_paired_ratios_use_the_summary_percentiles():
 
     ours, peft = [1.0, 2.0, 3.0, 4.0], [1.0] * 4
     assert paired_ratios(ours, peft) == (2.5, percentile(ours, 25.0), percentile(ours, 75.0)) == (2.5, 1.75, 3.25)
+
+
+def test_tiny_layer_run_has_every_provider(tmp_path):
+    # --layer builds the same providers as the model (``_providers``) around one Linear.
+    pytest.importorskip("peft", reason="the benchmark compares against PEFT")
+    out = tmp_path / "layer.json"
+    assert main(["--layer", "--hidden", "32", "--tokens", "4", "--rank", "2", "--repeats", "2", "--threads", "1",
+                 "--custom-op", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["stats"]) == {"lora_triton", "base", "peft", "lora_triton_custom_op"}

@@ -43,6 +43,12 @@ def build(hidden: int, layers: int, r: int, dropout: float):
     for p in base.parameters():
         p.requires_grad_(False)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return _providers(base, targets, r, dropout)
+
+
+def _providers(base, targets: list[str], r: int, dropout: float) -> dict:
+    """The frozen ``base`` and deep copies of it with our LoRA and (when installed) PEFT's on ``targets``,
+    all in train mode (dropout on)."""
     import lora_triton as lt
 
     ours = copy.deepcopy(base)
@@ -83,21 +89,7 @@ def build_layer(hidden: int, r: int, dropout: float):
     base = torch.nn.Sequential()
     base.lin = torch.nn.Linear(hidden, hidden)
     base.lin.requires_grad_(False)
-    import lora_triton as lt
-
-    ours = copy.deepcopy(base)
-    lt.inject_lora(ours, lt.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["lin"]))
-    models = {"lora_triton": ours, "base": base}
-    try:
-        from peft import LoraConfig, get_peft_model
-
-        models["peft"] = get_peft_model(copy.deepcopy(base), LoraConfig(
-            r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["lin"]))
-    except ImportError:
-        pass
-    for m in models.values():
-        m.train()
-    return models
+    return _providers(base, ["lin"], r, dropout)
 
 
 def layer_step_fn(model, x, dy, eager: str | None = None):
@@ -163,10 +155,8 @@ def main(argv=None) -> int:
             fns["lora_triton_custom_op"] = step_fn(models["lora_triton"], ids, eager="0")
     for f in fns.values():
         f(0)
-    if args.cpu_time:
-        samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3, clock=time.thread_time)
-    else:
-        samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3, n_sets=1)
+    samples = measure_interleaved(fns, torch.device("cpu"), repeats=args.repeats, warmup=3,
+                                  clock=time.thread_time if args.cpu_time else time.perf_counter)
     stats = {k: summarize(v) for k, v in samples.items()}
     paired = {k: paired_ratios(v, samples["peft"]) for k, v in samples.items()} if "peft" in samples else {}
     end = os.getloadavg()

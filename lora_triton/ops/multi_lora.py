@@ -26,6 +26,7 @@ from ..reference import multi_lora as _reference
 from ..reference.multi_lora import full_ranks
 from .backend import implementation
 from .checks import _shape, check_same_device
+from .eager import _PLAIN as _PLAIN_TYPES
 from .eager import enabled as eager_enabled
 
 
@@ -198,16 +199,17 @@ def _same_device(x: Tensor, others) -> bool:
     return all([t is None or t.device == dev for t in others])
 
 
-_PLAIN = frozenset((Tensor, torch.nn.Parameter))
+_PLAIN = frozenset(_PLAIN_TYPES)  # ops/eager.py's plain tensor types, as a set for one issuperset test
 
 
 def _plain_eager(args) -> bool:
     """Whether the call may run the implementation without the custom op's dispatch: eager, no autograd,
     plain tensors, no torch-function or dispatch mode, ``LORA_TRITON_EAGER`` not 0 (``ops/eager.py``).
     torch.compile, export, make_fx, fake tensors, functorch transforms and calls that need dx / dW all go
-    through the op. The dispatch is ~10 Python
-    frames plus an aliasing check: 130-175 us per call with caches cold after the base GEMM (measured,
-    T=64, K=N=4096, 2026-12-01), against ~1 ms for the whole LoRA term."""
+    through the op. The dispatch is ~10 Python frames plus an aliasing check: 130-175 us per call with caches
+    cold after the base GEMM (measured, T=64, K=N=4096, 2026-12-01), against ~1 ms for the whole LoRA term.
+    Close to ``eager.fast_path`` (lora_linear's), but C-level checks only (no Python loop over the tensors),
+    a grad test added, and autocast not refused."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or not eager_enabled():
         return False
     tensors = [a for a in args if a is not None]

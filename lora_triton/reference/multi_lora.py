@@ -78,7 +78,7 @@ def _add_lora(x, y, lora_A, lora_B, scalings, adapter_ids, ranks, adapter_weight
     num, r_max, _ = lora_A.shape
     k = adapter_ids.shape[1]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    sel, ad, counts, starts, max_count, by_id, active, act_counts, act_starts, grid, lo = plan
+    sel, ad, max_count, by_id, active, act_counts, act_starts, grid, lo = plan
     span = len(active)
     # Each op below is a few microseconds warm but 5-20 with the caches cold after the base GEMM (a
     # decode step's usual state), so no-op casts and full-range slices are skipped, not issued.
@@ -148,15 +148,13 @@ class Plan(NamedTuple):
     """The (token, slot) pairs with an adapter sorted by adapter, and the adapters' row layout."""
     sel: torch.Tensor  # slots j = token * k + c, sorted by adapter (stable)
     ad: torch.Tensor  # their adapters
-    counts: torch.Tensor  # [L] slots per adapter
-    starts: torch.Tensor  # [L] first position of each adapter in sel
     max_count: int
     by_id: bool  # rows laid out by adapter id (low skew) rather than by count
     # adapters in layout order: by_id, the id range from the first to the last adapter in use (a pool
     # with more slots than the batch uses reads only that range); else those in use, by count
     active: torch.Tensor
-    act_counts: torch.Tensor
-    act_starts: torch.Tensor
+    act_counts: torch.Tensor  # slots of each of them
+    act_starts: torch.Tensor  # the first position of each of them in sel
     # (first, adapter step, row step) when every adapter holds max_count slots at slot
     # first + a * adapter_step + j * row_step (a decode batch with sequence i on adapter i % L, or one
     # already grouped by adapter): the block is a strided view of x and y, no gather, no scatter.
@@ -205,7 +203,7 @@ def _sort_tokens(adapter_ids, num: int) -> Plan | None:
     else:
         active = used[torch.argsort(counts[used], descending=True, stable=True)]
     grid = _grid(sel, span, max_count) if by_id and sel.numel() == max_count * span else None
-    return Plan(sel, ad, counts, starts, max_count, by_id, active, counts[active], starts[active], grid, lo)
+    return Plan(sel, ad, max_count, by_id, active, counts[active], starts[active], grid, lo)
 
 
 def _grid(sel, num: int, count: int) -> tuple[int, int, int] | None:
@@ -269,10 +267,7 @@ def _grid_block(x, y, grid, num: int, count: int, coef, a_act, b_act, overwrite:
     kdim, n = x.shape[1], y.shape[1]
     (xr, xc), (yr, yc) = x.stride(), y.stride()
     xv = x.as_strided((num, count, kdim), (step_a * xr, step_j * xr, xc), x.storage_offset() + first * xr)
-    u = torch.bmm(xv, a_act.transpose(1, 2))  # [L, c, R]
-    u.mul_(coef[:, :, None])
-    if drop is not None:
-        u.masked_fill_(drop, 0)
+    u = _shrink(xv, a_act, coef, drop)
     yv = y.as_strided((num, count, n), (step_a * yr, step_j * yr, yc), y.storage_offset() + first * yr)
     if overwrite and (yv.is_contiguous() or torch.get_num_threads() == 1):
         # Into y's rows; strided rows make bmm run one GEMM per adapter (ldc = the row step): on one thread
@@ -281,11 +276,11 @@ def _grid_block(x, y, grid, num: int, count: int, coef, a_act, b_act, overwrite:
         # a descheduled worker (p80 over 100 ms, measured): with more threads, the buffer and one copy.
         torch.bmm(u, b_act.transpose(1, 2), out=yv)
     elif overwrite:
-        yv.copy_(torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n)))
+        yv.copy_(_expand(u, b_act))
     elif yv.is_contiguous():  # grouped rows: the GEMM adds into y itself (as cheap as the bare bmm, measured)
         yv.baddbmm_(u, b_act.transpose(1, 2))
     else:  # strided rows: baddbmm_ would copy y's rows out and back; a delta in scratch and one add cost less
-        yv.add_(torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n)))
+        yv.add_(_expand(u, b_act))
     return y
 
 
@@ -296,17 +291,29 @@ def _equal_counts(xc, y, slots, coef, a_act, b_act, t: int, k: int, direct: bool
     n, kdim = y.shape[1], xc.shape[1]
     rows = slots.reshape(-1) if k == 1 else slots.reshape(-1) // k
     xg = torch.index_select(xc, 0, rows, out=_scratch(0, rows.numel() * kdim, xc).view(-1, kdim))
-    u = torch.bmm(xg.view(num, count, kdim), a_act.transpose(1, 2))  # [L, c, R]
-    u.mul_(coef[:, :, None])
-    if drop is not None:
-        u.masked_fill_(drop, 0)
-    delta = torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n))
-    delta = delta.view(-1, n)  # [L * c, N]
+    u = _shrink(xg.view(num, count, kdim), a_act, coef, drop)
+    delta = _expand(u, b_act).view(-1, n)  # [L * c, N]
     if direct:
         return y.index_add_(0, rows, delta)
     acc = torch.zeros((t * k, n), dtype=delta.dtype, device=y.device)
     acc[slots.reshape(-1)] = delta
     return _add_slots(y, acc, None, slots, t, k, n, delta.dtype)
+
+
+def _shrink(xv, a_act, coef, drop):
+    """u = x A^T [L, c, R] of an equal-count block xv [L, c, K], times coef [L, c] or [L, 1], with the columns
+    beyond each adapter's rank zeroed (``drop``, from ``_rank_limited``) when there is a mask."""
+    u = torch.bmm(xv, a_act.transpose(1, 2))
+    u.mul_(coef[:, :, None])
+    if drop is not None:
+        u.masked_fill_(drop, 0)
+    return u
+
+
+def _expand(u, b_act):
+    """u B^T [L, c, N] in this thread's reused delta buffer (``_scratch`` slot 1): valid until the next call."""
+    num, count, n = u.shape[0], u.shape[1], b_act.shape[1]
+    return torch.bmm(u, b_act.transpose(1, 2), out=_scratch(1, num * count * n, u).view(num, count, n))
 
 
 _WORKSPACE = threading.local()
