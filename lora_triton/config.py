@@ -43,12 +43,12 @@ _UNSUPPORTED_AT_DEFAULT: dict[str, Any] = {
 _IGNORED = {"auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "runtime_config"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PeftConfigFields:
     """PEFT's bookkeeping fields, the same in every config class (LoRA / DoRA, AdaLoRA, LoHa, LoKr, X-LoRA);
-    each class sets its own ``peft_type`` default and checks it."""
+    each class declares its own ``peft_type`` field (with its default) and checks it. Keyword-only, so a
+    config class's positional arguments stay its own leading fields (``LoraConfig(16)`` is r=16)."""
 
-    peft_type: str = ""
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None

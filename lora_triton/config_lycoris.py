@@ -32,6 +32,7 @@ class _LycorisConfig(AdapterConfigFile):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     modules_to_save: Optional[list[str]] = None
+    peft_type: str = ""  # LoHaConfig / LoKrConfig: their PEFT_TYPE
     PEFT_TYPE = ""
     INIT_CHOICES = (True, False)
 

@@ -145,3 +145,14 @@ def test_peft_bookkeeping_fields_are_checked_by_every_config(cls, kwargs, messag
     with pytest.raises(ValueError, match=message):
         cls(**BASE[cls], **kwargs)
     assert cls(**BASE[cls], task_type="CAUSAL_LM", inference_mode=True).inference_mode is True
+
+
+@pytest.mark.parametrize("cls", list(BASE))
+def test_positional_arguments_are_each_configs_own_leading_fields(cls):
+    """The shared bookkeeping fields are keyword-only: a config's first positional argument is still its own
+    first field (r, or X-LoRA's hidden_size), as before they moved to ``PeftConfigFields``."""
+    first = "hidden_size" if cls is XLoraConfig else "r"
+    kwargs = {k: v for k, v in BASE[cls].items() if k != first}
+    config = cls(16, **kwargs)
+    assert getattr(config, first) == 16
+    assert {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode"} <= set(config.to_dict())

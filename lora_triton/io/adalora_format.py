@@ -7,19 +7,16 @@ not saved, as in PEFT.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..nn.adalora import adalora_layers, adalora_state
 from ..nn.inject import adapter_configs
-from .adapter_files import write_pair
 from .config_json import CONFIG_NAME, read_config_json
-from .peft_format import PREFIX, adapter_state_dict, load_adapter, saved_base_model_name
+from .peft_format import PREFIX, adapter_state_dict, load_adapter, write_adapter
 
 
 def is_adalora_dir(directory: str) -> bool:
@@ -56,11 +53,7 @@ def save_adalora(model: nn.Module, directory: str, adapter_name: Optional[str] =
     """Write one AdaLoRA adapter (default: the trainable one, else the first) in PEFT's format, atomically."""
     state = adalora_state(model)
     name = adapter_name or state.adapter_name
-    tensors = adalora_state_dict(model, name)
-    config = adapter_configs(model)[name]
-    config = dataclasses.replace(config, base_model_name_or_path=saved_base_model_name(model, config),
-                                 inference_mode=True)
-    write_pair(directory, lambda tmp, metadata: save_file(tensors, tmp, metadata=metadata), config.to_json_string())
+    write_adapter(model, directory, name, adalora_state_dict(model, name), inference_mode=True)
 
 
 def load_adalora(model: nn.Module, directory: str, adapter_name: str = "default",

@@ -135,8 +135,16 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
 
         return save_adalora(model, directory, adapter_name)
     tensors = adapter_state_dict(model, adapter_name) if tensors is None else tensors
+    write_adapter(model, directory, adapter_name, tensors)
+
+
+def write_adapter(model: nn.Module, directory: str, adapter_name: str, tensors: dict[str, torch.Tensor],
+                  **config_changes) -> None:
+    """``tensors`` and the adapter's config as one atomic save (every adapter save ends here): the config's
+    base_model_name_or_path by ``saved_base_model_name``, plus ``config_changes``."""
     config = adapter_configs(model)[adapter_name]
-    config = dataclasses.replace(config, base_model_name_or_path=saved_base_model_name(model, config))
+    config = dataclasses.replace(config, base_model_name_or_path=saved_base_model_name(model, config),
+                                 **config_changes)
     write_pair(directory, lambda tmp, metadata: save_file(tensors, tmp, metadata=metadata), config.to_json_string())
 
 

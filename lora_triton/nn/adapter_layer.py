@@ -202,11 +202,16 @@ class AdapterLayer(nn.Module):
         names = list(self.merged_adapters)
         with torch.no_grad():
             weight = self.base_layer.weight
-            weight.copy_((self.merge_value(weight) - sum(self.delta_weight(n) for n in names)).to(weight.dtype))
+            weight.copy_(self._unmerge_value(names).to(weight.dtype))
             bias = self._merged_bias(names, sign=-1)
             if bias is not None:
                 self.base_layer.bias.copy_(bias.to(self.base_layer.bias.dtype))
         self.merged_adapters = []
+
+    def _unmerge_value(self, names: list[str]) -> torch.Tensor:
+        """What ``unmerge`` writes to the base weight (merge precision): these merged adapters (all of them) taken
+        out."""
+        return self.merge_value(self.base_layer.weight) - sum(self.delta_weight(n) for n in names)
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}"

@@ -243,13 +243,7 @@ class DoraHooks:
             w = variant.merge_weight(self, n, w) if variant is not None else w + self.delta_weight(n)
         return w, self._merged_bias(names, sign=1)
 
-    def unmerge(self) -> None:
-        if not any(n in self.lora_variant for n in self.merged_adapters):
-            return super().unmerge()
-        with torch.no_grad():
-            weight = self.base_layer.weight
-            weight.copy_(self.unmerged_weight().to(weight.dtype))
-            bias = self._merged_bias(self.merged_adapters, sign=-1)
-            if bias is not None:
-                self.base_layer.bias.copy_(bias.to(self.base_layer.bias.dtype))
-        self.merged_adapters = []
+    def _unmerge_value(self, names):
+        if not any(n in self.lora_variant for n in names):
+            return super()._unmerge_value(names)
+        return self.unmerged_weight()  # names are the merged adapters: undone one by one, last merged first

@@ -109,8 +109,8 @@ class LoHaLayer(AdapterLayer):
         if "hada_t1" in t:
             delta = tucker_delta(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"], t["hada_t2"], t["hada_w2_a"],
                                  t["hada_w2_b"])
-            return delta.reshape(self.base_layer.weight.shape) * self.scaling[name]
-        delta = dense_delta(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"])
+        else:
+            delta = dense_delta(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"])
         return delta.reshape(self.base_layer.weight.shape) * self.scaling[name]
 
     def extra_repr(self) -> str:

@@ -90,12 +90,12 @@ class LoraEmbedding(DoraHooks, AdapterLayer):  # DoraHooks: use_dora (nn/dora_la
 
     def add_adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # E[ids] is a fresh tensor that the embedding's backward never reads, so s * U B^T goes into it
-        # in place (one addmm_, none of the [M, dim] temporaries of the generic path). A scaled
-        # embedding, another dtype or a non-contiguous result takes the generic path.
-        if name in self.lora_variant:  # DoRA rescales the result (nn/dora_layers.py)
-            return self.lora_variant[name].add_output(self, name, x, result)
+        # in place (one addmm_, none of the [M, dim] temporaries of the generic path). A DoRA adapter
+        # (``DoraHooks`` routes it: it rescales the result), a scaled embedding, another dtype or a
+        # non-contiguous result takes the generic path.
         b = self.lora_embedding_B[name]
-        if self._embed_scale() is not None or result.dtype != b.dtype or not result.is_contiguous():
+        if (name in self.lora_variant or self._embed_scale() is not None or result.dtype != b.dtype
+                or not result.is_contiguous()):
             return super().add_adapter_output(name, x, result)
         base = self.base_layer
         u = F.embedding(x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm, base.norm_type,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
+from typing import Optional
 
 from torch import nn
 
@@ -40,18 +41,18 @@ def _input_embedding(model: nn.Module):
     return path, emb
 
 
-def tied_head_paths(model: nn.Module, embedding=None) -> list[str]:
-    """Paths of the Linear modules whose weight is the input embedding's (none when the model's config sets
-    tie_word_embeddings=False, as PEFT). ``embedding``: ``_input_embedding(model)`` when the caller has it."""
+def _tied(model: nn.Module) -> tuple[Optional[str], list[str]]:
+    """(the input embedding's path, the paths of the Linear modules whose weight is the embedding's); no heads
+    when the model's config sets tie_word_embeddings=False (as PEFT) or it has no input embedding."""
     if getattr(getattr(model, "config", None), "tie_word_embeddings", None) is False:
-        return []
-    emb_path, emb = embedding or _input_embedding(model)
+        return None, []
+    emb_path, emb = _input_embedding(model)
     if emb is None:
-        return []
+        return None, []
     weight = _unwrapped(emb).weight
-    return [p for p, m in model.named_modules()
-            if p and p != emb_path and isinstance(_unwrapped(m), nn.Linear) and _unwrapped(m).weight is weight
-            and not p.endswith(".base_layer")]
+    return emb_path, [p for p, m in model.named_modules()
+                      if p and p != emb_path and isinstance(_unwrapped(m), nn.Linear) and _unwrapped(m).weight is weight
+                      and not p.endswith(".base_layer")]
 
 
 def _embedding_targeted(config) -> bool:
@@ -66,7 +67,7 @@ def resolve(model: nn.Module, config):
     tied heads taken out (unchanged when ensure_weight_tying is off or nothing is tied / targeted)."""
     if not getattr(config, "ensure_weight_tying", False):
         return config
-    heads = tied_head_paths(model)
+    emb_path, heads = _tied(model)
     if not heads:
         warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model",
                       stacklevel=3)
@@ -78,7 +79,6 @@ def resolve(model: nn.Module, config):
         warnings.warn("You have requested `ensure_weight_tying`, but no tied modules are added in either "
                       "`modules_to_save` or `target_modules`", stacklevel=3)
         return config
-    emb_path = _input_embedding(model)[0]
     targets = config.target_modules
     if isinstance(targets, str):
         return dataclasses.replace(config, target_modules=rf"(?:{targets}|^{re.escape(emb_path)}$)")
@@ -92,23 +92,27 @@ def resolve(model: nn.Module, config):
 
 def tied_targets(model: nn.Module, config) -> list[str]:
     """The heads to wrap with tied adapters (after ``resolve``): empty unless the input embedding is a target."""
+    return _tied_targets(model, config)[1]
+
+
+def _tied_targets(model: nn.Module, config) -> tuple[Optional[str], list[str]]:
+    """(the input embedding's path, ``tied_targets``)."""
     if not getattr(config, "ensure_weight_tying", False):
-        return []
+        return None, []
     from .targets import is_target
 
-    embedding = _input_embedding(model)
-    if embedding[0] is None or not is_target(config, embedding[0]):
-        return []
-    return tied_head_paths(model, embedding)
+    emb_path, heads = _tied(model)
+    if emb_path is None or not is_target(config, emb_path):
+        return emb_path, []
+    return emb_path, heads
 
 
 def tie_adapters(model: nn.Module, config, adapter_name: str) -> None:
     """Point each tied head's new adapter at the embedding adapter's factors (transposed views), then run the
     head's init on them (PEFT's order)."""
-    heads = tied_targets(model, config)
+    emb_path, heads = _tied_targets(model, config)
     if not heads:
         return
-    emb_path = _input_embedding(model)[0]
     emb = model.get_submodule(emb_path)
     for path in heads:
         head = model.get_submodule(path)

@@ -76,14 +76,17 @@ class _ExpertStack:
         self.equal_rank = ranks[0] if len(set(ranks)) == 1 else None
         self.column_expert = torch.cat([torch.full((r,), i) for i, r in enumerate(ranks)])
 
+    def _params(self):
+        """Every expert's A and B weights, in expert order."""
+        layer = self.layer
+        return (p for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
+
     def _version(self):
         """(id, version) of every expert's A and B: the key both caches are rebuilt on."""
-        layer = self.layer
-        return tuple((id(p), p._version) for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
+        return tuple((id(p), p._version) for p in self._params())
 
     def trainable(self) -> bool:
-        layer = self.layer
-        return any(p.requires_grad for n in self.names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
+        return any(p.requires_grad for p in self._params())
 
     def concat(self, dtype: torch.dtype):
         """(A_cat [sum r, in], (B s)_cat [out, sum r]) in ``dtype``, no autograd (callers needing gradients
