@@ -67,15 +67,11 @@ def _fresh(n: int, device: torch.device) -> Tensor:
     return _ranked(torch.randint(0, SEED_LIMIT, (n,), dtype=torch.int64, device=device))
 
 
-def _draw(counter: Tensor, n: int) -> Tensor:
-    counter.add_(1)
-    return _fresh(n, counter.device)
-
-
 @torch.library.custom_op("lora_triton::draw_seeds", mutates_args=("counter",),
                          tags=(torch.Tag.nondeterministic_seeded,))
 def _draw_seeds(counter: Tensor, n: int) -> Tensor:
-    return _draw(counter, n)
+    counter.add_(1)
+    return _fresh(n, counter.device)
 
 
 @_draw_seeds.register_fake
