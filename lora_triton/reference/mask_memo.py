@@ -215,9 +215,10 @@ def _held_mask(key: tuple, seed, rows: int, cols: int, p: float, device, dtype: 
 
 def small_mask(seed, rows: int, cols: int, p: float, device, dtype: torch.dtype, forward: bool) -> torch.Tensor | None:
     """The whole [rows, cols] mask of a small CPU mask (one chunk, ``_fits``), else None (the caller loops
-    over ``mask_chunks``). Forward keeps it for its backward (a kept one, drawn by a batch, is taken without
-    popping); backward pops it. ``mask_chunks(keep=forward, take=not forward)``'s single chunk, without the
-    iterator: a small layer's call pays per Python frame. Read-only for the caller."""
+    over ``philox.keep_mask_chunks``: nothing else is kept). Forward keeps it for its backward (a kept one,
+    drawn by a batch, is taken without popping); backward pops it. ``mask_chunks(keep=forward, take=not
+    forward)``'s single chunk, without the iterator: a small layer's call pays per Python frame. Read-only
+    for the caller."""
     key = _key(seed, rows, cols, p, dtype, 0, device)
     return None if key is None else _held_mask(key, seed, rows, cols, p, device, dtype, 0, forward, not forward)
 
