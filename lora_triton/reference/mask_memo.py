@@ -151,11 +151,9 @@ def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -
             or _counters(rows, cols) * len(idx) > philox._CHUNK or MAX_BYTES == 0):
         return
     every = seeds.reshape(-1).tolist()
-    fc = mask_forecast.state()
     todo = []
-    for j in idx:
+    for j in idx:  # the forecast hears of each mask from its projection's own ``small_mask`` call
         seed, thr = int(every[j]), philox.dropout_threshold(ps[j])
-        fc.on_mask(seed, (rows, cols, thr, dtype))
         if _memo_key(seed, rows, cols, thr, dtype) not in _memo:
             todo.append((seed, thr))
     if len(todo) > 1:  # a single one is drawn by its projection's own forward
