@@ -138,7 +138,7 @@ def _draw_batch(seed_ints: list[int], rows: int, cols: int, thrs: list[int], dty
 
 
 def _fits(rows: int, cols: int) -> bool:
-    return 0 < _counters(rows, cols) <= philox.small_mask_counters() and cols > 0
+    return 0 < _counters(rows, cols) <= philox.small_mask_counters()  # 0 < : rows and cols both > 0
 
 
 def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -> None:
@@ -225,7 +225,7 @@ def mask_chunks(seed, rows: int, cols: int, p: float, device=None, dtype: torch.
                 row_offset: int = 0, keep: bool = False, take: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``philox.keep_mask_chunks``, with small CPU masks kept (``keep``: forward) or taken (``take``:
     backward) under their key. A kept or taken mask is read-only for the caller."""
-    key = _key(seed, rows, cols, p, dtype, row_offset, device) if (keep or take) and rows and cols else None
+    key = _key(seed, rows, cols, p, dtype, row_offset, device) if keep or take else None  # None: empty too
     if key is not None:
         yield 0, rows, _held_mask(key, seed, rows, cols, p, device, dtype, row_offset, keep, take)
         return
