@@ -86,21 +86,7 @@ def _take(key: tuple, pop: bool = True) -> torch.Tensor | None:
     return keep
 
 
-# Round i's key words are (lo + i * KEY_A, hi + i * KEY_B) mod 2**32 (``philox.round_keys``): as [10, 1]
-# int64 columns, a batch's keys are a few tensor ops (exact in int64) instead of 10 x 2 x G Python ints.
-_KEY_STEPS = (torch.arange(10, dtype=torch.int64).view(10, 1) * philox._KEY_A,
-              torch.arange(10, dtype=torch.int64).view(10, 1) * philox._KEY_B)
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}  # (G, n) -> arange(n) per seed: read-only, reused
-
-
-def _batch_round_keys(seed_ints: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The 10 rounds' (k0, k1) of G seeds as [G, 1] int64 tensors: ``philox.round_keys`` per seed, stacked."""
-    s = torch.tensor(seed_ints, dtype=torch.int64)
-    m = philox._MASK32
-    k0 = torch.add(_KEY_STEPS[0], s & m).bitwise_and_(m)  # [10, G]
-    k1 = torch.add(_KEY_STEPS[1], s.bitwise_right_shift(32).bitwise_and_(m)).bitwise_and_(m)
-    g = len(seed_ints)
-    return list(zip(k0.view(10, g, 1).unbind(0), k1.view(10, g, 1).unbind(0)))
 
 
 def _batch_counters(g: int, n: int) -> torch.Tensor:
@@ -121,7 +107,7 @@ def _draw_batch(seed_ints: list[int], rows: int, cols: int, thrs: list[int], dty
     seed's stream."""
     g, groups = len(seed_ints), -(-cols // 8)
     n = rows * groups
-    words = philox.generator(g * n, "cpu").run(_batch_counters(g, n), _batch_round_keys(seed_ints), flip16=True,
+    words = philox.generator(g * n, "cpu").run(_batch_counters(g, n), philox.batch_round_keys(seed_ints), flip16=True,
                                                below_2_32=n <= 1 << 32)
     out, levels = philox.keep_buffers((g, rows, groups, 4, 2), dtype)
     if all(t == thrs[0] for t in thrs):
