@@ -36,7 +36,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.backend import choose_backend, env, requested_backend
+from ..env_vars import env
+from ..ops.backend import choose_backend, requested_backend
 from ..ops.grouped import lora_linear_grouped
 from .lora_bias import with_lora_bias
 from .lora_linear import LoraLinear
@@ -49,7 +50,7 @@ _POLICIES = ("auto", "on", "off")
 
 def grouping_policy() -> str:
     """``LORA_TRITON_GROUP`` (auto, on, off; default auto); another value is an error naming the valid ones.
-    Every grouped member's call asks: read as ``LORA_TRITON_BACKEND`` is (``backend.env``, parse cached)."""
+    Every grouped member's call asks: read as ``LORA_TRITON_BACKEND`` is (``env_vars.env``, parse cached)."""
     return _parse_policy(env("LORA_TRITON_GROUP", "auto"))
 
 

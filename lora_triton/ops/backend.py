@@ -32,8 +32,6 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-
-
 def interpreter_enabled() -> bool:
     return env("TRITON_INTERPRET", "0") not in ("", "0")
 
