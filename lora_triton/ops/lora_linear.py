@@ -8,8 +8,8 @@ tensor subclasses: ``eager.fast_path``) runs the same implementation through a p
 ``autograd.Function`` instead, without the custom op's per-call cost; the bits are the same.
 
 Saved for backward: x, U = D(x) A^T [M, r] and the dropout seed. The mask and D(x)
-are regenerated from the seed, never stored (the CPU reference keeps masks of at most
-one generator chunk from forward to backward, bounded: ``reference/mask_memo.py``).
+are regenerated from the seed, never stored (the CPU reference keeps small masks, at most
+``philox.small_mask_counters()`` counters each, from forward to backward, bounded: ``reference/mask_memo.py``).
 """
 
 from __future__ import annotations
