@@ -1,4 +1,5 @@
-"""Environment reads on hot paths: ``env(name, default)`` is ``os.environ.get`` from os.environ's backing dict.
+"""Environment reads on hot paths: ``env(name, default)`` is ``os.environ.get`` from os.environ's backing dict;
+``env_choice(name, choices)`` reads a switch such as ``LORA_TRITON_BACKEND`` through it.
 
 Every op call asks for its backend and each CPU thread toggle for its policy; with caches cold after a large
 GEMM (each decode step) the Mapping machinery of ``os.environ.get`` cost 20-30 us per variable against ~7 us
@@ -9,6 +10,7 @@ monkeypatch and ``patch.dict`` do); like ``os.environ.get`` it does not see a ra
 
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -25,3 +27,18 @@ def env(name: str, default: str) -> str:
 
 
 _ENV_KEYS: dict[str, object] = {}
+
+
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """``name``'s value stripped and lower-cased, one of ``choices`` (unset or empty: ``choices[0]``, the
+    default); another value is an error naming them. The parse is cached per raw value (every op call asks);
+    a bad value is not cached: it raises on every call."""
+    return _choice(name, env(name, choices[0]), choices)
+
+
+@functools.lru_cache(maxsize=64)
+def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value

@@ -43,3 +43,26 @@ def test_env_without_a_backing_dict_falls_back_to_get(monkeypatch):
     monkeypatch.setattr(os, "environ", {"LORA_TRITON_TEST_ENV_VAR": "set"})
     assert backend.env("LORA_TRITON_TEST_ENV_VAR", "dflt") == "set"
     assert backend.env("LORA_TRITON_TEST_ENV_UNSET", "dflt") == "dflt"
+
+
+@pytest.mark.parametrize("name,read,choices", [
+    ("LORA_TRITON_BACKEND", backend.requested_backend, backend.BACKENDS),
+    ("LORA_TRITON_PATH", backend.requested_path, backend.PATHS),
+    ("LORA_TRITON_GROUP", None, ("auto", "on", "off")),
+])
+def test_switches_share_one_parse(monkeypatch, name, read, choices):
+    """The switches read through ``env_vars.env_choice``: unset or empty is the default, case and spaces are
+    ignored, and a bad value is an error naming the valid ones, raised again on every read."""
+    if read is None:
+        from lora_triton.nn.grouping import grouping_policy as read
+    monkeypatch.delenv(name, raising=False)
+    assert read() == "auto"
+    monkeypatch.setenv(name, "")
+    assert read() == "auto"
+    monkeypatch.setenv(name, f" {choices[-1].upper()} ")
+    assert read() == choices[-1]
+    monkeypatch.setenv(name, "Bogus")
+    for _ in range(2):
+        with pytest.raises(ValueError) as err:
+            read()
+        assert str(err.value) == f"{name} must be one of {choices}, got 'bogus'"

@@ -144,6 +144,22 @@ def test_dispatch_modes_and_the_switch_keep_the_custom_ops(monkeypatch):
     assert not eager.fast_path(x)
 
 
+def test_seed_draws_follow_the_ops_verdict(monkeypatch):
+    """Each op decides once: a call that keeps its custom op (here x is a tensor subclass) draws its seeds
+    through the draw_seeds op too, a plain call draws them without it; lora_linear and the grouped op alike."""
+    from lora_triton.ops import seeds as seeds_mod
+
+    calls = []
+    real = seeds_mod._draw_seeds
+    monkeypatch.setattr(seeds_mod, "_draw_seeds", lambda *a: calls.append(1) or real(*a))
+    c = _operands(4, 16, 8, 2, torch.float32, True)
+    grouped = ([c["w"]] * 2, [None, c["b"]], [c["a"]] * 2, [c["bb"]] * 2, [1.0, 1.0], [0.2, 0.2])
+    for x in (c["x"], c["x"].as_subclass(_Subclass)):
+        lora_linear(x, c["w"], c["b"], c["a"], c["bb"], 1.0, 0.2)
+        lora_linear_grouped(x, *grouped)
+    assert calls == [1, 1]
+
+
 def test_compile_still_captures_the_custom_ops():
     torch._dynamo.reset()
     graphs = []

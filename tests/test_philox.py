@@ -208,6 +208,19 @@ def test_tensor_seed_keys_equal_int_keys():
         assert torch.equal(a, b)
 
 
+def test_tensor_and_batch_round_keys_equal_the_int_keys():
+    """``tensor_round_keys`` (0-d per round) and ``batch_round_keys`` ([G, 1] per round) hold round_keys' values."""
+    seeds = [0, 3, 2**32 - 1, 2**32, 2**40 + 1, 2**63 - 1]
+    batch = philox.batch_round_keys(seeds)
+    assert len(batch) == 10 and all(k.shape == (len(seeds), 1) for pair in batch for k in pair)
+    for j, seed in enumerate(seeds):
+        want = philox.round_keys(seed)
+        one = philox.tensor_round_keys(torch.tensor([seed]))
+        assert all(k.dim() == 0 for pair in one for k in pair)
+        assert [(int(a), int(b)) for a, b in one] == want
+        assert [(int(a[j, 0]), int(b[j, 0])) for a, b in batch] == want
+
+
 def test_serial_cpu_restores_thread_count(monkeypatch):
     monkeypatch.setenv("LORA_TRITON_CPU_THREADS", "fewer")
     threads = torch.get_num_threads()

@@ -28,7 +28,6 @@ the group's bookkeeping. ``on`` groups on every backend (tests), ``off`` nowhere
 
 from __future__ import annotations
 
-import functools
 import types
 from collections.abc import Sequence
 from typing import Optional
@@ -36,7 +35,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.backend import choose_backend, env, requested_backend
+from ..env_vars import env_choice
+from ..ops.backend import choose_backend, requested_backend
 from ..ops.grouped import lora_linear_grouped
 from .lora_bias import with_lora_bias
 from .lora_linear import LoraLinear
@@ -49,16 +49,8 @@ _POLICIES = ("auto", "on", "off")
 
 def grouping_policy() -> str:
     """``LORA_TRITON_GROUP`` (auto, on, off; default auto); another value is an error naming the valid ones.
-    Every grouped member's call asks: read as ``LORA_TRITON_BACKEND`` is (``backend.env``, parse cached)."""
-    return _parse_policy(env("LORA_TRITON_GROUP", "auto"))
-
-
-@functools.lru_cache(maxsize=16)
-def _parse_policy(raw: str) -> str:
-    value = raw.strip().lower() or "auto"
-    if value not in _POLICIES:  # not cached: raised again on every call
-        raise ValueError(f"LORA_TRITON_GROUP must be one of {_POLICIES}, got {value!r}")
-    return value
+    Every grouped member's call asks: read as ``LORA_TRITON_BACKEND`` is (``env_vars.env_choice``, parse cached)."""
+    return env_choice("LORA_TRITON_GROUP", _POLICIES)
 
 
 def grouping_pays(device: torch.device) -> bool:

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ..env_vars import env
+from ..env_vars import env, env_choice
 
 BACKENDS = ("auto", "triton", "reference")
 # How the Triton backend runs a training linear: "fused" (our GEMMs with the LoRA term inside),
@@ -32,32 +32,18 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-
-
 def interpreter_enabled() -> bool:
     return env("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def requested_backend() -> str:
-    return _parse_backend(env("LORA_TRITON_BACKEND", "auto"))
-
-
-@functools.lru_cache(maxsize=16)
-def _parse_backend(raw: str) -> str:
-    # Cached on the raw string: every op call asks (a small layer pays per call); a bad value is not
-    # cached (the ValueError is raised again on every call).
-    value = raw.strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"LORA_TRITON_BACKEND must be one of {BACKENDS}, got {value!r}")
-    return value
+    """``LORA_TRITON_BACKEND`` (default auto); an unknown value is an error naming the valid ones."""
+    return env_choice("LORA_TRITON_BACKEND", BACKENDS)
 
 
 def requested_path() -> str:
     """``LORA_TRITON_PATH`` (default auto); an unknown value is an error naming the valid ones."""
-    value = os.environ.get("LORA_TRITON_PATH", "auto").strip().lower() or "auto"
-    if value not in PATHS:
-        raise ValueError(f"LORA_TRITON_PATH must be one of {PATHS}, got {value!r}")
-    return value
+    return env_choice("LORA_TRITON_PATH", PATHS)
 
 
 def choose_backend(device: torch.device) -> str:

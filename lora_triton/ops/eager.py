@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from .backend import env
+from ..env_vars import env
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _ENV = "LORA_TRITON_EAGER"

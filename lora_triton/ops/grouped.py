@@ -156,10 +156,11 @@ class _EagerGrouped(torch.autograd.Function):
         return (None if dx is None else dx.view(x.shape), None, None, None, *d_ws, *d_biases, *d_as, *d_bs)
 
 
-def make_seeds(seeds, g: int, device: torch.device) -> Tensor:
-    """int64 tensor [G] on ``device``; None draws G seeds from torch's generator (no host sync)."""
+def make_seeds(seeds, g: int, device: torch.device, eager: bool | None = None) -> Tensor:
+    """int64 tensor [G] on ``device``; None draws G seeds from torch's generator (no host sync; ``eager``:
+    the caller's ``eager.fast_path`` verdict, passed on to ``draw_seeds``)."""
     if seeds is None:
-        return draw_seeds(g, device)  # ops/seeds.py: the same draw eager, compiled and per rank
+        return draw_seeds(g, device, eager)  # ops/seeds.py: the same draw eager, compiled and per rank
     if isinstance(seeds, Tensor):
         if seeds.dtype != torch.int64 or seeds.numel() != g:
             raise ValueError(f"seeds tensor must hold {g} int64 values (one per projection), got dtype "
@@ -204,11 +205,13 @@ def lora_linear_grouped(x: Tensor, weights: Sequence[Optional[Tensor]], biases: 
             check_lora_operands(x, weights[i], biases[i], lora_As[i], lora_Bs[i], dropout_ps[i])
         except (ValueError, TypeError) as e:
             raise type(e)(f"projection {i}: {e}") from None
-    seed_t = make_seeds(seeds, g, x.device) if any(p > 0.0 for p in dropout_ps) else None
     weights = [_absent(x) if w is None else w for w in weights]
     biases = [_absent(x) if b is None else b for b in biases]
     tensors = (*weights, *biases, *lora_As, *lora_Bs)
-    eager = fast_path(x, seed_t, *tensors)  # a plain eager call: the implementation without the custom op
+    # A plain eager call: the implementation without the custom op (and the seed draw without its op, as in
+    # lora_linear). A seeds tensor keeps its type through make_seeds, so the verdict on it holds for seed_t.
+    eager = fast_path(x, seeds if isinstance(seeds, Tensor) else None, *tensors)
+    seed_t = make_seeds(seeds, g, x.device, eager) if any(p > 0.0 for p in dropout_ps) else None
     if eager and _needs_grad(x, *tensors):
         return _EagerGrouped.apply(x, scalings, dropout_ps, seed_t, *tensors)[:g]
     x2 = _rows(x)

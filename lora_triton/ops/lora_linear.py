@@ -8,12 +8,13 @@ tensor subclasses: ``eager.fast_path``) runs the same implementation through a p
 ``autograd.Function`` instead, without the custom op's per-call cost; the bits are the same.
 
 Saved for backward: x, U = D(x) A^T [M, r] and the dropout seed. The mask and D(x)
-are regenerated from the seed, never stored (the CPU reference keeps masks of at most
-one generator chunk from forward to backward, bounded: ``reference/mask_memo.py``).
+are regenerated from the seed, never stored (the CPU reference keeps small masks, at most
+``philox.small_mask_counters()`` counters each, from forward to backward, bounded: ``reference/mask_memo.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -86,18 +87,14 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
-def _grads(ctx, dy, bwd, saved=None, impl=None):
-    """The 8 input gradients from ``bwd`` (the custom op ``_bwd`` or ``_bwd_impl``: the same numbers).
-    ``saved``: the saved tensors with x as [M, K] (the eager path saves x as given; saved tensors are
-    unpacked once, as non-reentrant checkpointing requires); ``impl``: the implementation ``_bwd_impl``
-    runs (the eager path's, chosen by its forward)."""
+def _grads(ctx, dy, bwd, saved=None):
+    """The 8 input gradients from ``bwd`` (the custom op ``_bwd``, or ``_bwd_impl`` with the forward's
+    implementation bound: the same numbers). ``saved``: the saved tensors with x as [M, K] (the eager path
+    saves x as given; saved tensors are unpacked once, as non-reentrant checkpointing requires)."""
     x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors if saved is None else saved
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dy = dy.contiguous()
-    if impl is None:
-        dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
-    else:
-        dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x, impl)
+    dx, d_a, d_b = bwd(dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed, need_x)
     d_w = (dy.t() @ x).to(weight.dtype) if need_w else None
     d_bias = dy.sum(0) if need_b else None
     return (dx if need_x else None), d_w, d_bias, _as(d_a, lora_A.dtype), _as(d_b, lora_B.dtype), None, None, None
@@ -147,7 +144,8 @@ class _EagerLoraLinear(torch.autograd.Function):
 def _eager_backward(ctx, dy):
     saved = ctx.saved_tensors
     x = saved[0]
-    grads = _grads(ctx, _rows(dy), _bwd_impl, (_rows(x), *saved[1:]), ctx.impl)
+    bwd = functools.partial(_bwd_impl, impl=ctx.impl)  # what the forward chose
+    grads = _grads(ctx, _rows(dy), bwd, (_rows(x), *saved[1:]))
     dx = grads[0]
     return (None if dx is None else dx.view(x.shape), *grads[1:])
 
@@ -178,9 +176,6 @@ def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lor
     seed_t = make_seed(seed, x.device, eager) if dropout_p > 0.0 else None
     if eager and _needs_grad(x, weight, bias, lora_A, lora_B):
         return _EagerLoraLinear.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
-    x2 = _rows(x)
-    if eager:  # nothing to differentiate: the implementation itself
-        y = _fwd_impl(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)[0]
-    else:
-        y = _fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)[0]
+    run = _fwd_impl if eager else _fwd  # eager: nothing to differentiate, the implementation itself
+    y = run(_rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)[0]
     return _unrows(y, x.shape[:-1])

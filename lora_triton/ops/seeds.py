@@ -2,7 +2,8 @@
 
 Every seed the ops draw themselves (``seed=None``) comes from ``draw_seeds``: ``n`` int64 values from
 torch's generator on the target device, ``torch.randint(0, 2**62, (n,))``, then offset by the process's
-rank (below). It is a torch.library custom op tagged ``nondeterministic_seeded``, so under
+rank (below). It is a torch.library custom op tagged ``nondeterministic_seeded`` (a plain eager call runs
+its body directly, ``ops/eager.py``: the same values), so under
 ``torch.compile`` it stays an opaque call into eager torch -- inductor does not replace the draw with its
 own RNG stream and does not merge two draws -- and a compiled run draws the same seeds, hence the same
 dropout masks, as an eager run after the same ``torch.manual_seed``.
@@ -67,15 +68,11 @@ def _fresh(n: int, device: torch.device) -> Tensor:
     return _ranked(torch.randint(0, SEED_LIMIT, (n,), dtype=torch.int64, device=device))
 
 
-def _draw(counter: Tensor, n: int) -> Tensor:
-    counter.add_(1)
-    return _fresh(n, counter.device)
-
-
 @torch.library.custom_op("lora_triton::draw_seeds", mutates_args=("counter",),
                          tags=(torch.Tag.nondeterministic_seeded,))
 def _draw_seeds(counter: Tensor, n: int) -> Tensor:
-    return _draw(counter, n)
+    counter.add_(1)
+    return _fresh(n, counter.device)
 
 
 @_draw_seeds.register_fake

@@ -15,19 +15,18 @@ import itertools
 
 import torch
 
-from .mask_memo import mask_chunks, small_mask
-from .philox import few_threads, serial_cpu
+from .mask_memo import small_mask
+from .philox import few_threads, keep_mask_chunks, serial_cpu
 
 
 def _f32(t):
     return t if t.dtype == torch.float32 else t.float()  # fp32 already: no dispatch for a no-op cast
 
 
-def _mask_chunks(x, seed, dropout_p: float, forward: bool):
-    """Row chunks (r0, r1, keep) of x's mask, 0/1 in x's dtype (no [M, K] mask or D(x) is built). A small
-    CPU mask drawn in forward is kept for the backward of the same call (``mask_memo``)."""
-    return mask_chunks(seed, x.shape[0], x.shape[1], dropout_p, device=x.device, dtype=x.dtype,
-                       keep=forward, take=not forward)
+def _mask_chunks(x, seed, dropout_p: float):
+    """Row chunks (r0, r1, keep) of x's mask, 0/1 in x's dtype (no [M, K] mask or D(x) is built). Only for a
+    mask ``small_mask`` does not keep: a small CPU one is kept for the backward there, never here."""
+    return keep_mask_chunks(seed, x.shape[0], x.shape[1], dropout_p, device=x.device, dtype=x.dtype)
 
 
 def _split_first(chunks):
@@ -44,7 +43,7 @@ def shrink_dropout(x, lora_A, dropout_p: float, seed):
     keep = small_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device, x.dtype, forward=True)
     with serial_cpu(x.device, x.numel()):
         if keep is None:  # not a small CPU mask (that one is kept for this call's backward): the chunks
-            first, chunks = _split_first(_mask_chunks(x, seed, dropout_p, forward=True))
+            first, chunks = _split_first(_mask_chunks(x, seed, dropout_p))
             if first is not None and first[1] - first[0] == x.shape[0]:
                 keep = first[2]
         if keep is not None:  # the mask in one chunk
@@ -115,7 +114,7 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scaling: float, dropout_p:
             first = (0, x.shape[0], keep)
             chunks = iter((first,))
         else:
-            first, chunks = _split_first(_mask_chunks(x, seed, dropout_p, forward=False))
+            first, chunks = _split_first(_mask_chunks(x, seed, dropout_p))
         if same and first is not None and first[1] - first[0] == x.shape[0]:  # fp16 / bf16 accumulate below
             return _bwd_one_chunk(dy, x, weight, lora_A, d_us, d_b, first[2], need_dx)
         dx = None

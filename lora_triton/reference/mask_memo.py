@@ -86,21 +86,7 @@ def _take(key: tuple, pop: bool = True) -> torch.Tensor | None:
     return keep
 
 
-# Round i's key words are (lo + i * KEY_A, hi + i * KEY_B) mod 2**32 (``philox.round_keys``): as [10, 1]
-# int64 columns, a batch's keys are a few tensor ops (exact in int64) instead of 10 x 2 x G Python ints.
-_KEY_STEPS = (torch.arange(10, dtype=torch.int64).view(10, 1) * philox._KEY_A,
-              torch.arange(10, dtype=torch.int64).view(10, 1) * philox._KEY_B)
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}  # (G, n) -> arange(n) per seed: read-only, reused
-
-
-def _batch_round_keys(seed_ints: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The 10 rounds' (k0, k1) of G seeds as [G, 1] int64 tensors: ``philox.round_keys`` per seed, stacked."""
-    s = torch.tensor(seed_ints, dtype=torch.int64)
-    m = philox._MASK32
-    k0 = torch.add(_KEY_STEPS[0], s & m).bitwise_and_(m)  # [10, G]
-    k1 = torch.add(_KEY_STEPS[1], s.bitwise_right_shift(32).bitwise_and_(m)).bitwise_and_(m)
-    g = len(seed_ints)
-    return list(zip(k0.view(10, g, 1).unbind(0), k1.view(10, g, 1).unbind(0)))
 
 
 def _batch_counters(g: int, n: int) -> torch.Tensor:
@@ -121,7 +107,7 @@ def _draw_batch(seed_ints: list[int], rows: int, cols: int, thrs: list[int], dty
     seed's stream."""
     g, groups = len(seed_ints), -(-cols // 8)
     n = rows * groups
-    words = philox.generator(g * n, "cpu").run(_batch_counters(g, n), _batch_round_keys(seed_ints), flip16=True,
+    words = philox.generator(g * n, "cpu").run(_batch_counters(g, n), philox.batch_round_keys(seed_ints), flip16=True,
                                                below_2_32=n <= 1 << 32)
     out, levels = philox.keep_buffers((g, rows, groups, 4, 2), dtype)
     if all(t == thrs[0] for t in thrs):
@@ -138,7 +124,7 @@ def _draw_batch(seed_ints: list[int], rows: int, cols: int, thrs: list[int], dty
 
 
 def _fits(rows: int, cols: int) -> bool:
-    return 0 < _counters(rows, cols) <= philox.small_mask_counters() and cols > 0
+    return 0 < _counters(rows, cols) <= philox.small_mask_counters()  # 0 < : rows and cols both > 0
 
 
 def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -> None:
@@ -151,11 +137,9 @@ def prefill(seeds: torch.Tensor, rows: int, cols: int, ps, dtype: torch.dtype) -
             or _counters(rows, cols) * len(idx) > philox._CHUNK or MAX_BYTES == 0):
         return
     every = seeds.reshape(-1).tolist()
-    fc = mask_forecast.state()
     todo = []
-    for j in idx:
+    for j in idx:  # the forecast hears of each mask from its projection's own ``small_mask`` call
         seed, thr = int(every[j]), philox.dropout_threshold(ps[j])
-        fc.on_mask(seed, (rows, cols, thr, dtype))
         if _memo_key(seed, rows, cols, thr, dtype) not in _memo:
             todo.append((seed, thr))
     if len(todo) > 1:  # a single one is drawn by its projection's own forward
@@ -215,9 +199,10 @@ def _held_mask(key: tuple, seed, rows: int, cols: int, p: float, device, dtype: 
 
 def small_mask(seed, rows: int, cols: int, p: float, device, dtype: torch.dtype, forward: bool) -> torch.Tensor | None:
     """The whole [rows, cols] mask of a small CPU mask (one chunk, ``_fits``), else None (the caller loops
-    over ``mask_chunks``). Forward keeps it for its backward (a kept one, drawn by a batch, is taken without
-    popping); backward pops it. ``mask_chunks(keep=forward, take=not forward)``'s single chunk, without the
-    iterator: a small layer's call pays per Python frame. Read-only for the caller."""
+    over ``philox.keep_mask_chunks``: nothing else is kept). Forward keeps it for its backward (a kept one,
+    drawn by a batch, is taken without popping); backward pops it. ``mask_chunks(keep=forward, take=not
+    forward)``'s single chunk, without the iterator: a small layer's call pays per Python frame. Read-only
+    for the caller."""
     key = _key(seed, rows, cols, p, dtype, 0, device)
     return None if key is None else _held_mask(key, seed, rows, cols, p, device, dtype, 0, forward, not forward)
 
@@ -226,7 +211,7 @@ def mask_chunks(seed, rows: int, cols: int, p: float, device=None, dtype: torch.
                 row_offset: int = 0, keep: bool = False, take: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``philox.keep_mask_chunks``, with small CPU masks kept (``keep``: forward) or taken (``take``:
     backward) under their key. A kept or taken mask is read-only for the caller."""
-    key = _key(seed, rows, cols, p, dtype, row_offset, device) if (keep or take) and rows and cols else None
+    key = _key(seed, rows, cols, p, dtype, row_offset, device) if keep or take else None  # None: empty too
     if key is not None:
         yield 0, rows, _held_mask(key, seed, rows, cols, p, device, dtype, row_offset, keep, take)
         return

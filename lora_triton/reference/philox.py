@@ -77,11 +77,34 @@ def round_keys(seed: torch.Tensor | int, device=None) -> list[tuple]:
 
 def tensor_round_keys(seed: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``round_keys`` as 0-d int64 tensors on the seed's device (no host read of the seed)."""
-    seed = seed.to(dtype=torch.int64).reshape(())
-    steps = torch.arange(10, dtype=torch.int64, device=seed.device)
-    k0 = ((seed & _MASK32) + steps * _KEY_A) & _MASK32
-    k1 = (((seed >> 32) & _MASK32) + steps * _KEY_B) & _MASK32
-    return list(zip(k0.unbind(), k1.unbind()))
+    k0, k1 = _key_columns(seed.to(dtype=torch.int64).reshape(1))
+    return list(zip(k0.view(10).unbind(), k1.view(10).unbind()))
+
+
+def batch_round_keys(seeds: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The 10 rounds' (k0, k1) of G seeds as [G, 1] CPU int64 tensors (a batched ``_Philox.run``'s keys):
+    ``round_keys`` per seed, stacked."""
+    g = len(seeds)
+    k0, k1 = _key_columns(torch.tensor(seeds, dtype=torch.int64))
+    return list(zip(k0.view(10, g, 1).unbind(0), k1.view(10, g, 1).unbind(0)))
+
+
+# Round i's key words are (lo + i * KEY_A, hi + i * KEY_B) mod 2**32 (``round_keys``): from [10, 1] int64
+# columns the keys of a seed tensor are a few tensor ops (exact in int64). CPU's columns are built once.
+_CPU_KEY_STEPS = (torch.arange(10, dtype=torch.int64).view(10, 1) * _KEY_A,
+                  torch.arange(10, dtype=torch.int64).view(10, 1) * _KEY_B)
+
+
+def _key_columns(seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k0, k1) of the 10 rounds of int64 ``seeds`` [G], as [10, G] tensors on the seeds' device."""
+    if seeds.device.type == "cpu":
+        step_a, step_b = _CPU_KEY_STEPS
+    else:
+        steps = torch.arange(10, dtype=torch.int64, device=seeds.device).view(10, 1)
+        step_a, step_b = steps * _KEY_A, steps * _KEY_B
+    k0 = torch.add(step_a, seeds & _MASK32).bitwise_and_(_MASK32)
+    k1 = torch.add(step_b, seeds.bitwise_right_shift(32).bitwise_and_(_MASK32)).bitwise_and_(_MASK32)
+    return k0, k1
 
 
 class _Philox:
